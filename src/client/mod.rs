@@ -1,0 +1,277 @@
+//! The device-side library: what an officer's phone (or an example client) links to.
+//!
+//! Owns a local store (the same content-addressed `storage::Store`, in the device's own
+//! directory), offline edits of household documents under the device's stable Automerge
+//! actor id, and [`Device::sync`]: one session over the automerge-repo protocol that pushes
+//! local changes, pulls everyone else's, persists the sync state, and reports which
+//! documents the server now holds. Must not depend on the server's internals: it speaks only
+//! the wire protocol, like any third-party client.
+
+mod session;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use automerge::{ActorId, Automerge, ChangeHash};
+
+use crate::ids::{DocumentId, PeerId, StorageId};
+use crate::records::{self, HouseholdView, NewHousehold};
+use crate::storage::{Store, StoreConfig};
+pub use session::{DocSyncOutcome, SyncReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Record(#[from] records::RecordError),
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    #[error("cannot connect to {url}: {reason}; check the server address and that the server is running")]
+    Connect { url: String, reason: String },
+    #[error("the connection failed: {0}")]
+    Connection(String),
+    #[error("the server refused the session: {0}")]
+    Server(String),
+    #[error("sync did not finish within {0:?}; the documents not yet settled are still pending and will sync next time")]
+    Timeout(Duration),
+    #[error("the server sent a malformed message: {0}")]
+    Protocol(String),
+    #[error("document {0} is not on this device")]
+    UnknownDocument(DocumentId),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+const META_STORAGE_ID: &str = "device.storage_id";
+const META_ACTOR: &str = "device.actor_id";
+const META_TRACKED: &str = "device.tracked";
+pub(crate) const META_SERVER_STORAGE_ID: &str = "device.server_storage_id";
+pub(crate) fn held_key(doc: DocumentId) -> String {
+    format!("device.held.{doc}")
+}
+
+/// A device: a local store plus the identity it syncs under.
+pub struct Device {
+    store: Store,
+    storage_id: StorageId,
+    actor: ActorId,
+    /// Per-sync timeout (the whole session).
+    pub sync_timeout: Duration,
+}
+
+impl Device {
+    /// Opens (or creates) the device's local store in `dir`. Must run inside a tokio runtime.
+    pub async fn open(dir: &Path) -> Result<Device> {
+        let store = Store::open(
+            dir,
+            &StoreConfig {
+                sled_cache_bytes: 8 * 1024 * 1024,
+            },
+        )?;
+        let s = store.clone();
+        let (storage_id, actor) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let storage_id = match s.meta_get_blocking(META_STORAGE_ID)? {
+                Some(v) => StorageId::new(String::from_utf8_lossy(&v).into_owned()),
+                None => None,
+            }
+            .unwrap_or_else(|| {
+                let id = StorageId::random();
+                let _ = s.meta_put_blocking(META_STORAGE_ID, id.as_str().as_bytes());
+                id
+            });
+            let actor = match s.meta_get_blocking(META_ACTOR)? {
+                Some(v) => ActorId::from(v),
+                None => {
+                    let a = ActorId::random();
+                    s.meta_put_blocking(META_ACTOR, a.to_bytes())?;
+                    a
+                }
+            };
+            Ok((storage_id, actor))
+        })
+        .await
+        .map_err(|e| ClientError::Connection(e.to_string()))??;
+        store.flush().await?;
+        Ok(Device {
+            store,
+            storage_id,
+            actor,
+            sync_timeout: Duration::from_secs(60),
+        })
+    }
+
+    pub fn storage_id(&self) -> &StorageId {
+        &self.storage_id
+    }
+
+    /// The device's Automerge actor id (stable across restarts).
+    pub fn actor_id(&self) -> &ActorId {
+        &self.actor
+    }
+
+    /// Creates a household offline and returns its id.
+    pub async fn create_household(&self, new: &NewHousehold) -> Result<DocumentId> {
+        let id = DocumentId::random();
+        let new = new.clone();
+        self.edit_inner(id, true, move |doc| {
+            doc.transact(|tx| records::create_household(tx, &new))
+                .map_err(|f| f.error)?;
+            Ok(())
+        })
+        .await?;
+        Ok(id)
+    }
+
+    /// Applies `f` to a local document as one or more Automerge changes by this device, and
+    /// makes the result durable on the device.
+    pub async fn edit<T: Send + 'static>(
+        &self,
+        doc: DocumentId,
+        f: impl FnOnce(&mut Automerge) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.edit_inner(doc, false, f).await
+    }
+
+    async fn edit_inner<T: Send + 'static>(
+        &self,
+        id: DocumentId,
+        create: bool,
+        f: impl FnOnce(&mut Automerge) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        let actor = self.actor.clone();
+        let out = tokio::task::spawn_blocking(move || -> Result<T> {
+            let mut doc = load_doc(&store, id)?;
+            if !create && doc.get_heads().is_empty() {
+                return Err(ClientError::UnknownDocument(id));
+            }
+            doc.set_actor(actor);
+            let before = doc.get_heads();
+            let out = f(&mut doc)?;
+            if doc.get_heads() != before {
+                store.put_incremental_blocking(id, &doc.save_after(&before))?;
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ClientError::Connection(e.to_string()))??;
+        self.store.flush().await?;
+        Ok(out)
+    }
+
+    /// Reads a local document.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        id: DocumentId,
+        f: impl FnOnce(&Automerge) -> T + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || -> Result<T> { Ok(f(&load_doc(&store, id)?)) })
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))?
+    }
+
+    pub async fn household(&self, id: DocumentId) -> Result<HouseholdView> {
+        let view = self.read(id, |d| records::read_household(d)).await?;
+        Ok(view?)
+    }
+
+    pub async fn heads(&self, id: DocumentId) -> Result<Vec<ChangeHash>> {
+        self.read(id, |d| d.get_heads()).await
+    }
+
+    /// Asks for a document by id or URL at the next sync (e.g. one another officer created).
+    pub async fn track(&self, id: DocumentId) -> Result<()> {
+        let mut tracked = self.tracked().await?;
+        if tracked.insert(id) {
+            let text = tracked.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n");
+            self.meta_put(META_TRACKED, text.into_bytes()).await?;
+        }
+        Ok(())
+    }
+
+    async fn tracked(&self) -> Result<BTreeSet<DocumentId>> {
+        Ok(self
+            .meta_get(META_TRACKED)
+            .await?
+            .map(|v| {
+                String::from_utf8_lossy(&v)
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Every document the device has or tracks.
+    pub async fn documents(&self) -> Result<Vec<DocumentId>> {
+        let mut all: BTreeSet<DocumentId> = self.store.list_documents().await?.into_iter().collect();
+        all.extend(self.tracked().await?);
+        Ok(all.into_iter().collect())
+    }
+
+    /// Documents with local changes the server is not yet known to hold. Empty means every
+    /// local change is safe on the server.
+    pub async fn unsynced(&self) -> Result<Vec<DocumentId>> {
+        let mut out = Vec::new();
+        for id in self.store.list_documents().await? {
+            let heads = self.heads(id).await?;
+            let held = self.meta_get(&held_key(id)).await?;
+            if held.as_deref() != Some(encode_heads(&heads).as_slice()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Syncs every local and tracked document with the server at `url`
+    /// (`ws://host:port/sync`), until each is settled or the timeout passes.
+    pub async fn sync(&self, url: &str) -> Result<SyncReport> {
+        let docs = self.documents().await?;
+        session::run(self, url, docs).await
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn peer_id(&self) -> PeerId {
+        PeerId::new(format!("device-{}", self.storage_id)).unwrap_or_else(|| PeerId::random("device"))
+    }
+
+    async fn meta_get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let store = self.store.clone();
+        let name = name.to_string();
+        Ok(tokio::task::spawn_blocking(move || store.meta_get_blocking(&name))
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))??)
+    }
+
+    async fn meta_put(&self, name: &str, value: Vec<u8>) -> Result<()> {
+        let store = self.store.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.meta_put_blocking(&name, &value))
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))??;
+        self.store.flush().await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn load_doc(store: &Store, id: DocumentId) -> Result<Automerge> {
+    let stored = store.load_blocking(id)?;
+    let mut doc = Automerge::new();
+    for (_, bytes) in &stored.chunks {
+        doc.load_incremental(bytes)?;
+    }
+    Ok(doc)
+}
+
+pub(crate) fn encode_heads(heads: &[ChangeHash]) -> Vec<u8> {
+    let mut sorted = heads.to_vec();
+    sorted.sort();
+    sorted.iter().flat_map(|h| h.0).collect()
+}
+

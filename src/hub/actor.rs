@@ -1,0 +1,421 @@
+//! One task per loaded document. It is the only writer of its document, which gives the
+//! durability rule a simple shape: apply a batch of incoming sync messages, store the new
+//! changes as one chunk, wait for the (shared) flush, and only then generate the messages
+//! that reveal those changes: to the senders and to every other subscribed peer.
+//!
+//! Automerge and sled work runs in `spawn_blocking`; the actor's state moves into the
+//! blocking closure and back, so no lock is held across an `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AcceptedChanges, HubInner, Outbound, PeerLink};
+use crate::auth::Access;
+use crate::ids::{ConnId, DocumentId, Timestamp};
+use crate::protocol::{CloseCode, DocMessage, Message, SyncKind};
+use crate::storage::{ChunkKey, ChunkKind, StorageError};
+
+/// At most this many queued commands are applied under one flush.
+const MAX_BATCH: usize = 64;
+
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    Sync {
+        link: PeerLink,
+        kind: SyncKind,
+        data: Vec<u8>,
+        access: Access,
+    },
+    /// The connection closed: persist and forget its sync state.
+    Leave { conn: ConnId },
+}
+
+struct PeerState {
+    link: PeerLink,
+    state: sync::State,
+    /// Shared heads as last persisted, to skip writes that would change nothing.
+    persisted: Vec<ChangeHash>,
+}
+
+/// Everything the actor owns; moved into blocking closures and back.
+struct DocState {
+    id: DocumentId,
+    doc: Automerge,
+    /// Whether the document exists (has at least one change stored).
+    exists: bool,
+    chunks: Vec<ChunkKey>,
+    incrementals: usize,
+    stored_bytes: usize,
+    peers: HashMap<ConnId, PeerState>,
+}
+
+pub(super) struct DocActor {
+    hub: Arc<HubInner>,
+    id: DocumentId,
+    generation: u64,
+    done: CancellationToken,
+}
+
+/// The outcome of applying one batch, before anything is sent.
+#[derive(Default)]
+struct Applied {
+    changed: bool,
+    /// Peers to answer even if nothing changed.
+    responders: Vec<ConnId>,
+    unavailable: Vec<PeerLink>,
+    failed: Vec<(PeerLink, String)>,
+    accepted: Vec<(PeerLink, Vec<ChangeHash>)>,
+}
+
+impl DocActor {
+    pub(super) fn new(
+        hub: Arc<HubInner>,
+        id: DocumentId,
+        generation: u64,
+        done: CancellationToken,
+    ) -> Self {
+        Self {
+            hub,
+            id,
+            generation,
+            done,
+        }
+    }
+
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<Cmd>) {
+        let span = tracing::debug_span!("doc", doc = %self.id);
+        let _enter = span.enter();
+        drop(_enter);
+        let mut state = match self.load().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(doc = %self.id, error = %e, "cannot load document");
+                self.fail_queued(&mut rx, "the server could not load this document");
+                self.hub.actor_exited(self.id, self.generation);
+                return;
+            }
+        };
+        self.hub
+            .set_cost(self.id, self.generation, state.stored_bytes);
+        loop {
+            let first = tokio::select! {
+                cmd = rx.recv() => cmd,
+                _ = self.hub.cancel.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            match self.process(state, batch).await {
+                Ok(s) => state = s,
+                Err(e) => {
+                    // The in-memory document may now hold changes that are not durable; it
+                    // must not answer anyone. Stop; the next use reloads from disk.
+                    tracing::error!(doc = %self.id, error = %e, "storage failed; unloading document");
+                    self.fail_queued(&mut rx, "the server could not store this change; retry later");
+                    self.hub.actor_exited(self.id, self.generation);
+                    return;
+                }
+            }
+        }
+        // Evicted or shutting down: keep the peers' sync states for their next visit.
+        let store = self.hub.store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in state.peers.values_mut() {
+                persist_sync_state(&store, state.id, p);
+            }
+        })
+        .await;
+        self.hub.actor_exited(self.id, self.generation);
+        self.done.cancel();
+    }
+
+    fn fail_queued(&self, rx: &mut mpsc::Receiver<Cmd>, message: &str) {
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            if let Cmd::Sync { link, .. } = cmd {
+                link.send(Outbound::Fail {
+                    code: CloseCode::InternalError,
+                    message: message.into(),
+                });
+            }
+        }
+    }
+
+    async fn load(&self) -> Result<DocState, String> {
+        let store = self.hub.store.clone();
+        let id = self.id;
+        tokio::task::spawn_blocking(move || {
+            let stored = store.load_blocking(id).map_err(|e| e.to_string())?;
+            let mut doc = Automerge::new();
+            for (key, bytes) in &stored.chunks {
+                doc.load_incremental(bytes)
+                    .map_err(|e| format!("chunk {:?} does not load: {e}", key.kind))?;
+            }
+            let incrementals = stored
+                .chunks
+                .iter()
+                .filter(|(k, _)| k.kind == ChunkKind::Incremental)
+                .count();
+            Ok(DocState {
+                id,
+                exists: !doc.get_heads().is_empty(),
+                stored_bytes: stored.total_bytes(),
+                chunks: stored.chunks.into_iter().map(|(k, _)| k).collect(),
+                incrementals,
+                doc,
+                peers: HashMap::new(),
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    async fn process(&self, state: DocState, batch: Vec<Cmd>) -> Result<DocState, StorageError> {
+        let store = self.hub.store.clone();
+        let (mut state, applied) = blocking(move || {
+            let mut state = state;
+            let applied = state.apply(&store, batch)?;
+            Ok((state, applied))
+        })
+        .await?;
+
+        if applied.changed {
+            // Durable before advertised: nobody hears of these changes until they are on disk.
+            self.hub.store.flush().await?;
+        }
+
+        for link in &applied.unavailable {
+            self.hub.unsubscribe(self.id, link.conn);
+            link.send(Outbound::Message(Message::DocUnavailable(DocMessage {
+                sender_id: self.hub.server_peer_id.clone(),
+                target_id: link.peer_id.clone(),
+                document_id: self.id,
+                data: Vec::new(),
+            })));
+        }
+        for (link, reason) in &applied.failed {
+            self.hub.unsubscribe(self.id, link.conn);
+            link.send(Outbound::Fail {
+                code: CloseCode::ProtocolError,
+                message: reason.clone(),
+            });
+        }
+
+        let targets: Vec<PeerLink> = if applied.changed {
+            self.hub.subscribers(self.id)
+        } else {
+            let wanted: HashSet<ConnId> = applied.responders.iter().copied().collect();
+            self.hub
+                .subscribers(self.id)
+                .into_iter()
+                .filter(|l| wanted.contains(&l.conn))
+                .collect()
+        };
+        let store = self.hub.store.clone();
+        let hub = self.hub.clone();
+        let received_at = Timestamp::now();
+        let compact_after = self.hub.config.compact_after_chunks;
+        let state = blocking(move || {
+            for (link, hashes) in applied.accepted {
+                hub.observer.changes_accepted(&AcceptedChanges {
+                    doc: state.id,
+                    conn: link.conn,
+                    peer_id: link.peer_id,
+                    principal: link.principal,
+                    hashes,
+                    received_at,
+                });
+            }
+            state.answer(&store, &hub.server_peer_id, targets);
+            if state.incrementals >= compact_after {
+                state.compact(&store)?;
+            }
+            Ok(state)
+        })
+        .await?;
+        self.hub
+            .set_cost(self.id, self.generation, state.stored_bytes);
+        Ok(state)
+    }
+}
+
+impl DocState {
+    fn apply(&mut self, store: &crate::storage::Store, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
+        let mut out = Applied::default();
+        let heads_at_start = self.doc.get_heads();
+        for cmd in batch {
+            match cmd {
+                Cmd::Leave { conn } => {
+                    if let Some(mut p) = self.peers.remove(&conn) {
+                        persist_sync_state(store, self.id, &mut p);
+                    }
+                }
+                Cmd::Sync {
+                    link,
+                    kind,
+                    data,
+                    access,
+                } => self.apply_one(store, link, kind, &data, access, &mut out),
+            }
+        }
+        if self.doc.get_heads() != heads_at_start {
+            let chunk = self.doc.save_after(&heads_at_start);
+            let key = store.put_incremental_blocking(self.id, &chunk)?;
+            self.chunks.push(key);
+            self.incrementals += 1;
+            self.stored_bytes += chunk.len();
+            out.changed = true;
+        }
+        Ok(out)
+    }
+
+    fn apply_one(
+        &mut self,
+        store: &crate::storage::Store,
+        link: PeerLink,
+        kind: SyncKind,
+        data: &[u8],
+        access: Access,
+        out: &mut Applied,
+    ) {
+        let message = match sync::Message::decode(data) {
+            Ok(m) => m,
+            Err(e) => {
+                self.peers.remove(&link.conn);
+                out.failed.push((
+                    link,
+                    format!("document {}: data is not an Automerge sync message ({e})", self.id),
+                ));
+                return;
+            }
+        };
+        if !self.exists && (kind == SyncKind::Request || access != Access::ReadWrite) {
+            // Asking for (or offering, without the right to create) a document we do not have.
+            self.peers.remove(&link.conn);
+            out.unavailable.push(link);
+            return;
+        }
+        let id = self.id;
+        let conn = link.conn;
+        let doc = &mut self.doc;
+        let peer = peer_state(&mut self.peers, store, id, &link);
+        peer.link = link.clone();
+        peer.state.set_read_only(access != Access::ReadWrite);
+        let before = doc.get_heads();
+        if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
+            self.peers.remove(&conn);
+            out.failed.push((
+                link,
+                format!("document {id}: the sync message could not be applied ({e})"),
+            ));
+            return;
+        }
+        let after = doc.get_heads();
+        if after != before {
+            let hashes = doc.get_changes_meta(&before).iter().map(|c| c.hash).collect();
+            out.accepted.push((link.clone(), hashes));
+        }
+        if !self.exists {
+            if after.is_empty() {
+                // A `sync` that carried no changes for a document we do not have.
+                self.peers.remove(&conn);
+                out.unavailable.push(link);
+                return;
+            }
+            self.exists = true;
+        }
+        out.responders.push(conn);
+    }
+
+    /// Generates and queues a sync message for each target that needs one.
+    fn answer(&mut self, store: &crate::storage::Store, server: &crate::ids::PeerId, targets: Vec<PeerLink>) {
+        if !self.exists {
+            return;
+        }
+        for link in targets {
+            let id = self.id;
+            let doc = &self.doc;
+            let peer = peer_state(&mut self.peers, store, id, &link);
+            if let Some(msg) = doc.generate_sync_message(&mut peer.state) {
+                peer.link.send(Outbound::Message(Message::Sync(DocMessage {
+                    sender_id: server.clone(),
+                    target_id: peer.link.peer_id.clone(),
+                    document_id: id,
+                    data: msg.encode(),
+                })));
+            }
+            persist_sync_state(store, id, peer);
+        }
+    }
+
+    fn compact(&mut self, store: &crate::storage::Store) -> Result<(), StorageError> {
+        let snapshot = self.doc.save();
+        let mut hasher = Sha256::new();
+        for h in self.doc.get_heads() {
+            hasher.update(h.0);
+        }
+        let key = store.compact_blocking(self.id, hasher.finalize().into(), &snapshot, &self.chunks)?;
+        tracing::debug!(doc = %self.id, chunks = self.chunks.len(), bytes = snapshot.len(), "compacted");
+        self.chunks = vec![key];
+        self.incrementals = 0;
+        self.stored_bytes = snapshot.len();
+        Ok(())
+    }
+}
+
+/// The sync state for `link`, created on first use from the persisted one (non-ephemeral
+/// peers) or fresh.
+fn peer_state<'a>(
+    peers: &'a mut HashMap<ConnId, PeerState>,
+    store: &crate::storage::Store,
+    doc: DocumentId,
+    link: &PeerLink,
+) -> &'a mut PeerState {
+    peers.entry(link.conn).or_insert_with(|| {
+        let state = link
+            .storage_id
+            .as_ref()
+            .and_then(|s| store.sync_state_blocking(doc, s).ok().flatten())
+            .and_then(|bytes| sync::State::decode(&bytes).ok())
+            .unwrap_or_default();
+        PeerState {
+            link: link.clone(),
+            persisted: state.shared_heads.clone(),
+            state,
+        }
+    })
+}
+
+/// Saves a non-ephemeral peer's shared heads if they moved. Failure costs bandwidth on the
+/// next connection, not data, so it is logged and not fatal.
+fn persist_sync_state(store: &crate::storage::Store, doc: DocumentId, peer: &mut PeerState) {
+    let Some(storage_id) = &peer.link.storage_id else {
+        return;
+    };
+    if peer.state.shared_heads == peer.persisted {
+        return;
+    }
+    match store.put_sync_state_blocking(doc, storage_id, &peer.state.encode()) {
+        Ok(()) => peer.persisted = peer.state.shared_heads.clone(),
+        Err(e) => tracing::warn!(doc = %doc, error = %e, "could not persist a sync state"),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
+}

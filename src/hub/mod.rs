@@ -1,0 +1,314 @@
+//! The document hub: the server-side home of every loaded Automerge document.
+//!
+//! Owns which documents are loaded (a byte-bounded LRU, `cache`), one actor task per loaded
+//! document (`actor`) that applies sync messages, writes and flushes changes, and only then
+//! answers, which peers are subscribed to which document, and the relay of ephemeral
+//! messages. Connections talk to it through [`PeerLink`]s; it talks back through their
+//! bounded outboxes. Must not: speak WebSocket or CBOR (that is `server` and `protocol`),
+//! call sled directly (that is `storage`), or block the reactor (Automerge and sled work runs
+//! in `spawn_blocking`).
+
+mod actor;
+mod cache;
+mod link;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use automerge::ChangeHash;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Access, Authorizer};
+use crate::ids::{ConnId, DocumentId, PeerId, Timestamp};
+use crate::protocol::{DocMessage, Ephemeral, Message, SyncKind};
+use crate::storage::Store;
+use actor::{Cmd, DocActor};
+pub use cache::CacheStats;
+use cache::{Cache, Lookup};
+pub use link::{KillSwitch, Outbound, PeerLink};
+
+/// Tuning for the hub; every field has a unit in its name.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Budget for loaded documents, counted in their stored (saved) size. At least one
+    /// document stays loaded even if it alone exceeds the budget.
+    pub cache_budget_bytes: usize,
+    /// After this many incremental chunks a document is compacted into one snapshot.
+    pub compact_after_chunks: usize,
+    /// Commands queued per document actor before senders wait.
+    pub actor_queue_len: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            cache_budget_bytes: 256 * 1024 * 1024,
+            compact_after_chunks: 64,
+            actor_queue_len: 256,
+        }
+    }
+}
+
+/// What the hub reports for every batch of changes it accepted and made durable.
+#[derive(Debug, Clone)]
+pub struct AcceptedChanges {
+    pub doc: DocumentId,
+    pub conn: ConnId,
+    pub peer_id: PeerId,
+    pub principal: crate::auth::Principal,
+    /// Hashes of the changes this peer delivered that were new to the server.
+    pub hashes: Vec<ChangeHash>,
+    /// Server receive time (device clocks are not evidence).
+    pub received_at: Timestamp,
+}
+
+/// The hook later layers (provenance, projections, catalogs) attach to. Called on a blocking
+/// thread after the changes are durable and before any peer hears of them.
+pub trait ChangeObserver: Send + Sync + 'static {
+    fn changes_accepted(&self, event: &AcceptedChanges);
+}
+
+/// Does nothing; the default until projections exist.
+pub struct NoObserver;
+
+impl ChangeObserver for NoObserver {
+    fn changes_accepted(&self, _event: &AcceptedChanges) {}
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+pub(crate) struct HubInner {
+    store: Store,
+    server_peer_id: PeerId,
+    config: HubConfig,
+    cache: Mutex<Cache>,
+    /// doc -> the connections that asked for it. Independent of the cache: a document can be
+    /// evicted and reloaded while its peers stay subscribed.
+    subs: Mutex<HashMap<DocumentId, HashMap<ConnId, PeerLink>>>,
+    authorizer: Arc<dyn Authorizer>,
+    observer: Arc<dyn ChangeObserver>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Hub {
+    pub fn new(
+        store: Store,
+        server_peer_id: PeerId,
+        config: HubConfig,
+        authorizer: Arc<dyn Authorizer>,
+        observer: Arc<dyn ChangeObserver>,
+    ) -> Self {
+        let cache = Cache::new(config.cache_budget_bytes);
+        Self {
+            inner: Arc::new(HubInner {
+                store,
+                server_peer_id,
+                config,
+                cache: Mutex::new(cache),
+                subs: Mutex::new(HashMap::new()),
+                authorizer,
+                observer,
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn server_peer_id(&self) -> &PeerId {
+        &self.inner.server_peer_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        lock(&self.inner.cache).stats()
+    }
+
+    /// Handles one `request` or `sync` from a connection. Returns once the message is queued
+    /// for the document (the reply follows through the link's outbox), so a connection can
+    /// have many documents in flight and their flushes are shared.
+    pub async fn sync(&self, link: &PeerLink, kind: SyncKind, doc: DocumentId, mut data: Vec<u8>) {
+        let access = self.inner.authorizer.access(&link.principal, doc);
+        if access == Access::None {
+            self.unavailable(link, doc);
+            return;
+        }
+        loop {
+            let tx = match self.actor_for(doc, kind).await {
+                Ok(Some(tx)) => tx,
+                Ok(None) => {
+                    // A request for a document the server does not have.
+                    self.unavailable(link, doc);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(doc = %doc, error = %e, "loading a document failed");
+                    link.send(Outbound::Fail {
+                        code: crate::protocol::CloseCode::InternalError,
+                        message: "the server could not load this document; try again later"
+                            .into(),
+                    });
+                    return;
+                }
+            };
+            lock(&self.inner.subs)
+                .entry(doc)
+                .or_default()
+                .insert(link.conn, link.clone());
+            let cmd = Cmd::Sync {
+                link: link.clone(),
+                kind,
+                data,
+                access,
+            };
+            match tx.send(cmd).await {
+                Ok(()) => return,
+                // The actor stopped between lookup and send (evicted and drained, or failed):
+                // look it up again, which waits for it to finish and reloads.
+                Err(mpsc::error::SendError(Cmd::Sync { data: d, .. })) => data = d,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Relays an ephemeral message to the document's other subscribed peers. Never stored.
+    pub fn ephemeral(&self, link: &PeerLink, msg: Ephemeral) {
+        if self.inner.authorizer.access(&link.principal, msg.document_id) == Access::None {
+            return;
+        }
+        let peers: Vec<PeerLink> = lock(&self.inner.subs)
+            .get(&msg.document_id)
+            .map(|m| m.values().filter(|p| p.conn != link.conn).cloned().collect())
+            .unwrap_or_default();
+        for peer in peers {
+            if self.inner.authorizer.access(&peer.principal, msg.document_id) == Access::None {
+                continue;
+            }
+            peer.send(Outbound::Message(Message::Ephemeral(Ephemeral {
+                target_id: peer.peer_id.clone(),
+                ..msg.clone()
+            })));
+        }
+    }
+
+    /// A connection ended: forget its subscriptions and let loaded documents persist its sync
+    /// state.
+    pub async fn disconnect(&self, conn: ConnId) {
+        let docs: Vec<DocumentId> = {
+            let mut subs = lock(&self.inner.subs);
+            let docs: Vec<DocumentId> = subs
+                .iter()
+                .filter(|(_, peers)| peers.contains_key(&conn))
+                .map(|(d, _)| *d)
+                .collect();
+            for d in &docs {
+                if let Some(peers) = subs.get_mut(d) {
+                    peers.remove(&conn);
+                    if peers.is_empty() {
+                        subs.remove(d);
+                    }
+                }
+            }
+            docs
+        };
+        for doc in docs {
+            let tx = lock(&self.inner.cache).loaded(doc);
+            if let Some(tx) = tx {
+                let _ = tx.send(Cmd::Leave { conn }).await;
+            }
+        }
+    }
+
+    /// Stops every document actor (they persist their peers' sync states) and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn unavailable(&self, link: &PeerLink, doc: DocumentId) {
+        link.send(Outbound::Message(Message::DocUnavailable(DocMessage {
+            sender_id: self.inner.server_peer_id.clone(),
+            target_id: link.peer_id.clone(),
+            document_id: doc,
+            data: Vec::new(),
+        })));
+    }
+
+    /// The actor for `doc`, starting one if needed. `None`: a `request` for a document that
+    /// is not stored (no actor is started for it).
+    async fn actor_for(
+        &self,
+        doc: DocumentId,
+        kind: SyncKind,
+    ) -> Result<Option<mpsc::Sender<Cmd>>, crate::storage::StorageError> {
+        let mut checked_exists = false;
+        loop {
+            let lookup = lock(&self.inner.cache).lookup(doc);
+            match lookup {
+                Lookup::Loaded(tx) => return Ok(Some(tx)),
+                Lookup::Closing(done) => done.cancelled().await,
+                Lookup::Absent => {
+                    if kind == SyncKind::Request && !checked_exists {
+                        if !self.inner.store.exists(doc).await? {
+                            return Ok(None);
+                        }
+                        checked_exists = true;
+                        continue; // the cache may have changed while we looked
+                    }
+                    let (tx, rx) = mpsc::channel(self.inner.config.actor_queue_len);
+                    let Some((generation, done)) = lock(&self.inner.cache).insert(doc, tx.clone())
+                    else {
+                        continue; // someone else started it first
+                    };
+                    let actor = DocActor::new(self.inner.clone(), doc, generation, done);
+                    self.inner.tasks.spawn(actor.run(rx));
+                    return Ok(Some(tx));
+                }
+            }
+        }
+    }
+}
+
+impl HubInner {
+    /// Called by an actor when its document's stored size changes; may evict others.
+    fn set_cost(&self, doc: DocumentId, generation: u64, bytes: usize) {
+        lock(&self.cache).set_cost(doc, generation, bytes);
+    }
+
+    fn actor_exited(&self, doc: DocumentId, generation: u64) {
+        lock(&self.cache).exited(doc, generation);
+    }
+
+    fn subscribers(&self, doc: DocumentId) -> Vec<PeerLink> {
+        lock(&self.subs)
+            .get(&doc)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn unsubscribe(&self, doc: DocumentId, conn: ConnId) {
+        let mut subs = lock(&self.subs);
+        if let Some(peers) = subs.get_mut(&doc) {
+            peers.remove(&conn);
+            if peers.is_empty() {
+                subs.remove(&doc);
+            }
+        }
+    }
+}
+
+/// Locks a std mutex. These locks guard plain maps and are never held across an `.await`, so
+/// a std Mutex is cheaper than tokio's; a poisoned lock means another thread panicked while
+/// editing the map, and continuing with its data is the best we can do.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

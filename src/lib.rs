@@ -1,0 +1,54 @@
+//! # fieldsync
+//!
+//! An offline-first sync backend for community-policing door-to-door visits. Every household
+//! is one Automerge document; officers' phones edit them offline and sync over the
+//! automerge-repo WebSocket protocol when they are back in coverage; the server merges,
+//! stores (sled) and relays every change.
+//!
+//! ## Architecture
+//!
+//! ```text
+//!   phone / JS app ──ws──▶ server::ws ──frames──▶ protocol::Session (sans-IO)
+//!                              │ effects                      │
+//!                              ▼                              │
+//!                           hub::Hub ── one actor per loaded document ── storage::Store (sled)
+//!                              ▲            apply → write → group-commit flush → answer
+//!                              └── auth::Authorizer (per document), ChangeObserver (hook)
+//! ```
+//!
+//! - [`protocol`]: messages, CBOR codec, per-connection state machine. No I/O.
+//! - [`storage`]: the only module that calls sled. Content-addressed chunks, snapshots,
+//!   sync states, group commit.
+//! - [`hub`]: loaded documents (byte-bounded LRU), their actors, subscriptions, relay.
+//! - [`server`]: warp routes, the WebSocket pump, shutdown.
+//! - [`auth`]: the per-document access decision (open access until accounts exist).
+//! - [`records`]: the household schema on Automerge (typed writes and reads).
+//! - [`client`]: the device-side library: local store, offline edits, sync.
+//!
+//! The rule that shapes the hub: **durable before advertised**. A change is written and
+//! flushed before any sync message that reflects it leaves the server.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod hub;
+pub mod ids;
+pub mod protocol;
+pub mod records;
+pub mod server;
+pub mod storage;
+
+/// The crate's error: one variant per layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error(transparent)]
+    Record(#[from] records::RecordError),
+}

@@ -1,0 +1,68 @@
+//! The `fieldsync` binary: parse the command line, start logging, open the store, bind,
+//! serve until SIGINT/SIGTERM. Everything else lives in the library.
+
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use fieldsync::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
+    let (addr, config) = args.into_config()?;
+    let data_dir = config.data_dir.clone();
+    let services = fieldsync::server::Services::open(config).await?;
+    let listener = fieldsync::server::bind(addr).await?;
+    let local = listener.local_addr()?;
+    // Scripts and tests read this line to find the port when --listen ends in :0.
+    println!(
+        "fieldsync listening on ws://{local}/sync (data: {})",
+        data_dir.display()
+    );
+    fieldsync::server::run(listener, services, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM; use Ctrl-C to stop");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("FIELDSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,624 @@
+//! CBOR encoding of protocol messages, the way automerge-repo's `cbor-x` writes them: one
+//! map per frame, text keys, untagged byte strings.
+//!
+//! Decoding is lenient where real clients differ (integers that arrive as float64, a
+//! `storageId` that is CBOR `undefined` or `null`, byte strings that arrive tagged, unknown
+//! extra keys) and strict where it protects the server (frame size, nesting depth, trailing
+//! bytes, field types). It owns no I/O.
+
+use ciborium::value::{Integer, Value};
+
+use super::message::*;
+use crate::ids::{DocumentId, PeerId, StorageId};
+
+/// Nesting deeper than this is refused before it can exhaust the stack.
+const MAX_DEPTH: usize = 32;
+
+/// Why a frame could not be decoded. The text is safe to send back to the client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("frame is not valid CBOR: {0}")]
+    Cbor(String),
+    #[error("frame has {0} bytes after the CBOR item")]
+    TrailingBytes(usize),
+    #[error("frame must be a CBOR map")]
+    NotAMap,
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{field}` must be {expected}")]
+    Type {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("field `documentId` is not a document id: {0}")]
+    DocumentId(String),
+    #[error("unknown message type `{0}`")]
+    UnknownType(String),
+}
+
+/// Decodes one frame. `limit` is the largest frame accepted, in bytes.
+pub fn decode(frame: &[u8], limit: usize) -> Result<Message, CodecError> {
+    if frame.len() > limit {
+        return Err(CodecError::TooLarge {
+            size: frame.len(),
+            limit,
+        });
+    }
+    let mut rest = frame;
+    let value: Value =
+        ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
+            .map_err(|e| CodecError::Cbor(short_cbor_error(&e)))?;
+    if !rest.is_empty() {
+        return Err(CodecError::TrailingBytes(rest.len()));
+    }
+    let fields = Fields::new(value)?;
+    from_fields(&fields)
+}
+
+fn short_cbor_error<E: std::fmt::Debug>(e: &ciborium::de::Error<E>) -> String {
+    match e {
+        ciborium::de::Error::Io(_) => "unexpected end of input".into(),
+        ciborium::de::Error::Syntax(offset) => format!("syntax error at byte {offset}"),
+        ciborium::de::Error::Semantic(offset, msg) => match offset {
+            Some(o) => format!("{msg} at byte {o}"),
+            None => msg.clone(),
+        },
+        ciborium::de::Error::RecursionLimitExceeded => "nested too deeply".into(),
+    }
+}
+
+/// Encodes one message as a CBOR map.
+pub fn encode(message: &Message) -> Vec<u8> {
+    let mut map: Vec<(Value, Value)> = Vec::with_capacity(8);
+    let mut put = |k: &str, v: Value| map.push((Value::Text(k.to_string()), v));
+    put("type", text(message.type_name()));
+    put("senderId", text(message.sender_id().as_str()));
+    match message {
+        Message::Join(m) => {
+            put("peerMetadata", metadata_value(&m.peer_metadata));
+            put(
+                "supportedProtocolVersions",
+                Value::Array(m.supported_protocol_versions.iter().map(text).collect()),
+            );
+        }
+        Message::Peer(m) => {
+            put("targetId", text(m.target_id.as_str()));
+            put("peerMetadata", metadata_value(&m.peer_metadata));
+            put("selectedProtocolVersion", text(&m.selected_protocol_version));
+        }
+        Message::Leave { .. } => {}
+        Message::Error(m) => {
+            if let Some(t) = &m.target_id {
+                put("targetId", text(t.as_str()));
+            }
+            put("message", text(&m.message));
+        }
+        Message::Request(m) | Message::Sync(m) => {
+            put("targetId", text(m.target_id.as_str()));
+            put("documentId", text(&m.document_id.to_string()));
+            put("data", Value::Bytes(m.data.clone()));
+        }
+        Message::DocUnavailable(m) => {
+            put("targetId", text(m.target_id.as_str()));
+            put("documentId", text(&m.document_id.to_string()));
+        }
+        Message::Ephemeral(m) => {
+            put("targetId", text(m.target_id.as_str()));
+            put("documentId", text(&m.document_id.to_string()));
+            put("sessionId", text(&m.session_id));
+            put("count", Value::Integer(Integer::from(m.count)));
+            put("data", Value::Bytes(m.data.clone()));
+        }
+        Message::RemoteSubscriptionChange(m) => {
+            put("targetId", text(m.target_id.as_str()));
+            put(
+                "add",
+                Value::Array(m.add.iter().map(|s| text(s.as_str())).collect()),
+            );
+            put(
+                "remove",
+                Value::Array(m.remove.iter().map(|s| text(s.as_str())).collect()),
+            );
+        }
+        Message::RemoteHeadsChanged(m) => {
+            put("targetId", text(m.target_id.as_str()));
+            put("documentId", text(&m.document_id.to_string()));
+            let heads = m
+                .new_heads
+                .iter()
+                .map(|(storage, heads, ts)| {
+                    (
+                        text(storage.as_str()),
+                        Value::Map(vec![
+                            (text("heads"), Value::Array(heads.iter().map(text).collect())),
+                            (text("timestamp"), Value::Integer(Integer::from(*ts))),
+                        ]),
+                    )
+                })
+                .collect();
+            put("newHeads", Value::Map(heads));
+        }
+    }
+    let mut out = Vec::with_capacity(64);
+    // Writing into a Vec cannot fail, and every Value built above is encodable.
+    ciborium::ser::into_writer(&Value::Map(map), &mut out)
+        .expect("encoding a CBOR value into memory cannot fail");
+    out
+}
+
+fn text(s: impl AsRef<str>) -> Value {
+    Value::Text(s.as_ref().to_string())
+}
+
+fn metadata_value(m: &PeerMetadata) -> Value {
+    let mut map = Vec::new();
+    if let Some(s) = &m.storage_id {
+        map.push((text("storageId"), text(s.as_str())));
+    }
+    map.push((text("isEphemeral"), Value::Bool(m.is_ephemeral)));
+    Value::Map(map)
+}
+
+/// The text-keyed entries of one CBOR map.
+struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    fn new(value: Value) -> Result<Self, CodecError> {
+        let Value::Map(entries) = untag(value) else {
+            return Err(CodecError::NotAMap);
+        };
+        Ok(Self(
+            entries
+                .into_iter()
+                .filter_map(|(k, v)| match k {
+                    Value::Text(k) => Some((k, v)),
+                    _ => None,
+                })
+                .collect(),
+        ))
+    }
+
+    /// The value of `key`; a CBOR `null`/`undefined` counts as absent.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .filter(|v| !matches!(v, Value::Null))
+    }
+
+    fn text(&self, key: &'static str) -> Result<&str, CodecError> {
+        match self.get(key).map(strip_tag) {
+            Some(Value::Text(s)) => Ok(s),
+            Some(_) => Err(CodecError::Type {
+                field: key,
+                expected: "a text string",
+            }),
+            None => Err(CodecError::Missing(key)),
+        }
+    }
+
+    fn peer(&self, key: &'static str) -> Result<PeerId, CodecError> {
+        PeerId::new(self.text(key)?).ok_or(CodecError::Type {
+            field: key,
+            expected: "a peer id of 1 to 256 bytes",
+        })
+    }
+
+    fn document_id(&self) -> Result<DocumentId, CodecError> {
+        let s = self.text("documentId")?;
+        DocumentId::parse_url_or_id(s).map_err(|e| CodecError::DocumentId(e.to_string()))
+    }
+
+    fn bytes(&self, key: &'static str) -> Result<Vec<u8>, CodecError> {
+        match self.get(key).map(strip_tag) {
+            Some(Value::Bytes(b)) => Ok(b.clone()),
+            Some(_) => Err(CodecError::Type {
+                field: key,
+                expected: "a byte string",
+            }),
+            None => Err(CodecError::Missing(key)),
+        }
+    }
+
+    fn uint(&self, key: &'static str) -> Result<u64, CodecError> {
+        let v = self.get(key).ok_or(CodecError::Missing(key))?;
+        as_uint(v).ok_or(CodecError::Type {
+            field: key,
+            expected: "a non-negative integer",
+        })
+    }
+
+    fn text_list(&self, key: &'static str) -> Result<Vec<String>, CodecError> {
+        match self.get(key).map(strip_tag) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match strip_tag(v) {
+                    Value::Text(s) => Ok(s.clone()),
+                    _ => Err(CodecError::Type {
+                        field: key,
+                        expected: "an array of text strings",
+                    }),
+                })
+                .collect(),
+            Some(_) => Err(CodecError::Type {
+                field: key,
+                expected: "an array of text strings",
+            }),
+        }
+    }
+
+    fn metadata(&self) -> Result<PeerMetadata, CodecError> {
+        let Some(v) = self.get("peerMetadata") else {
+            return Ok(PeerMetadata::default());
+        };
+        let inner = Fields::new(v.clone()).map_err(|_| CodecError::Type {
+            field: "peerMetadata",
+            expected: "a map",
+        })?;
+        let storage_id = match inner.get("storageId").map(strip_tag) {
+            None => None,
+            Some(Value::Text(s)) => Some(StorageId::new(s.clone()).ok_or(CodecError::Type {
+                field: "storageId",
+                expected: "a storage id of 1 to 128 bytes",
+            })?),
+            Some(_) => {
+                return Err(CodecError::Type {
+                    field: "storageId",
+                    expected: "a text string or undefined",
+                })
+            }
+        };
+        let is_ephemeral = match inner.get("isEphemeral").map(strip_tag) {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(CodecError::Type {
+                    field: "isEphemeral",
+                    expected: "a boolean",
+                })
+            }
+        };
+        Ok(PeerMetadata {
+            storage_id,
+            is_ephemeral,
+        })
+    }
+}
+
+/// Strips any CBOR tags (some encoders tag byte strings as typed arrays).
+fn untag(v: Value) -> Value {
+    match v {
+        Value::Tag(_, inner) => untag(*inner),
+        other => other,
+    }
+}
+
+fn strip_tag(v: &Value) -> &Value {
+    match v {
+        Value::Tag(_, inner) => strip_tag(inner),
+        other => other,
+    }
+}
+
+/// An unsigned integer, also when a JS encoder wrote a whole number as a float.
+fn as_uint(v: &Value) -> Option<u64> {
+    match strip_tag(v) {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        Value::Float(f) if f.fract() == 0.0 && *f >= 0.0 && *f <= 9_007_199_254_740_992.0 => {
+            // Exact: a whole f64 within 2^53 converts to u64 without loss.
+            Some(*f as u64)
+        }
+        _ => None,
+    }
+}
+
+fn doc_message(f: &Fields, with_data: bool) -> Result<DocMessage, CodecError> {
+    Ok(DocMessage {
+        sender_id: f.peer("senderId")?,
+        target_id: f.peer("targetId")?,
+        document_id: f.document_id()?,
+        data: if with_data { f.bytes("data")? } else { Vec::new() },
+    })
+}
+
+fn from_fields(f: &Fields) -> Result<Message, CodecError> {
+    let kind = f.text("type")?;
+    Ok(match kind {
+        "join" => Message::Join(Join {
+            sender_id: f.peer("senderId")?,
+            peer_metadata: f.metadata()?,
+            supported_protocol_versions: f.text_list("supportedProtocolVersions")?,
+        }),
+        "peer" => Message::Peer(Peer {
+            sender_id: f.peer("senderId")?,
+            target_id: f.peer("targetId")?,
+            peer_metadata: f.metadata()?,
+            selected_protocol_version: f.text("selectedProtocolVersion")?.to_string(),
+        }),
+        "leave" => Message::Leave {
+            sender_id: f.peer("senderId")?,
+        },
+        "error" => Message::Error(ErrorMessage {
+            sender_id: f.peer("senderId")?,
+            target_id: f.get("targetId").and_then(|_| f.peer("targetId").ok()),
+            message: f.text("message")?.to_string(),
+        }),
+        "request" => Message::Request(doc_message(f, true)?),
+        "sync" => Message::Sync(doc_message(f, true)?),
+        "doc-unavailable" => Message::DocUnavailable(doc_message(f, false)?),
+        "ephemeral" => Message::Ephemeral(Ephemeral {
+            sender_id: f.peer("senderId")?,
+            target_id: f.peer("targetId")?,
+            document_id: f.document_id()?,
+            session_id: f.text("sessionId")?.to_string(),
+            count: f.uint("count")?,
+            data: f.bytes("data")?,
+        }),
+        "remote-subscription-change" => {
+            let ids = |key| -> Result<Vec<StorageId>, CodecError> {
+                Ok(f
+                    .text_list(key)?
+                    .into_iter()
+                    .filter_map(StorageId::new)
+                    .collect())
+            };
+            Message::RemoteSubscriptionChange(RemoteSubscriptionChange {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                add: ids("add")?,
+                remove: ids("remove")?,
+            })
+        }
+        "remote-heads-changed" => {
+            let mut new_heads = Vec::new();
+            if let Some(v) = f.get("newHeads") {
+                let entries = Fields::new(v.clone()).map_err(|_| CodecError::Type {
+                    field: "newHeads",
+                    expected: "a map",
+                })?;
+                for (storage, info) in &entries.0 {
+                    let info = Fields::new(info.clone()).map_err(|_| CodecError::Type {
+                        field: "newHeads",
+                        expected: "a map of {heads, timestamp}",
+                    })?;
+                    let Some(storage) = StorageId::new(storage.clone()) else {
+                        continue;
+                    };
+                    new_heads.push((
+                        storage,
+                        info.text_list("heads")?,
+                        info.uint("timestamp").unwrap_or(0),
+                    ));
+                }
+            }
+            Message::RemoteHeadsChanged(RemoteHeadsChanged {
+                sender_id: f.peer("senderId")?,
+                target_id: f.peer("targetId")?,
+                document_id: f.document_id()?,
+                new_heads,
+            })
+        }
+        other => return Err(CodecError::UnknownType(other.chars().take(64).collect())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(s: &str) -> PeerId {
+        PeerId::new(s).unwrap()
+    }
+
+    fn all_messages() -> Vec<Message> {
+        let doc = DocumentId::random();
+        let dm = DocMessage {
+            sender_id: peer("a"),
+            target_id: peer("b"),
+            document_id: doc,
+            data: vec![0x42, 1, 2, 3],
+        };
+        vec![
+            Message::Join(Join {
+                sender_id: peer("a"),
+                peer_metadata: PeerMetadata {
+                    storage_id: Some(StorageId::random()),
+                    is_ephemeral: false,
+                },
+                supported_protocol_versions: vec!["1".into()],
+            }),
+            Message::Join(Join {
+                sender_id: peer("a"),
+                peer_metadata: PeerMetadata {
+                    storage_id: None,
+                    is_ephemeral: true,
+                },
+                supported_protocol_versions: vec!["1".into(), "2".into()],
+            }),
+            Message::Peer(Peer {
+                sender_id: peer("server"),
+                target_id: peer("a"),
+                peer_metadata: PeerMetadata {
+                    storage_id: Some(StorageId::random()),
+                    is_ephemeral: false,
+                },
+                selected_protocol_version: "1".into(),
+            }),
+            Message::Leave {
+                sender_id: peer("a"),
+            },
+            Message::Error(ErrorMessage {
+                sender_id: peer("server"),
+                target_id: Some(peer("a")),
+                message: "bad frame".into(),
+            }),
+            Message::Error(ErrorMessage {
+                sender_id: peer("server"),
+                target_id: None,
+                message: "no join".into(),
+            }),
+            Message::Request(dm.clone()),
+            Message::Sync(dm.clone()),
+            Message::DocUnavailable(DocMessage {
+                data: Vec::new(),
+                ..dm.clone()
+            }),
+            Message::Ephemeral(Ephemeral {
+                sender_id: peer("a"),
+                target_id: peer("b"),
+                document_id: doc,
+                session_id: "s1".into(),
+                count: 7,
+                data: vec![1, 2],
+            }),
+            Message::RemoteSubscriptionChange(RemoteSubscriptionChange {
+                sender_id: peer("a"),
+                target_id: peer("b"),
+                add: vec![StorageId::random()],
+                remove: vec![],
+            }),
+            Message::RemoteHeadsChanged(RemoteHeadsChanged {
+                sender_id: peer("a"),
+                target_id: peer("b"),
+                document_id: doc,
+                new_heads: vec![(StorageId::random(), vec!["abc".into()], 1_700_000_000_000)],
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_type_round_trips() {
+        for m in all_messages() {
+            let bytes = encode(&m);
+            assert_eq!(decode(&bytes, 1 << 20).unwrap(), m, "{}", m.type_name());
+        }
+    }
+
+    fn cbor(v: Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(&v, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn integers_sent_as_float64_are_accepted() {
+        let doc = DocumentId::random();
+        let frame = cbor(Value::Map(vec![
+            (text("type"), text("ephemeral")),
+            (text("senderId"), text("a")),
+            (text("targetId"), text("b")),
+            (text("documentId"), text(doc.to_string())),
+            (text("sessionId"), text("s")),
+            (text("count"), Value::Float(3.0)),
+            (text("data"), Value::Bytes(vec![1])),
+        ]));
+        let Message::Ephemeral(e) = decode(&frame, 1024).unwrap() else {
+            panic!("not ephemeral")
+        };
+        assert_eq!(e.count, 3);
+    }
+
+    #[test]
+    fn fractional_or_negative_counts_are_refused() {
+        for bad in [Value::Float(1.5), Value::Float(-1.0), text("3")] {
+            let frame = cbor(Value::Map(vec![
+                (text("type"), text("ephemeral")),
+                (text("senderId"), text("a")),
+                (text("targetId"), text("b")),
+                (text("documentId"), text(DocumentId::random().to_string())),
+                (text("sessionId"), text("s")),
+                (text("count"), bad),
+                (text("data"), Value::Bytes(vec![1])),
+            ]));
+            assert!(matches!(
+                decode(&frame, 1024),
+                Err(CodecError::Type { field: "count", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn tagged_byte_strings_are_accepted() {
+        let frame = cbor(Value::Map(vec![
+            (text("type"), text("sync")),
+            (text("senderId"), text("a")),
+            (text("targetId"), text("b")),
+            (text("documentId"), text(DocumentId::random().to_string())),
+            (text("data"), Value::Tag(64, Box::new(Value::Bytes(vec![0x42])))),
+        ]));
+        let Message::Sync(m) = decode(&frame, 1024).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.data, vec![0x42]);
+    }
+
+    #[test]
+    fn undefined_storage_id_means_none() {
+        // map(4) type:"join" senderId:"a" peerMetadata:{storageId: undefined, isEphemeral: true}
+        // supportedProtocolVersions:["1"], written by hand because ciborium never writes undefined.
+        let mut frame = vec![0xa4];
+        for (k, v) in [("type", "join"), ("senderId", "a")] {
+            frame.extend(cbor(text(k)));
+            frame.extend(cbor(text(v)));
+        }
+        frame.extend(cbor(text("peerMetadata")));
+        frame.push(0xa2);
+        frame.extend(cbor(text("storageId")));
+        frame.push(0xf7); // undefined
+        frame.extend(cbor(text("isEphemeral")));
+        frame.push(0xf5); // true
+        frame.extend(cbor(text("supportedProtocolVersions")));
+        frame.extend(cbor(Value::Array(vec![text("1")])));
+        let Message::Join(j) = decode(&frame, 1024).unwrap() else {
+            panic!()
+        };
+        assert_eq!(j.peer_metadata.storage_id, None);
+        assert!(j.peer_metadata.is_ephemeral);
+    }
+
+    #[test]
+    fn malformed_frames_get_precise_errors() {
+        assert!(matches!(decode(&[0xff, 0x00], 1024), Err(CodecError::Cbor(_))));
+        assert!(matches!(decode(&[0xa1], 1024), Err(CodecError::Cbor(_))));
+        assert_eq!(decode(&cbor(text("hi")), 1024), Err(CodecError::NotAMap));
+        let mut two = cbor(Value::Map(vec![]));
+        two.push(0x00);
+        assert_eq!(decode(&two, 1024), Err(CodecError::TrailingBytes(1)));
+        assert_eq!(
+            decode(&[0u8; 2000], 1024),
+            Err(CodecError::TooLarge {
+                size: 2000,
+                limit: 1024
+            })
+        );
+        let no_type = cbor(Value::Map(vec![(text("senderId"), text("a"))]));
+        assert_eq!(decode(&no_type, 1024), Err(CodecError::Missing("type")));
+        let bad_doc = cbor(Value::Map(vec![
+            (text("type"), text("request")),
+            (text("senderId"), text("a")),
+            (text("targetId"), text("b")),
+            (text("documentId"), text("not-an-id")),
+            (text("data"), Value::Bytes(vec![1])),
+        ]));
+        assert!(matches!(decode(&bad_doc, 1024), Err(CodecError::DocumentId(_))));
+        let unknown = cbor(Value::Map(vec![
+            (text("type"), text("teleport")),
+            (text("senderId"), text("a")),
+        ]));
+        assert_eq!(
+            decode(&unknown, 1024),
+            Err(CodecError::UnknownType("teleport".into()))
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let mut frame = vec![0x81; 10_000];
+        frame.push(0x00);
+        assert!(matches!(decode(&frame, 1 << 20), Err(CodecError::Cbor(_))));
+    }
+}

@@ -1,0 +1,185 @@
+//! The HTTP/WebSocket front: every warp filter of the crate lives here.
+//!
+//! Owns the routes, the one rejection-to-JSON mapping (`errors`), the WebSocket pump that
+//! executes a protocol session's effects (`ws`), and orderly shutdown: close every WebSocket
+//! with 1001, stop the hub, flush the store. Must not: decide protocol rules (that is
+//! `protocol::Session`), touch Automerge or sled (that is `hub` and `storage`).
+//!
+//! `run` takes a bound listener and a shutdown future (the mini-redis shape), so tests bind
+//! port 0 and run exactly the production code.
+
+mod errors;
+mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::Filter;
+
+use crate::auth::{Authorizer, OpenAccess};
+use crate::hub::{ChangeObserver, Hub, HubConfig, NoObserver};
+use crate::ids::PeerId;
+use crate::protocol::SessionConfig;
+use crate::storage::{Store, StoreConfig};
+
+/// Everything `fieldsync serve` can be told, validated once.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    pub hub: HubConfig,
+    /// Largest WebSocket message accepted, in bytes.
+    pub max_message_bytes: usize,
+    pub ping_interval: Duration,
+    /// A peer silent for this long is dropped.
+    pub idle_timeout: Duration,
+    /// Messages queued for one connection before it counts as too slow.
+    pub outbox_len: usize,
+    /// How long one write to a socket may take before the peer is dropped.
+    pub write_timeout: Duration,
+    /// How long shutdown waits for connections to close.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            store: StoreConfig::default(),
+            hub: HubConfig::default(),
+            max_message_bytes: 16 * 1024 * 1024,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(50),
+            outbox_len: 1024,
+            write_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The opened store and hub, shared by every connection.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Store,
+    pub hub: Hub,
+    session: SessionConfig,
+    config: Arc<ServerConfig>,
+}
+
+impl Services {
+    /// Opens the store in `config.data_dir` and starts the hub, with open access (issue 3
+    /// replaces it with accounts).
+    pub async fn open(config: ServerConfig) -> Result<Services, crate::Error> {
+        Self::open_with(config, Arc::new(OpenAccess), Arc::new(NoObserver)).await
+    }
+
+    pub async fn open_with(
+        config: ServerConfig,
+        authorizer: Arc<dyn Authorizer>,
+        observer: Arc<dyn ChangeObserver>,
+    ) -> Result<Services, crate::Error> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            crate::Error::Config(format!(
+                "cannot create the data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let store = Store::open(&config.data_dir, &config.store)?;
+        let storage_id = store.storage_id().await?;
+        let server_peer_id = PeerId::random("fieldsync-server");
+        let hub = Hub::new(
+            store.clone(),
+            server_peer_id.clone(),
+            config.hub.clone(),
+            authorizer,
+            observer,
+        );
+        let session = SessionConfig {
+            server_peer_id,
+            server_storage_id: storage_id,
+            max_message_bytes: config.max_message_bytes,
+            ping_interval: config.ping_interval,
+            idle_timeout: config.idle_timeout,
+        };
+        Ok(Services {
+            store,
+            hub,
+            session,
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn server_storage_id(&self) -> &crate::ids::StorageId {
+        &self.session.server_storage_id
+    }
+}
+
+/// Serves until `shutdown` completes, then closes every WebSocket with 1001, stops the hub
+/// and flushes the store.
+pub async fn run(
+    listener: TcpListener,
+    services: Services,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), crate::Error> {
+    let addr = listener.local_addr().ok();
+    let sockets = TaskTracker::new();
+    let closing = CancellationToken::new();
+    let routes = routes(services.clone(), sockets.clone(), closing.clone());
+    tracing::info!(addr = ?addr, "serving");
+    let closing_signal = closing.clone();
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(async move {
+            shutdown.await;
+            closing_signal.cancel();
+        })
+        .run()
+        .await;
+    // warp's graceful shutdown does not cover upgraded WebSockets: close and drain them here.
+    closing.cancel();
+    sockets.close();
+    if tokio::time::timeout(services.config.shutdown_grace, sockets.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close in time");
+    }
+    services.hub.shutdown().await;
+    services.store.flush().await?;
+    tracing::info!("stopped; store flushed");
+    Ok(())
+}
+
+fn routes(
+    services: Services,
+    sockets: TaskTracker,
+    closing: CancellationToken,
+) -> warp::filters::BoxedFilter<(Box<dyn warp::Reply>,)> {
+    let health = warp::get()
+        .and(warp::path("healthz"))
+        .and(warp::path::end())
+        .map(|| Box::new(warp::reply::json(&serde_json::json!({"status": "ok"}))) as Box<dyn warp::Reply>)
+        .boxed();
+    let sync = ws::route(services, sockets, closing);
+    health
+        .or(sync)
+        .unify()
+        .recover(errors::recover)
+        .map(|r| Box::new(r) as Box<dyn warp::Reply>)
+        .boxed()
+}
+
+/// Binds `addr`, with a message that says what to do when the port is taken.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::Error> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        crate::Error::Config(format!(
+            "cannot listen on {addr}: {e}; is another server running? choose another address with --listen"
+        ))
+    })
+}

@@ -1,0 +1,215 @@
+//! `GET /sync`: upgrades to a WebSocket and pumps frames between the socket, the connection's
+//! protocol `Session` and the hub. One task per connection; it keeps reading (so pings and
+//! closes are seen) while writing what the hub queues in its bounded outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use warp::filters::ws::{Message as WsMessage, WebSocket, Ws};
+use warp::Filter;
+
+use super::Services;
+use crate::auth::Principal;
+use crate::hub::{KillSwitch, Outbound, PeerLink};
+use crate::ids::{ConnId, Timestamp};
+use crate::protocol::{codec, CloseCode, Effect, Session};
+
+pub(super) fn route(
+    services: Services,
+    sockets: TaskTracker,
+    closing: CancellationToken,
+) -> warp::filters::BoxedFilter<(Box<dyn warp::Reply>,)> {
+    warp::get()
+        .and(warp::path("sync"))
+        .and(warp::path::end())
+        .and(warp::ws())
+        .and(warp::addr::remote())
+        .map(move |ws: Ws, remote: Option<std::net::SocketAddr>| {
+            let services = services.clone();
+            let sockets = sockets.clone();
+            let closing = closing.clone();
+            // tungstenite enforces the limit while reading, before a huge frame is buffered;
+            // the session enforces the same limit on what gets through.
+            let limit = services.config.max_message_bytes;
+            let reply = ws
+                .max_message_size(limit)
+                .max_frame_size(limit)
+                .on_upgrade(move |socket| {
+                    let conn = ConnId::next();
+                    let span = tracing::info_span!("ws", conn = %conn, remote = ?remote, peer = tracing::field::Empty);
+                    let task = sockets.spawn(
+                        Connection::new(services, conn, closing)
+                            .pump(socket)
+                            .instrument(span),
+                    );
+                    async move {
+                        let _ = task.await;
+                    }
+                });
+            Box::new(reply) as Box<dyn warp::Reply>
+        })
+        .boxed()
+}
+
+struct Connection {
+    services: Services,
+    conn: ConnId,
+    closing: CancellationToken,
+    kill: Arc<KillSwitch>,
+    outbox_tx: mpsc::Sender<Outbound>,
+    outbox_rx: mpsc::Receiver<Outbound>,
+    link: Option<PeerLink>,
+}
+
+/// Why the pump stopped.
+enum Stop {
+    Continue,
+    Done,
+}
+
+impl Connection {
+    fn new(services: Services, conn: ConnId, closing: CancellationToken) -> Self {
+        let (outbox_tx, outbox_rx) = mpsc::channel(services.config.outbox_len);
+        Self {
+            services,
+            conn,
+            closing,
+            kill: Arc::new(KillSwitch::default()),
+            outbox_tx,
+            outbox_rx,
+            link: None,
+        }
+    }
+
+    async fn pump(mut self, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        let mut session = Session::new(self.services.session.clone(), Timestamp::now());
+        let mut ticker = tokio::time::interval(self.services.config.ping_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate
+        let kill = self.kill.clone();
+        let write_timeout = self.services.config.write_timeout;
+        tracing::debug!("connected");
+        loop {
+            let effects = tokio::select! {
+                _ = self.closing.cancelled() => session.shutdown(),
+                (code, reason) = kill.killed() => session.fail(code, reason),
+                frame = stream.next() => match frame {
+                    Some(Ok(msg)) if msg.is_binary() => session.handle_binary(msg.as_bytes(), Timestamp::now()),
+                    Some(Ok(msg)) if msg.is_text() => session.handle_text(Timestamp::now()),
+                    Some(Ok(msg)) if msg.is_close() => break,
+                    Some(Ok(_)) => { session.heard_from_peer(Timestamp::now()); Vec::new() }
+                    Some(Err(e)) if is_too_big(&e) => session.handle_oversized(),
+                    Some(Err(e)) => { tracing::debug!(error = %e, "socket error"); break }
+                    None => break,
+                },
+                out = self.outbox_rx.recv() => match out {
+                    Some(Outbound::Message(m)) => vec![Effect::Send(m)],
+                    Some(Outbound::Fail { code, message }) => session.fail(code, message),
+                    None => Vec::new(),
+                },
+                _ = ticker.tick() => session.tick(Timestamp::now()),
+            };
+            let mut stop = Stop::Continue;
+            for effect in effects {
+                match self.execute(effect, &mut sink, write_timeout).await {
+                    Stop::Continue => {}
+                    Stop::Done => {
+                        stop = Stop::Done;
+                        break;
+                    }
+                }
+            }
+            if matches!(stop, Stop::Done) {
+                break;
+            }
+        }
+        if self.link.is_some() {
+            self.services.hub.disconnect(self.conn).await;
+        }
+        tracing::debug!("disconnected");
+    }
+
+    async fn execute(
+        &mut self,
+        effect: Effect,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+        write_timeout: Duration,
+    ) -> Stop {
+        match effect {
+            Effect::Send(message) => {
+                let frame = codec::encode(&message);
+                match tokio::time::timeout(write_timeout, sink.send(WsMessage::binary(frame))).await {
+                    Ok(Ok(())) => Stop::Continue,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "write failed");
+                        Stop::Done
+                    }
+                    Err(_) => {
+                        tracing::warn!("write timed out; dropping peer");
+                        Stop::Done
+                    }
+                }
+            }
+            Effect::Ping => match tokio::time::timeout(write_timeout, sink.send(WsMessage::ping(Vec::new()))).await {
+                Ok(Ok(())) => Stop::Continue,
+                _ => Stop::Done,
+            },
+            Effect::Close { code, reason } => {
+                if code != CloseCode::Normal && code != CloseCode::GoingAway {
+                    tracing::info!(code = code.as_u16(), reason = %reason, "closing connection");
+                }
+                let _ = tokio::time::timeout(write_timeout, sink.send(WsMessage::close_with(code.as_u16(), reason))).await;
+                Stop::Done
+            }
+            Effect::Joined { peer_id, metadata } => {
+                tracing::Span::current().record("peer", peer_id.as_str());
+                let storage_id = if metadata.is_ephemeral {
+                    None
+                } else {
+                    metadata.storage_id
+                };
+                self.link = Some(PeerLink::new(
+                    self.conn,
+                    peer_id,
+                    storage_id,
+                    Principal::anonymous(),
+                    self.outbox_tx.clone(),
+                    self.kill.clone(),
+                ));
+                Stop::Continue
+            }
+            Effect::Sync {
+                kind,
+                document_id,
+                data,
+            } => {
+                if let Some(link) = &self.link {
+                    self.services.hub.sync(link, kind, document_id, data).await;
+                }
+                Stop::Continue
+            }
+            Effect::Ephemeral(e) => {
+                if let Some(link) = &self.link {
+                    self.services.hub.ephemeral(link, e);
+                }
+                Stop::Continue
+            }
+        }
+    }
+}
+
+/// Whether a read failed because the peer sent more than `max_message_bytes`.
+fn is_too_big(e: &warp::Error) -> bool {
+    use std::error::Error as _;
+    matches!(
+        e.source()
+            .and_then(|s| s.downcast_ref::<tokio_tungstenite::tungstenite::Error>()),
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+    )
+}

@@ -1,0 +1,416 @@
+//! The one storage API, with sled inside. Every sled call in the crate lives in this module.
+//!
+//! Owns: the tree layout and key encoding (`keys`), content-addressed document chunks
+//! (incremental changes and compacted snapshots), persisted Automerge sync states, small
+//! metadata (the server's storage id), and durability through group commit (`group_commit`).
+//! Must not: interpret Automerge documents (it stores bytes), or make any decision about who
+//! may read what. Blocking sled calls are either wrapped in `spawn_blocking` (the `async`
+//! methods) or named `*_blocking` for callers that are already on a blocking thread.
+
+mod group_commit;
+mod keys;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::{DocumentId, StorageId};
+use group_commit::GroupCommit;
+pub use keys::{ChunkKey, ChunkKind};
+
+/// Leading byte of every stored value: lets a later version change the value format.
+const VALUE_VERSION: u8 = 1;
+
+const TREE_CHUNKS: &str = "chunks";
+const TREE_SYNC_STATES: &str = "sync_states";
+const TREE_META: &str = "meta";
+const META_STORAGE_ID: &[u8] = b"storage_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// sled reported corruption: the data directory must be restored from a backup.
+    #[error("storage is corrupt ({0}); stop the server and restore the data directory from a backup")]
+    Corrupt(String),
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("a stored value has unknown format version {0}; this fieldsync is too old for the data directory")]
+    UnknownVersion(u8),
+    #[error("the storage flusher has stopped")]
+    FlusherStopped,
+    #[error("a storage task failed: {0}")]
+    Task(String),
+}
+
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StorageError::Corrupt(e.to_string()),
+            other => StorageError::Io(other.to_string()),
+        }
+    }
+}
+
+impl Clone for StorageError {
+    fn clone(&self) -> Self {
+        match self {
+            StorageError::Corrupt(s) => StorageError::Corrupt(s.clone()),
+            StorageError::Io(s) => StorageError::Io(s.clone()),
+            StorageError::UnknownVersion(v) => StorageError::UnknownVersion(*v),
+            StorageError::FlusherStopped => StorageError::FlusherStopped,
+            StorageError::Task(s) => StorageError::Task(s.clone()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// Tuning for the embedded database.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// sled's page cache, in bytes.
+    pub sled_cache_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            sled_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Everything stored for one document, in load order (snapshots first).
+#[derive(Debug, Default)]
+pub struct StoredDocument {
+    pub chunks: Vec<(ChunkKey, Vec<u8>)>,
+}
+
+impl StoredDocument {
+    pub fn total_bytes(&self) -> usize {
+        self.chunks.iter().map(|(_, b)| b.len()).sum()
+    }
+}
+
+/// Counters for benchmarks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// sled flushes performed by group commit.
+    pub flushes: u64,
+    /// Callers that waited for durability (one flush serves many).
+    pub durability_waits: u64,
+}
+
+/// A cheap-to-clone handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    chunks: sled::Tree,
+    sync_states: sled::Tree,
+    meta: sled::Tree,
+    commit: GroupCommit,
+    durability_waits: AtomicU64,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Must be called inside a tokio runtime (it starts
+    /// the group-commit flusher). sled admits one process per directory: a second opener gets
+    /// a clear error.
+    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(config.sled_cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StorageError::Io(format!(
+                        "the data directory {} is in use by another fieldsync process; stop it or choose another --data directory",
+                        dir.display()
+                    ))
+                }
+                other => StorageError::from(other),
+            })?;
+        let chunks = db.open_tree(TREE_CHUNKS)?;
+        let sync_states = db.open_tree(TREE_SYNC_STATES)?;
+        let meta = db.open_tree(TREE_META)?;
+        let commit = GroupCommit::start(db.clone());
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                chunks,
+                sync_states,
+                meta,
+                commit,
+                durability_waits: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Waits until everything written so far is on disk. Concurrent callers share one flush
+    /// (group commit).
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.durability_waits.fetch_add(1, Ordering::Relaxed);
+        self.inner.commit.flush().await
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            flushes: self.inner.commit.flushes(),
+            durability_waits: self.inner.durability_waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The stable storage id of this store, created on first use and flushed.
+    pub async fn storage_id(&self) -> Result<StorageId> {
+        let this = self.clone();
+        let id = blocking(move || {
+            if let Some(v) = this.inner.meta.get(META_STORAGE_ID)? {
+                let text = String::from_utf8_lossy(unversioned(&v)?).into_owned();
+                if let Some(id) = StorageId::new(text) {
+                    return Ok(id);
+                }
+            }
+            let id = StorageId::random();
+            this.inner
+                .meta
+                .insert(META_STORAGE_ID, versioned(id.as_str().as_bytes()))?;
+            Ok(id)
+        })
+        .await?;
+        self.flush().await?;
+        Ok(id)
+    }
+
+    /// Whether anything is stored for `doc`.
+    pub async fn exists(&self, doc: DocumentId) -> Result<bool> {
+        let this = self.clone();
+        blocking(move || this.exists_blocking(doc)).await
+    }
+
+    pub fn exists_blocking(&self, doc: DocumentId) -> Result<bool> {
+        Ok(self
+            .inner
+            .chunks
+            .scan_prefix(keys::doc_prefix(doc))
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
+    /// All chunks of `doc`, snapshots before incrementals.
+    pub fn load_blocking(&self, doc: DocumentId) -> Result<StoredDocument> {
+        let mut chunks = Vec::new();
+        for item in self.inner.chunks.scan_prefix(keys::doc_prefix(doc)) {
+            let (k, v) = item?;
+            let Some(key) = ChunkKey::decode(&k) else {
+                return Err(StorageError::Corrupt(format!(
+                    "unreadable chunk key of {} bytes",
+                    k.len()
+                )));
+            };
+            chunks.push((key, unversioned(&v)?.to_vec()));
+        }
+        Ok(StoredDocument { chunks })
+    }
+
+    pub async fn load(&self, doc: DocumentId) -> Result<StoredDocument> {
+        let this = self.clone();
+        blocking(move || this.load_blocking(doc)).await
+    }
+
+    /// Stores one incremental chunk (content-addressed, so storing it twice is harmless).
+    /// Not durable until [`Store::flush`] returns.
+    pub fn put_incremental_blocking(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
+        let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
+        self.inner.chunks.insert(key.encode(), versioned(bytes))?;
+        Ok(key)
+    }
+
+    /// Replaces `replaced` chunks by one snapshot, atomically: after a crash either the old
+    /// chunks or the snapshot are there, never neither. `heads_hash` names the snapshot.
+    pub fn compact_blocking(
+        &self,
+        doc: DocumentId,
+        heads_hash: [u8; 32],
+        snapshot: &[u8],
+        replaced: &[ChunkKey],
+    ) -> Result<ChunkKey> {
+        let key = ChunkKey::new(doc, ChunkKind::Snapshot, heads_hash);
+        let mut batch = sled::Batch::default();
+        for old in replaced {
+            if *old != key {
+                batch.remove(old.encode().to_vec());
+            }
+        }
+        batch.insert(key.encode().to_vec(), versioned(snapshot));
+        self.inner.chunks.apply_batch(batch)?;
+        Ok(key)
+    }
+
+    /// Every document with stored chunks (for the device library and maintenance commands;
+    /// a full scan, never on a hot path).
+    pub fn list_documents_blocking(&self) -> Result<Vec<DocumentId>> {
+        let mut out: Vec<DocumentId> = Vec::new();
+        for item in self.inner.chunks.iter().keys() {
+            let k = item?;
+            if let Some(key) = ChunkKey::decode(&k) {
+                if out.last() != Some(&key.doc) {
+                    out.push(key.doc);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_documents(&self) -> Result<Vec<DocumentId>> {
+        let this = self.clone();
+        blocking(move || this.list_documents_blocking()).await
+    }
+
+    /// The persisted sync state for (`doc`, `peer`), as `automerge::sync::State::encode` bytes.
+    pub fn sync_state_blocking(&self, doc: DocumentId, peer: &StorageId) -> Result<Option<Vec<u8>>> {
+        match self.inner.sync_states.get(keys::sync_state_key(doc, peer))? {
+            Some(v) => Ok(Some(unversioned(&v)?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves a sync state. Not flushed on its own: losing one costs bandwidth, not data.
+    pub fn put_sync_state_blocking(&self, doc: DocumentId, peer: &StorageId, state: &[u8]) -> Result<()> {
+        self.inner
+            .sync_states
+            .insert(keys::sync_state_key(doc, peer), versioned(state))?;
+        Ok(())
+    }
+
+    /// Small named values (device settings in the client library).
+    pub fn meta_get_blocking(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        match self.inner.meta.get(name.as_bytes())? {
+            Some(v) => Ok(Some(unversioned(&v)?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    pub fn meta_put_blocking(&self, name: &str, value: &[u8]) -> Result<()> {
+        self.inner.meta.insert(name.as_bytes(), versioned(value))?;
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk (for benchmarks).
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+}
+
+/// Runs blocking storage work off the async reactor.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
+}
+
+fn versioned(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bytes.len() + 1);
+    v.push(VALUE_VERSION);
+    v.extend_from_slice(bytes);
+    v
+}
+
+fn unversioned(v: &[u8]) -> Result<&[u8]> {
+    match v.split_first() {
+        Some((&VALUE_VERSION, rest)) => Ok(rest),
+        Some((&other, _)) => Err(StorageError::UnknownVersion(other)),
+        None => Err(StorageError::Corrupt("empty stored value".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn chunks_are_content_addressed_and_compaction_replaces_them() {
+        let (_dir, s) = store().await;
+        let doc = DocumentId::random();
+        let other = DocumentId::random();
+        let a = s.put_incremental_blocking(doc, b"one").unwrap();
+        let again = s.put_incremental_blocking(doc, b"one").unwrap();
+        assert_eq!(a, again);
+        let b = s.put_incremental_blocking(doc, b"two").unwrap();
+        s.put_incremental_blocking(other, b"unrelated").unwrap();
+        assert_eq!(s.load(doc).await.unwrap().chunks.len(), 2);
+
+        s.compact_blocking(doc, [7; 32], b"snapshot", &[a, b]).unwrap();
+        let loaded = s.load(doc).await.unwrap();
+        assert_eq!(loaded.chunks.len(), 1);
+        assert_eq!(loaded.chunks[0].0.kind, ChunkKind::Snapshot);
+        assert_eq!(loaded.chunks[0].1, b"snapshot");
+        assert_eq!(s.load(other).await.unwrap().chunks.len(), 1);
+        let mut docs = s.list_documents().await.unwrap();
+        docs.sort();
+        let mut want = vec![doc, other];
+        want.sort();
+        assert_eq!(docs, want);
+    }
+
+    #[tokio::test]
+    async fn storage_id_is_stable_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let s = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+            s.storage_id().await.unwrap()
+        };
+        // sled releases its lock when the last handle drops; the flusher holds one until its
+        // channel closes, so wait for that deterministically by retrying the open.
+        let s = loop {
+            match Store::open(dir.path(), &StoreConfig::default()) {
+                Ok(s) => break s,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        assert_eq!(s.storage_id().await.unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn concurrent_flushes_share_disk_syncs() {
+        let (_dir, s) = store().await;
+        let doc = DocumentId::random();
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.put_incremental_blocking(doc, &i.to_be_bytes()).unwrap();
+                s.flush().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stats = s.stats();
+        assert_eq!(stats.durability_waits, 50);
+        assert!(stats.flushes >= 1 && stats.flushes <= 50, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn sync_states_are_per_document_and_peer() {
+        let (_dir, s) = store().await;
+        let doc = DocumentId::random();
+        let p1 = StorageId::new("p1").unwrap();
+        let p2 = StorageId::new("p2").unwrap();
+        s.put_sync_state_blocking(doc, &p1, b"state-1").unwrap();
+        assert_eq!(s.sync_state_blocking(doc, &p1).unwrap().unwrap(), b"state-1");
+        assert_eq!(s.sync_state_blocking(doc, &p2).unwrap(), None);
+        assert_eq!(s.sync_state_blocking(DocumentId::random(), &p1).unwrap(), None);
+    }
+}
