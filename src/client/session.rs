@@ -219,23 +219,24 @@ async fn exchange(
                     device.store().flush().await?;
                 }
                 s.report.heads = s.doc.get_heads();
-                match s.doc.generate_sync_message(&mut s.state) {
-                    Some(reply) => {
-                        let out = Message::Sync(DocMessage {
-                            sender_id: me.clone(),
-                            target_id: server.clone(),
-                            document_id: m.document_id,
-                            data: reply.encode(),
-                        });
-                        s.report.bytes += send(ws, report, &out).await?;
-                        s.settled = false;
-                    }
-                    None => {
-                        if s.state.their_heads.as_deref() == Some(s.report.heads.as_slice()) {
-                            s.settled = true;
-                            s.report.outcome = DocSyncOutcome::Held;
-                        }
-                    }
+                // Held: the server's heads (sent only after its copy was flushed) are ours.
+                let held = s.state.their_heads.as_deref() == Some(s.report.heads.as_slice());
+                let mut carries_changes = false;
+                if let Some(reply) = s.doc.generate_sync_message(&mut s.state) {
+                    carries_changes = !reply.changes.is_empty();
+                    let out = Message::Sync(DocMessage {
+                        sender_id: me.clone(),
+                        target_id: server.clone(),
+                        document_id: m.document_id,
+                        data: reply.encode(),
+                    });
+                    s.report.bytes += send(ws, report, &out).await?;
+                }
+                // A last message that only states our heads needs no answer; one that carries
+                // changes does (the server's next heads will include them).
+                s.settled = held && !carries_changes;
+                if s.settled {
+                    s.report.outcome = DocSyncOutcome::Held;
                 }
             }
             Message::DocUnavailable(m) => {

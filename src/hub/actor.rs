@@ -326,23 +326,14 @@ impl DocState {
             let hashes = doc.get_changes_meta(&before).iter().map(|c| c.hash).collect();
             out.accepted.push((link.clone(), hashes));
         }
-        if !self.exists {
-            if after.is_empty() {
-                // A `sync` that carried no changes for a document we do not have.
-                self.peers.remove(&conn);
-                out.unavailable.push(link);
-                return;
-            }
-            self.exists = true;
-        }
+        // A document exists once it has a change; an upload starts with an exchange of heads
+        // before any change arrives, so an empty document still gets an answer.
+        self.exists = !after.is_empty();
         out.responders.push(conn);
     }
 
     /// Generates and queues a sync message for each target that needs one.
     fn answer(&mut self, store: &crate::storage::Store, server: &crate::ids::PeerId, targets: Vec<PeerLink>) {
-        if !self.exists {
-            return;
-        }
         for link in targets {
             let id = self.id;
             let doc = &self.doc;

@@ -17,6 +17,8 @@ pub struct CacheStats {
     pub loaded_docs: usize,
     pub loaded_bytes: usize,
     pub budget_bytes: usize,
+    /// The most `loaded_bytes` has been after any load or change was accounted.
+    pub peak_loaded_bytes: usize,
     pub loads: u64,
     pub evictions: u64,
 }
@@ -40,6 +42,7 @@ pub(super) struct Cache {
     total_bytes: usize,
     budget_bytes: usize,
     next_generation: u64,
+    peak_bytes: usize,
     loads: u64,
     evictions: u64,
 }
@@ -52,6 +55,7 @@ impl Cache {
             total_bytes: 0,
             budget_bytes,
             next_generation: 1,
+            peak_bytes: 0,
             loads: 0,
             evictions: 0,
         }
@@ -105,6 +109,7 @@ impl Cache {
             }
         }
         self.evict_over_budget(doc);
+        self.peak_bytes = self.peak_bytes.max(self.total_bytes);
     }
 
     fn evict_over_budget(&mut self, keep: DocumentId) {
@@ -148,6 +153,7 @@ impl Cache {
             loaded_docs: self.lru.len(),
             loaded_bytes: self.total_bytes,
             budget_bytes: self.budget_bytes,
+            peak_loaded_bytes: self.peak_bytes,
             loads: self.loads,
             evictions: self.evictions,
         }

@@ -231,7 +231,9 @@ impl Hub {
     pub async fn shutdown(&self) {
         self.inner.cancel.cancel();
         self.inner.tasks.close();
-        self.inner.tasks.wait().await;
+        let tasks = self.inner.tasks.clone();
+        // Spawned so that this future stays `Send` (see `server::run`).
+        let _ = tokio::spawn(async move { tasks.wait().await }).await;
     }
 
     fn unavailable(&self, link: &PeerLink, doc: DocumentId) {

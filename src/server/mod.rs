@@ -133,18 +133,26 @@ pub async fn run(
     let routes = routes(services.clone(), sockets.clone(), closing.clone());
     tracing::info!(addr = ?addr, "serving");
     let closing_signal = closing.clone();
-    warp::serve(routes)
+    // Spawned rather than awaited inline: warp's server future is Send, but rustc cannot prove
+    // it inside another async fn (the higher-ranked lifetime issue, rust-lang/rust#64552), and
+    // callers (tests) spawn `run` itself.
+    let server = warp::serve(routes)
         .incoming(listener)
         .graceful(async move {
             shutdown.await;
             closing_signal.cancel();
         })
-        .run()
-        .await;
+        .run();
+    if let Err(e) = tokio::spawn(server).await {
+        tracing::error!(error = %e, "the HTTP server task failed");
+    }
     // warp's graceful shutdown does not cover upgraded WebSockets: close and drain them here.
     closing.cancel();
     sockets.close();
-    if tokio::time::timeout(services.config.shutdown_grace, sockets.wait())
+    // Waiting in a spawned task keeps this future `Send` for callers that spawn `run` (the
+    // tracker's wait future borrows it, which rustc cannot yet prove Send in this position).
+    let drained = tokio::spawn(async move { sockets.wait().await });
+    if tokio::time::timeout(services.config.shutdown_grace, drained)
         .await
         .is_err()
     {

@@ -51,13 +51,17 @@ impl GroupCommit {
         Self { tx, flushes }
     }
 
-    pub(super) async fn flush(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(tx)
-            .await
-            .map_err(|_| StorageError::FlusherStopped)?;
-        rx.await.map_err(|_| StorageError::FlusherStopped)?
+    /// Owns what it needs, so the future is `'static` and can be awaited anywhere.
+    pub(super) fn flush(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let queue = self.tx.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            queue
+                .send(tx)
+                .await
+                .map_err(|_| StorageError::FlusherStopped)?;
+            rx.await.map_err(|_| StorageError::FlusherStopped)?
+        }
     }
 
     pub(super) fn flushes(&self) -> u64 {

@@ -153,9 +153,9 @@ impl Store {
 
     /// Waits until everything written so far is on disk. Concurrent callers share one flush
     /// (group commit).
-    pub async fn flush(&self) -> Result<()> {
+    pub fn flush(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         self.inner.durability_waits.fetch_add(1, Ordering::Relaxed);
-        self.inner.commit.flush().await
+        self.inner.commit.flush()
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -1,1 +1,13 @@
+//! The integration suite: one test binary (one link step) with a module per subject. Every
+//! test runs real parts: a WebSocket server on loopback (port 0), real clients, temp dirs.
 
+mod common;
+
+mod bad_input;
+mod cache;
+mod crash;
+mod devices;
+mod fixtures;
+mod js_client;
+mod relay;
+mod shutdown;

@@ -1,0 +1,64 @@
+//! Durability: the real server process is killed with SIGKILL right after a device received a
+//! sync reply whose heads include its changes; after a restart a fresh device receives every
+//! one of those changes.
+
+use fieldsync::client::Device;
+use fieldsync::records;
+
+use crate::common::{household, visit, ServerProcess};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_acknowledged_before_sigkill_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server-data");
+    let officers: Vec<Device> = {
+        let mut v = Vec::new();
+        for name in ["a", "b", "c"] {
+            v.push(Device::open(&dir.path().join(name)).await.unwrap());
+        }
+        v
+    };
+    let mut ids = Vec::new();
+    for (i, d) in officers.iter().enumerate() {
+        ids.push(d.create_household(&household(&format!("{}", 40 + i))).await.unwrap());
+    }
+
+    for round in 0..3 {
+        let server = ServerProcess::start(&data).await;
+        // Every officer records a visit and syncs concurrently; each sync returns only once
+        // the server's reply carried heads equal to the device's.
+        let mut syncs = Vec::new();
+        for (d, id) in officers.iter().zip(&ids) {
+            let id = *id;
+            d.edit(id, move |doc| {
+                doc.transact(|tx| records::add_visit(tx, &visit("officer", &format!("round {round}"))))
+                    .map_err(|f| f.error)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+            syncs.push(d.sync(&server.url));
+        }
+        for report in futures_util::future::join_all(syncs).await {
+            let report = report.unwrap();
+            assert!(report.all_held(), "round {round}: {report:?}");
+        }
+        server.kill().await; // SIGKILL: no flush, no shutdown code
+    }
+
+    let server = ServerProcess::start(&data).await;
+    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    for id in &ids {
+        fresh.track(*id).await.unwrap();
+    }
+    let report = fresh.sync(&server.url).await.unwrap();
+    assert!(report.all_held());
+    for (d, id) in officers.iter().zip(&ids) {
+        assert_eq!(fresh.heads(*id).await.unwrap(), d.heads(*id).await.unwrap());
+        let view = fresh.household(*id).await.unwrap();
+        let mut notes: Vec<String> = view.visits.iter().map(|v| v.notes.clone()).collect();
+        notes.sort();
+        assert_eq!(notes, vec!["round 0", "round 1", "round 2"]);
+    }
+    server.kill().await;
+}
