@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::server::ServerConfig;
 
 #[derive(Parser, Debug)]
-#[command(name = "fieldsync", version, about = "Offline-first sync server for household visit records")]
+#[command(
+    name = "fieldsync",
+    version,
+    about = "Offline-first sync server for household visit records"
+)]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log collectors.
     #[arg(long, env = "FIELDSYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]

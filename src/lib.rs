@@ -47,8 +47,21 @@ pub enum Error {
     Storage(#[from] storage::StorageError),
     #[error("{0}")]
     Config(String),
+    // Boxed: Automerge's errors are large, and `Result<_, Error>` is returned on hot paths.
     #[error(transparent)]
-    Client(#[from] client::ClientError),
+    Client(Box<client::ClientError>),
     #[error(transparent)]
-    Record(#[from] records::RecordError),
+    Record(Box<records::RecordError>),
+}
+
+impl From<client::ClientError> for Error {
+    fn from(e: client::ClientError) -> Self {
+        Error::Client(Box::new(e))
+    }
+}
+
+impl From<records::RecordError> for Error {
+    fn from(e: records::RecordError) -> Self {
+        Error::Record(Box::new(e))
+    }
 }

@@ -27,7 +27,7 @@ pub enum ClientError {
     #[error(transparent)]
     Record(#[from] records::RecordError),
     #[error("automerge: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
     #[error("cannot connect to {url}: {reason}; check the server address and that the server is running")]
     Connect { url: String, reason: String },
     #[error("the connection failed: {0}")]
@@ -40,6 +40,12 @@ pub enum ClientError {
     Protocol(String),
     #[error("document {0} is not on this device")]
     UnknownDocument(DocumentId),
+}
+
+impl From<automerge::AutomergeError> for ClientError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        ClientError::Automerge(Box::new(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -124,6 +130,24 @@ impl Device {
         Ok(id)
     }
 
+    /// Makes one change to a local document with the typed record API, e.g.
+    /// `device.change(id, |tx| records::add_visit(tx, &visit)).await`. Durable on the device
+    /// when it returns.
+    pub async fn change<T: Send + 'static>(
+        &self,
+        doc: DocumentId,
+        f: impl FnOnce(
+                &mut automerge::transaction::Transaction<'_>,
+            ) -> std::result::Result<T, records::RecordError>
+            + Send
+            + 'static,
+    ) -> Result<T> {
+        self.edit(doc, |d| {
+            Ok(d.transact(f).map_err(|failure| failure.error)?.result)
+        })
+        .await
+    }
+
     /// Applies `f` to a local document as one or more Automerge changes by this device, and
     /// makes the result durable on the device.
     pub async fn edit<T: Send + 'static>(
@@ -174,7 +198,7 @@ impl Device {
     }
 
     pub async fn household(&self, id: DocumentId) -> Result<HouseholdView> {
-        let view = self.read(id, |d| records::read_household(d)).await?;
+        let view = self.read(id, records::read_household).await?;
         Ok(view?)
     }
 
@@ -186,7 +210,11 @@ impl Device {
     pub async fn track(&self, id: DocumentId) -> Result<()> {
         let mut tracked = self.tracked().await?;
         if tracked.insert(id) {
-            let text = tracked.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n");
+            let text = tracked
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("\n");
             self.meta_put(META_TRACKED, text.into_bytes()).await?;
         }
         Ok(())
@@ -207,7 +235,8 @@ impl Device {
 
     /// Every document the device has or tracks.
     pub async fn documents(&self) -> Result<Vec<DocumentId>> {
-        let mut all: BTreeSet<DocumentId> = self.store.list_documents().await?.into_iter().collect();
+        let mut all: BTreeSet<DocumentId> =
+            self.store.list_documents().await?.into_iter().collect();
         all.extend(self.tracked().await?);
         Ok(all.into_iter().collect())
     }
@@ -238,15 +267,19 @@ impl Device {
     }
 
     pub(crate) fn peer_id(&self) -> PeerId {
-        PeerId::new(format!("device-{}", self.storage_id)).unwrap_or_else(|| PeerId::random("device"))
+        // A fresh peer id per session (as automerge-repo does); the storage id is what makes
+        // the device recognisable across sessions.
+        PeerId::random("device")
     }
 
     async fn meta_get(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let store = self.store.clone();
         let name = name.to_string();
-        Ok(tokio::task::spawn_blocking(move || store.meta_get_blocking(&name))
-            .await
-            .map_err(|e| ClientError::Connection(e.to_string()))??)
+        Ok(
+            tokio::task::spawn_blocking(move || store.meta_get_blocking(&name))
+                .await
+                .map_err(|e| ClientError::Connection(e.to_string()))??,
+        )
     }
 
     async fn meta_put(&self, name: &str, value: Vec<u8>) -> Result<()> {
@@ -274,4 +307,3 @@ pub(crate) fn encode_heads(heads: &[ChangeHash]) -> Vec<u8> {
     sorted.sort();
     sorted.iter().flat_map(|h| h.0).collect()
 }
-

@@ -13,7 +13,9 @@ use automerge::{Automerge, ChangeHash};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use super::{encode_heads, held_key, load_doc, ClientError, Device, Result, META_SERVER_STORAGE_ID};
+use super::{
+    encode_heads, held_key, load_doc, ClientError, Device, Result, META_SERVER_STORAGE_ID,
+};
 use crate::ids::{DocumentId, PeerId};
 use crate::protocol::{codec, DocMessage, Join, Message, PeerMetadata, PROTOCOL_V1};
 
@@ -51,9 +53,10 @@ pub struct SyncReport {
 impl SyncReport {
     /// True when every document the device has is held by the server.
     pub fn all_held(&self) -> bool {
-        self.docs
-            .values()
-            .all(|d| d.outcome == DocSyncOutcome::Held || (d.outcome == DocSyncOutcome::Unavailable && d.heads.is_empty()))
+        self.docs.values().all(|d| {
+            d.outcome == DocSyncOutcome::Held
+                || (d.outcome == DocSyncOutcome::Unavailable && d.heads.is_empty())
+        })
     }
 }
 
@@ -64,17 +67,19 @@ struct DocSession {
     settled: bool,
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub(super) async fn run(device: &Device, url: &str, ids: Vec<DocumentId>) -> Result<SyncReport> {
     let deadline = Instant::now() + device.sync_timeout;
-    let (mut ws, _) = tokio::time::timeout(device.sync_timeout, tokio_tungstenite::connect_async(url))
-        .await
-        .map_err(|_| ClientError::Timeout(device.sync_timeout))?
-        .map_err(|e| ClientError::Connect {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
+    let (mut ws, _) =
+        tokio::time::timeout(device.sync_timeout, tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| ClientError::Timeout(device.sync_timeout))?
+            .map_err(|e| ClientError::Connect {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
     let mut report = SyncReport::default();
     let me = device.peer_id();
     send(
@@ -103,34 +108,35 @@ pub(super) async fn run(device: &Device, url: &str, ids: Vec<DocumentId>) -> Res
     // Load every document and send the opening message.
     let store = device.store().clone();
     let storage_for_states = server_storage.clone();
-    let mut sessions: HashMap<DocumentId, DocSession> = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut out = HashMap::new();
-        for id in ids {
-            let doc = load_doc(&store, id)?;
-            let state = storage_for_states
-                .as_ref()
-                .and_then(|s| store.sync_state_blocking(id, s).ok().flatten())
-                .and_then(|b| sync::State::decode(&b).ok())
-                .unwrap_or_default();
-            out.insert(
-                id,
-                DocSession {
-                    report: DocReport {
-                        outcome: DocSyncOutcome::Pending,
-                        heads: doc.get_heads(),
-                        bytes: 0,
-                        received_changes: false,
+    let mut sessions: HashMap<DocumentId, DocSession> =
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut out = HashMap::new();
+            for id in ids {
+                let doc = load_doc(&store, id)?;
+                let state = storage_for_states
+                    .as_ref()
+                    .and_then(|s| store.sync_state_blocking(id, s).ok().flatten())
+                    .and_then(|b| sync::State::decode(&b).ok())
+                    .unwrap_or_default();
+                out.insert(
+                    id,
+                    DocSession {
+                        report: DocReport {
+                            outcome: DocSyncOutcome::Pending,
+                            heads: doc.get_heads(),
+                            bytes: 0,
+                            received_changes: false,
+                        },
+                        doc,
+                        state,
+                        settled: false,
                     },
-                    doc,
-                    state,
-                    settled: false,
-                },
-            );
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| ClientError::Connection(e.to_string()))??;
+                );
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ClientError::Connection(e.to_string()))??;
 
     for (id, s) in sessions.iter_mut() {
         let empty = s.doc.get_heads().is_empty();
@@ -141,12 +147,25 @@ pub(super) async fn run(device: &Device, url: &str, ids: Vec<DocumentId>) -> Res
                 document_id: *id,
                 data: m.encode(),
             };
-            let msg = if empty { Message::Request(dm) } else { Message::Sync(dm) };
+            let msg = if empty {
+                Message::Request(dm)
+            } else {
+                Message::Sync(dm)
+            };
             s.report.bytes += send(&mut ws, &mut report, &msg).await?;
         }
     }
 
-    let outcome = exchange(device, &mut ws, &mut report, &mut sessions, &me, &server, deadline).await;
+    let outcome = exchange(
+        device,
+        &mut ws,
+        &mut report,
+        &mut sessions,
+        &me,
+        &server,
+        deadline,
+    )
+    .await;
 
     // Persist what was learnt, whatever the outcome.
     let store = device.store().clone();
@@ -263,7 +282,12 @@ async fn send(ws: &mut Socket, report: &mut SyncReport, msg: &Message) -> Result
     Ok(n)
 }
 
-async fn recv(ws: &mut Socket, report: &mut SyncReport, deadline: Instant, timeout: Duration) -> Result<Message> {
+async fn recv(
+    ws: &mut Socket,
+    report: &mut SyncReport,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Message> {
     Ok(recv_sized(ws, report, deadline, timeout).await?.0)
 }
 
@@ -281,7 +305,8 @@ async fn recv_sized(
         match frame {
             Some(Ok(WsMessage::Binary(b))) => {
                 report.bytes_received += b.len();
-                let m = codec::decode(&b, MAX_FRAME).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let m = codec::decode(&b, MAX_FRAME)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
                 return Ok((m, b.len()));
             }
             Some(Ok(WsMessage::Close(frame))) => {
@@ -296,4 +321,3 @@ async fn recv_sized(
         }
     }
 }
-

@@ -122,7 +122,10 @@ impl DocActor {
                     // The in-memory document may now hold changes that are not durable; it
                     // must not answer anyone. Stop; the next use reloads from disk.
                     tracing::error!(doc = %self.id, error = %e, "storage failed; unloading document");
-                    self.fail_queued(&mut rx, "the server could not store this change; retry later");
+                    self.fail_queued(
+                        &mut rx,
+                        "the server could not store this change; retry later",
+                    );
                     self.hub.actor_exited(self.id, self.generation);
                     return;
                 }
@@ -251,7 +254,11 @@ impl DocActor {
 }
 
 impl DocState {
-    fn apply(&mut self, store: &crate::storage::Store, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
+    fn apply(
+        &mut self,
+        store: &crate::storage::Store,
+        batch: Vec<Cmd>,
+    ) -> Result<Applied, StorageError> {
         let mut out = Applied::default();
         let heads_at_start = self.doc.get_heads();
         for cmd in batch {
@@ -295,7 +302,10 @@ impl DocState {
                 self.peers.remove(&link.conn);
                 out.failed.push((
                     link,
-                    format!("document {}: data is not an Automerge sync message ({e})", self.id),
+                    format!(
+                        "document {}: data is not an Automerge sync message ({e})",
+                        self.id
+                    ),
                 ));
                 return;
             }
@@ -323,7 +333,11 @@ impl DocState {
         }
         let after = doc.get_heads();
         if after != before {
-            let hashes = doc.get_changes_meta(&before).iter().map(|c| c.hash).collect();
+            let hashes = doc
+                .get_changes_meta(&before)
+                .iter()
+                .map(|c| c.hash)
+                .collect();
             out.accepted.push((link.clone(), hashes));
         }
         // A document exists once it has a change; an upload starts with an exchange of heads
@@ -333,7 +347,12 @@ impl DocState {
     }
 
     /// Generates and queues a sync message for each target that needs one.
-    fn answer(&mut self, store: &crate::storage::Store, server: &crate::ids::PeerId, targets: Vec<PeerLink>) {
+    fn answer(
+        &mut self,
+        store: &crate::storage::Store,
+        server: &crate::ids::PeerId,
+        targets: Vec<PeerLink>,
+    ) {
         for link in targets {
             let id = self.id;
             let doc = &self.doc;
@@ -356,7 +375,8 @@ impl DocState {
         for h in self.doc.get_heads() {
             hasher.update(h.0);
         }
-        let key = store.compact_blocking(self.id, hasher.finalize().into(), &snapshot, &self.chunks)?;
+        let key =
+            store.compact_blocking(self.id, hasher.finalize().into(), &snapshot, &self.chunks)?;
         tracing::debug!(doc = %self.id, chunks = self.chunks.len(), bytes = snapshot.len(), "compacted");
         self.chunks = vec![key];
         self.incrementals = 0;

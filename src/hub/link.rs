@@ -15,7 +15,10 @@ use crate::protocol::{CloseCode, Message};
 pub enum Outbound {
     Message(Message),
     /// Send an `error` with this text and close with this code.
-    Fail { code: CloseCode, message: String },
+    Fail {
+        code: CloseCode,
+        message: String,
+    },
 }
 
 /// Ends a connection from outside its task (slow reader; later: a revoked device).

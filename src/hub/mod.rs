@@ -153,8 +153,7 @@ impl Hub {
                     tracing::error!(doc = %doc, error = %e, "loading a document failed");
                     link.send(Outbound::Fail {
                         code: crate::protocol::CloseCode::InternalError,
-                        message: "the server could not load this document; try again later"
-                            .into(),
+                        message: "the server could not load this document; try again later".into(),
                     });
                     return;
                 }
@@ -181,15 +180,30 @@ impl Hub {
 
     /// Relays an ephemeral message to the document's other subscribed peers. Never stored.
     pub fn ephemeral(&self, link: &PeerLink, msg: Ephemeral) {
-        if self.inner.authorizer.access(&link.principal, msg.document_id) == Access::None {
+        if self
+            .inner
+            .authorizer
+            .access(&link.principal, msg.document_id)
+            == Access::None
+        {
             return;
         }
         let peers: Vec<PeerLink> = lock(&self.inner.subs)
             .get(&msg.document_id)
-            .map(|m| m.values().filter(|p| p.conn != link.conn).cloned().collect())
+            .map(|m| {
+                m.values()
+                    .filter(|p| p.conn != link.conn)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         for peer in peers {
-            if self.inner.authorizer.access(&peer.principal, msg.document_id) == Access::None {
+            if self
+                .inner
+                .authorizer
+                .access(&peer.principal, msg.document_id)
+                == Access::None
+            {
                 continue;
             }
             peer.send(Outbound::Message(Message::Ephemeral(Ephemeral {

@@ -16,9 +16,12 @@ impl PeerId {
         (!s.is_empty() && s.len() <= MAX_PEER_ID_BYTES).then_some(Self(s))
     }
 
-    /// A random id with a readable prefix, e.g. `fieldsync-server-4f1c...`.
+    /// A random id with a readable prefix, e.g. `fieldsync-4f1c09ab22d1`. Peer ids ride in
+    /// every frame, so they are kept short: 48 random bits are plenty to tell apart the peers
+    /// of one session.
     pub fn random(prefix: &str) -> Self {
-        Self(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()))
+        let hex = uuid::Uuid::new_v4().simple().to_string();
+        Self(format!("{prefix}-{}", &hex[..12]))
     }
 
     pub fn as_str(&self) -> &str {

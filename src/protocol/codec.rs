@@ -47,9 +47,8 @@ pub fn decode(frame: &[u8], limit: usize) -> Result<Message, CodecError> {
         });
     }
     let mut rest = frame;
-    let value: Value =
-        ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
-            .map_err(|e| CodecError::Cbor(short_cbor_error(&e)))?;
+    let value: Value = ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
+        .map_err(|e| CodecError::Cbor(short_cbor_error(&e)))?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes(rest.len()));
     }
@@ -86,7 +85,10 @@ pub fn encode(message: &Message) -> Vec<u8> {
         Message::Peer(m) => {
             put("targetId", text(m.target_id.as_str()));
             put("peerMetadata", metadata_value(&m.peer_metadata));
-            put("selectedProtocolVersion", text(&m.selected_protocol_version));
+            put(
+                "selectedProtocolVersion",
+                text(&m.selected_protocol_version),
+            );
         }
         Message::Leave { .. } => {}
         Message::Error(m) => {
@@ -97,16 +99,16 @@ pub fn encode(message: &Message) -> Vec<u8> {
         }
         Message::Request(m) | Message::Sync(m) => {
             put("targetId", text(m.target_id.as_str()));
-            put("documentId", text(&m.document_id.to_string()));
+            put("documentId", text(m.document_id.to_string()));
             put("data", Value::Bytes(m.data.clone()));
         }
         Message::DocUnavailable(m) => {
             put("targetId", text(m.target_id.as_str()));
-            put("documentId", text(&m.document_id.to_string()));
+            put("documentId", text(m.document_id.to_string()));
         }
         Message::Ephemeral(m) => {
             put("targetId", text(m.target_id.as_str()));
-            put("documentId", text(&m.document_id.to_string()));
+            put("documentId", text(m.document_id.to_string()));
             put("sessionId", text(&m.session_id));
             put("count", Value::Integer(Integer::from(m.count)));
             put("data", Value::Bytes(m.data.clone()));
@@ -124,7 +126,7 @@ pub fn encode(message: &Message) -> Vec<u8> {
         }
         Message::RemoteHeadsChanged(m) => {
             put("targetId", text(m.target_id.as_str()));
-            put("documentId", text(&m.document_id.to_string()));
+            put("documentId", text(m.document_id.to_string()));
             let heads = m
                 .new_heads
                 .iter()
@@ -132,7 +134,10 @@ pub fn encode(message: &Message) -> Vec<u8> {
                     (
                         text(storage.as_str()),
                         Value::Map(vec![
-                            (text("heads"), Value::Array(heads.iter().map(text).collect())),
+                            (
+                                text("heads"),
+                                Value::Array(heads.iter().map(text).collect()),
+                            ),
                             (text("timestamp"), Value::Integer(Integer::from(*ts))),
                         ]),
                     )
@@ -321,7 +326,11 @@ fn doc_message(f: &Fields, with_data: bool) -> Result<DocMessage, CodecError> {
         sender_id: f.peer("senderId")?,
         target_id: f.peer("targetId")?,
         document_id: f.document_id()?,
-        data: if with_data { f.bytes("data")? } else { Vec::new() },
+        data: if with_data {
+            f.bytes("data")?
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -360,8 +369,7 @@ fn from_fields(f: &Fields) -> Result<Message, CodecError> {
         }),
         "remote-subscription-change" => {
             let ids = |key| -> Result<Vec<StorageId>, CodecError> {
-                Ok(f
-                    .text_list(key)?
+                Ok(f.text_list(key)?
                     .into_iter()
                     .filter_map(StorageId::new)
                     .collect())
@@ -548,7 +556,10 @@ mod tests {
             (text("senderId"), text("a")),
             (text("targetId"), text("b")),
             (text("documentId"), text(DocumentId::random().to_string())),
-            (text("data"), Value::Tag(64, Box::new(Value::Bytes(vec![0x42])))),
+            (
+                text("data"),
+                Value::Tag(64, Box::new(Value::Bytes(vec![0x42]))),
+            ),
         ]));
         let Message::Sync(m) = decode(&frame, 1024).unwrap() else {
             panic!()
@@ -582,7 +593,10 @@ mod tests {
 
     #[test]
     fn malformed_frames_get_precise_errors() {
-        assert!(matches!(decode(&[0xff, 0x00], 1024), Err(CodecError::Cbor(_))));
+        assert!(matches!(
+            decode(&[0xff, 0x00], 1024),
+            Err(CodecError::Cbor(_))
+        ));
         assert!(matches!(decode(&[0xa1], 1024), Err(CodecError::Cbor(_))));
         assert_eq!(decode(&cbor(text("hi")), 1024), Err(CodecError::NotAMap));
         let mut two = cbor(Value::Map(vec![]));
@@ -604,7 +618,10 @@ mod tests {
             (text("documentId"), text("not-an-id")),
             (text("data"), Value::Bytes(vec![1])),
         ]));
-        assert!(matches!(decode(&bad_doc, 1024), Err(CodecError::DocumentId(_))));
+        assert!(matches!(
+            decode(&bad_doc, 1024),
+            Err(CodecError::DocumentId(_))
+        ));
         let unknown = cbor(Value::Map(vec![
             (text("type"), text("teleport")),
             (text("senderId"), text("a")),

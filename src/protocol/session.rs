@@ -402,13 +402,18 @@ mod tests {
     fn join_gets_peer_with_the_server_storage_id() {
         let mut s = Session::new(config(), T0);
         let effects = s.handle_binary(&join(&["1"]), T0);
-        assert!(matches!(&effects[0], Effect::Joined { peer_id, .. } if peer_id.as_str() == "phone"));
+        assert!(
+            matches!(&effects[0], Effect::Joined { peer_id, .. } if peer_id.as_str() == "phone")
+        );
         let Effect::Send(Message::Peer(p)) = &effects[1] else {
             panic!("{effects:?}")
         };
         assert_eq!(p.target_id.as_str(), "phone");
         assert_eq!(p.selected_protocol_version, "1");
-        assert_eq!(p.peer_metadata.storage_id.as_ref().unwrap().as_str(), "store-1");
+        assert_eq!(
+            p.peer_metadata.storage_id.as_ref().unwrap().as_str(),
+            "store-1"
+        );
         assert!(!p.peer_metadata.is_ephemeral);
     }
 
@@ -416,7 +421,9 @@ mod tests {
     fn unsupported_version_gets_error_and_close() {
         let mut s = Session::new(config(), T0);
         let effects = s.handle_binary(&join(&["2"]), T0);
-        assert!(matches!(&effects[0], Effect::Send(Message::Error(e)) if e.message.contains("\"1\"")));
+        assert!(
+            matches!(&effects[0], Effect::Send(Message::Error(e)) if e.message.contains("\"1\""))
+        );
         assert_eq!(close_code(&effects), Some(CloseCode::ProtocolError));
         assert!(s.is_closed());
     }
@@ -447,10 +454,16 @@ mod tests {
     fn spoofed_sender_or_wrong_target_closes() {
         let mut s = joined();
         let (_, frame) = sync_frame("someone-else", "server");
-        assert_eq!(close_code(&s.handle_binary(&frame, T0)), Some(CloseCode::ProtocolError));
+        assert_eq!(
+            close_code(&s.handle_binary(&frame, T0)),
+            Some(CloseCode::ProtocolError)
+        );
         let mut s = joined();
         let (_, frame) = sync_frame("phone", "another-peer");
-        assert_eq!(close_code(&s.handle_binary(&frame, T0)), Some(CloseCode::ProtocolError));
+        assert_eq!(
+            close_code(&s.handle_binary(&frame, T0)),
+            Some(CloseCode::ProtocolError)
+        );
     }
 
     #[test]
@@ -461,7 +474,10 @@ mod tests {
             Some(CloseCode::ProtocolError)
         );
         let mut s = joined();
-        assert_eq!(close_code(&s.handle_text(T0)), Some(CloseCode::UnsupportedData));
+        assert_eq!(
+            close_code(&s.handle_text(T0)),
+            Some(CloseCode::UnsupportedData)
+        );
         let mut s = joined();
         assert_eq!(
             close_code(&s.handle_binary(&vec![0u8; 5000], T0)),
@@ -474,9 +490,15 @@ mod tests {
     #[test]
     fn silent_peers_are_pinged_then_dropped() {
         let mut s = joined();
-        assert_eq!(s.tick(T0.saturating_add(Duration::from_secs(20))), vec![Effect::Ping]);
+        assert_eq!(
+            s.tick(T0.saturating_add(Duration::from_secs(20))),
+            vec![Effect::Ping]
+        );
         s.heard_from_peer(T0.saturating_add(Duration::from_secs(30)));
-        assert_eq!(s.tick(T0.saturating_add(Duration::from_secs(60))), vec![Effect::Ping]);
+        assert_eq!(
+            s.tick(T0.saturating_add(Duration::from_secs(60))),
+            vec![Effect::Ping]
+        );
         let effects = s.tick(T0.saturating_add(Duration::from_secs(80)));
         assert_eq!(close_code(&effects), Some(CloseCode::GoingAway));
     }
@@ -504,6 +526,9 @@ mod tests {
         let leave = codec::encode(&Message::Leave {
             sender_id: PeerId::new("phone").unwrap(),
         });
-        assert_eq!(close_code(&s.handle_binary(&leave, T0)), Some(CloseCode::Normal));
+        assert_eq!(
+            close_code(&s.handle_binary(&leave, T0)),
+            Some(CloseCode::Normal)
+        );
     }
 }

@@ -12,8 +12,8 @@ mod write;
 
 pub use read::{read_household, HouseholdView, VisitView};
 pub use write::{
-    add_visit, create_household, set_address_field, set_premises, Address, NewHousehold,
-    NewVisit, Premises, VisitMode, VisitOutcome,
+    add_visit, create_household, set_address_field, set_premises, Address, NewHousehold, NewVisit,
+    Premises, VisitMode, VisitOutcome,
 };
 
 /// The schema version written into `schema`.
@@ -22,11 +22,17 @@ pub const SCHEMA_VERSION: i64 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error("automerge: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
     #[error("not a household document: {0}")]
     NotAHousehold(String),
     #[error("invalid value for `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+}
+
+impl From<automerge::AutomergeError> for RecordError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        RecordError::Automerge(Box::new(e))
+    }
 }
 
 #[cfg(test)]
@@ -87,11 +93,15 @@ mod tests {
     #[test]
     fn a_new_household_reads_back() {
         let mut doc = Automerge::new();
-        doc.transact(|tx| create_household(tx, &household())).unwrap();
+        doc.transact(|tx| create_household(tx, &household()))
+            .unwrap();
         let view = read_household(&doc).unwrap();
         assert_eq!(view.village, "Linsen");
         assert_eq!(view.premises, vec!["home".to_string()]);
-        assert_eq!(view.address_label, "Zhongzheng Linsen 3 Linsen S. Rd No. 12");
+        assert_eq!(
+            view.address_label,
+            "Zhongzheng Linsen 3 Linsen S. Rd No. 12"
+        );
         assert!(view.visits.is_empty());
     }
 
@@ -120,7 +130,8 @@ mod tests {
     #[test]
     fn strings_written_as_text_or_scalar_read_the_same() {
         let mut doc = Automerge::new();
-        doc.transact(|tx| create_household(tx, &household())).unwrap();
+        doc.transact(|tx| create_household(tx, &household()))
+            .unwrap();
         // The JS library writes strings as Text objects by default.
         doc.transact(|tx| {
             use automerge::transaction::Transactable;
@@ -136,6 +147,9 @@ mod tests {
     #[test]
     fn a_document_that_is_not_a_household_is_refused() {
         let doc = Automerge::new();
-        assert!(matches!(read_household(&doc), Err(RecordError::NotAHousehold(_))));
+        assert!(matches!(
+            read_household(&doc),
+            Err(RecordError::NotAHousehold(_))
+        ));
     }
 }

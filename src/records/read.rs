@@ -78,7 +78,9 @@ fn timestamp_at<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Option<i64> {
 
 pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError> {
     if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
-        return Err(RecordError::NotAHousehold("`type` is not \"household\"".into()));
+        return Err(RecordError::NotAHousehold(
+            "`type` is not \"household\"".into(),
+        ));
     }
     let address = map_at(doc, &ROOT, "address");
     let part = |k: &str| {

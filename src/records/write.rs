@@ -128,7 +128,11 @@ pub fn add_visit<T: Transactable>(tx: &mut T, v: &NewVisit) -> Result<String, Re
     let visit = tx.put_object(&visits, key.as_str(), ObjType::Map)?;
     tx.put(&visit, "officer", v.officer.as_str())?;
     tx.put(&visit, "device", v.device.as_str())?;
-    tx.put(&visit, "started_at", ScalarValue::Timestamp(v.started_at_ms))?;
+    tx.put(
+        &visit,
+        "started_at",
+        ScalarValue::Timestamp(v.started_at_ms),
+    )?;
     tx.put(&visit, "ended_at", ScalarValue::Timestamp(v.ended_at_ms))?;
     tx.put(&visit, "outcome", v.outcome.as_str())?;
     tx.put(&visit, "mode", v.mode.as_str())?;
@@ -157,8 +161,14 @@ pub fn set_premises<T: Transactable>(tx: &mut T, p: Premises) -> Result<(), Reco
 }
 
 /// Sets one field of `address` (township, village, group, street, house_no, landmark).
-pub fn set_address_field<T: Transactable>(tx: &mut T, field: &str, value: &str) -> Result<(), RecordError> {
-    const FIELDS: [&str; 6] = ["township", "village", "group", "street", "house_no", "landmark"];
+pub fn set_address_field<T: Transactable>(
+    tx: &mut T,
+    field: &str,
+    value: &str,
+) -> Result<(), RecordError> {
+    const FIELDS: [&str; 6] = [
+        "township", "village", "group", "street", "house_no", "landmark",
+    ];
     let Some(field) = FIELDS.iter().find(|f| **f == field) else {
         return Err(RecordError::Invalid {
             field: "address",

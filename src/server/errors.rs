@@ -10,9 +10,17 @@ pub(super) async fn recover(err: warp::Rejection) -> Result<Box<dyn Reply>, Infa
     let (status, code, message) = if err.is_not_found() {
         (StatusCode::NOT_FOUND, "not_found", "no such endpoint")
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed here",
+        )
     } else if err.find::<warp::reject::InvalidQuery>().is_some() {
-        (StatusCode::BAD_REQUEST, "bad_query", "the query string is not valid")
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "the query string is not valid",
+        )
     } else if err.find::<warp::reject::MissingHeader>().is_some()
         || err.find::<warp::reject::InvalidHeader>().is_some()
     {
@@ -23,7 +31,11 @@ pub(super) async fn recover(err: warp::Rejection) -> Result<Box<dyn Reply>, Infa
         )
     } else {
         tracing::warn!(rejection = ?err, "unhandled rejection");
-        (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     };
     Ok(Box::new(warp::reply::with_status(
         warp::reply::json(&serde_json::json!({"error": {"code": code, "message": message}})),

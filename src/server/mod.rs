@@ -92,7 +92,7 @@ impl Services {
         })?;
         let store = Store::open(&config.data_dir, &config.store)?;
         let storage_id = store.storage_id().await?;
-        let server_peer_id = PeerId::random("fieldsync-server");
+        let server_peer_id = PeerId::random("fieldsync");
         let hub = Hub::new(
             store.clone(),
             server_peer_id.clone(),
@@ -172,7 +172,10 @@ fn routes(
     let health = warp::get()
         .and(warp::path("healthz"))
         .and(warp::path::end())
-        .map(|| Box::new(warp::reply::json(&serde_json::json!({"status": "ok"}))) as Box<dyn warp::Reply>)
+        .map(|| {
+            Box::new(warp::reply::json(&serde_json::json!({"status": "ok"})))
+                as Box<dyn warp::Reply>
+        })
         .boxed();
     let sync = ws::route(services, sockets, closing);
     health

@@ -56,6 +56,9 @@ pub(super) fn route(
         .boxed()
 }
 
+/// How long a closing connection waits for the peer's side of the close handshake.
+const LINGER: Duration = Duration::from_secs(2);
+
 struct Connection {
     services: Services,
     conn: ConnId,
@@ -126,6 +129,30 @@ impl Connection {
                 }
             }
             if matches!(stop, Stop::Done) {
+                // Linger briefly so the peer can read our error and close frame: dropping a
+                // socket with unread input (the rest of an oversized frame) sends a TCP reset,
+                // which can destroy those frames before the peer reads them.
+                let _ = tokio::time::timeout(LINGER, async {
+                    let _ = sink.close().await;
+                    let mut errors = 0;
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(m) if m.is_close() => return, // the peer completed the close
+                            Ok(_) => {}
+                            Err(_) => {
+                                errors += 1;
+                                if errors > 64 {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // The stream ended without the peer's close (tungstenite stops reading
+                    // after refusing an oversized frame): hold the socket until LINGER ends so
+                    // the peer can still read what we sent.
+                    std::future::pending::<()>().await;
+                })
+                .await;
                 break;
             }
         }
@@ -144,7 +171,8 @@ impl Connection {
         match effect {
             Effect::Send(message) => {
                 let frame = codec::encode(&message);
-                match tokio::time::timeout(write_timeout, sink.send(WsMessage::binary(frame))).await {
+                match tokio::time::timeout(write_timeout, sink.send(WsMessage::binary(frame))).await
+                {
                     Ok(Ok(())) => Stop::Continue,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "write failed");
@@ -156,15 +184,23 @@ impl Connection {
                     }
                 }
             }
-            Effect::Ping => match tokio::time::timeout(write_timeout, sink.send(WsMessage::ping(Vec::new()))).await {
-                Ok(Ok(())) => Stop::Continue,
-                _ => Stop::Done,
-            },
+            Effect::Ping => {
+                match tokio::time::timeout(write_timeout, sink.send(WsMessage::ping(Vec::new())))
+                    .await
+                {
+                    Ok(Ok(())) => Stop::Continue,
+                    _ => Stop::Done,
+                }
+            }
             Effect::Close { code, reason } => {
                 if code != CloseCode::Normal && code != CloseCode::GoingAway {
                     tracing::info!(code = code.as_u16(), reason = %reason, "closing connection");
                 }
-                let _ = tokio::time::timeout(write_timeout, sink.send(WsMessage::close_with(code.as_u16(), reason))).await;
+                let _ = tokio::time::timeout(
+                    write_timeout,
+                    sink.send(WsMessage::close_with(code.as_u16(), reason)),
+                )
+                .await;
                 Stop::Done
             }
             Effect::Joined { peer_id, metadata } => {

@@ -31,7 +31,9 @@ const META_STORAGE_ID: &[u8] = b"storage_id";
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// sled reported corruption: the data directory must be restored from a backup.
-    #[error("storage is corrupt ({0}); stop the server and restore the data directory from a backup")]
+    #[error(
+        "storage is corrupt ({0}); stop the server and restore the data directory from a backup"
+    )]
     Corrupt(String),
     #[error("storage I/O failed: {0}")]
     Io(String),
@@ -273,15 +275,28 @@ impl Store {
     }
 
     /// The persisted sync state for (`doc`, `peer`), as `automerge::sync::State::encode` bytes.
-    pub fn sync_state_blocking(&self, doc: DocumentId, peer: &StorageId) -> Result<Option<Vec<u8>>> {
-        match self.inner.sync_states.get(keys::sync_state_key(doc, peer))? {
+    pub fn sync_state_blocking(
+        &self,
+        doc: DocumentId,
+        peer: &StorageId,
+    ) -> Result<Option<Vec<u8>>> {
+        match self
+            .inner
+            .sync_states
+            .get(keys::sync_state_key(doc, peer))?
+        {
             Some(v) => Ok(Some(unversioned(&v)?.to_vec())),
             None => Ok(None),
         }
     }
 
     /// Saves a sync state. Not flushed on its own: losing one costs bandwidth, not data.
-    pub fn put_sync_state_blocking(&self, doc: DocumentId, peer: &StorageId, state: &[u8]) -> Result<()> {
+    pub fn put_sync_state_blocking(
+        &self,
+        doc: DocumentId,
+        peer: &StorageId,
+        state: &[u8],
+    ) -> Result<()> {
         self.inner
             .sync_states
             .insert(keys::sync_state_key(doc, peer), versioned(state))?;
@@ -351,7 +366,8 @@ mod tests {
         s.put_incremental_blocking(other, b"unrelated").unwrap();
         assert_eq!(s.load(doc).await.unwrap().chunks.len(), 2);
 
-        s.compact_blocking(doc, [7; 32], b"snapshot", &[a, b]).unwrap();
+        s.compact_blocking(doc, [7; 32], b"snapshot", &[a, b])
+            .unwrap();
         let loaded = s.load(doc).await.unwrap();
         assert_eq!(loaded.chunks.len(), 1);
         assert_eq!(loaded.chunks[0].0.kind, ChunkKind::Snapshot);
@@ -409,8 +425,14 @@ mod tests {
         let p1 = StorageId::new("p1").unwrap();
         let p2 = StorageId::new("p2").unwrap();
         s.put_sync_state_blocking(doc, &p1, b"state-1").unwrap();
-        assert_eq!(s.sync_state_blocking(doc, &p1).unwrap().unwrap(), b"state-1");
+        assert_eq!(
+            s.sync_state_blocking(doc, &p1).unwrap().unwrap(),
+            b"state-1"
+        );
         assert_eq!(s.sync_state_blocking(doc, &p2).unwrap(), None);
-        assert_eq!(s.sync_state_blocking(DocumentId::random(), &p1).unwrap(), None);
+        assert_eq!(
+            s.sync_state_blocking(DocumentId::random(), &p1).unwrap(),
+            None
+        );
     }
 }

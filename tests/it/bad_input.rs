@@ -22,7 +22,10 @@ async fn bad_frames_close_only_their_connection() {
     // A long-lived healthy raw peer subscribed to the household stays connected throughout.
     let mut watcher = RawPeer::connect(&server.url, "watcher").await;
     watcher.request(id).await;
-    assert!(matches!(watcher.next().await, crate::common::Seen::Msg(Message::Sync(_))));
+    assert!(matches!(
+        watcher.next().await,
+        crate::common::Seen::Msg(Message::Sync(_))
+    ));
 
     // 1. Malformed CBOR.
     let mut p = RawPeer::connect(&server.url, "garbage").await;
@@ -49,7 +52,10 @@ async fn bad_frames_close_only_their_connection() {
     p.send(&msg).await;
     let (error, code) = p.expect_error_and_close().await;
     assert_eq!(code, 1002);
-    assert!(error.contains("not an Automerge sync message") || error.contains("could not be applied"), "{error}");
+    assert!(
+        error.contains("not an Automerge sync message") || error.contains("could not be applied"),
+        "{error}"
+    );
 
     // 4. Text frames are not part of the protocol.
     let mut p = RawPeer::connect(&server.url, "texter").await;
@@ -76,10 +82,8 @@ async fn bad_frames_close_only_their_connection() {
     // The healthy device kept working: it records a visit and syncs, and the watcher that
     // asked for this household hears of it.
     healthy
-        .edit(id, |d| {
-            d.transact(|tx| records::add_visit(tx, &visit("officer-a", "after the noise")))
-                .map_err(|f| f.error)?;
-            Ok(())
+        .change(id, |tx| {
+            records::add_visit(tx, &visit("officer-a", "after the noise"))
         })
         .await
         .unwrap();
@@ -123,7 +127,10 @@ async fn unknown_documents_are_unavailable_and_the_connection_stays_open() {
         }
     }
     for doc in asked {
-        assert!(!server.services.store.exists(doc).await.unwrap(), "nothing stored for {doc}");
+        assert!(
+            !server.services.store.exists(doc).await.unwrap(),
+            "nothing stored for {doc}"
+        );
     }
     server.stop().await;
 }

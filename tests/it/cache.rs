@@ -15,15 +15,15 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
     let a = Device::open(&dir.path().join("a")).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..DOCS {
-        let id = a.create_household(&household(&i.to_string())).await.unwrap();
-        a.edit(id, move |d| {
-            d.transact(|tx| {
-                for n in 0..5 {
-                    records::add_visit(tx, &visit("officer-a", &format!("household {i}, visit {n}: {}", "notes ".repeat(20))))?;
-                }
-                Ok::<_, records::RecordError>(())
-            })
-            .map_err(|f| f.error)?;
+        let id = a
+            .create_household(&household(&i.to_string()))
+            .await
+            .unwrap();
+        a.change(id, move |tx| {
+            for n in 0..5 {
+                let notes = format!("household {i}, visit {n}: {}", "notes ".repeat(20));
+                records::add_visit(tx, &visit("officer-a", &notes))?;
+            }
             Ok(())
         })
         .await
@@ -40,7 +40,10 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
         }
         total
     };
-    assert!(stored > 2 * BUDGET, "the data ({stored} B) must exceed the budget for this test to mean anything");
+    assert!(
+        stored > 2 * BUDGET,
+        "the data ({stored} B) must exceed the budget for this test to mean anything"
+    );
     assert!(stats.evictions > 0, "{stats:?}");
     assert!(stats.loaded_bytes <= BUDGET, "{stats:?}");
     assert!(stats.peak_loaded_bytes <= BUDGET, "{stats:?}");
@@ -55,10 +58,15 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
         assert_eq!(b.heads(*id).await.unwrap(), a.heads(*id).await.unwrap());
         let view = b.household(*id).await.unwrap();
         assert_eq!(view.visits.len(), 5);
-        assert!(view.visits[0].notes.starts_with(&format!("household {i}, visit")));
+        assert!(view.visits[0]
+            .notes
+            .starts_with(&format!("household {i}, visit")));
     }
     let after = server.services.hub.cache_stats();
     assert!(after.peak_loaded_bytes <= BUDGET, "{after:?}");
-    assert!(after.loads > DOCS as u64, "evicted documents were loaded again: {after:?}");
+    assert!(
+        after.loads > DOCS as u64,
+        "evicted documents were loaded again: {after:?}"
+    );
     server.stop().await;
 }

@@ -20,7 +20,11 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
     };
     let mut ids = Vec::new();
     for (i, d) in officers.iter().enumerate() {
-        ids.push(d.create_household(&household(&format!("{}", 40 + i))).await.unwrap());
+        ids.push(
+            d.create_household(&household(&format!("{}", 40 + i)))
+                .await
+                .unwrap(),
+        );
     }
 
     for round in 0..3 {
@@ -30,10 +34,8 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
         let mut syncs = Vec::new();
         for (d, id) in officers.iter().zip(&ids) {
             let id = *id;
-            d.edit(id, move |doc| {
-                doc.transact(|tx| records::add_visit(tx, &visit("officer", &format!("round {round}"))))
-                    .map_err(|f| f.error)?;
-                Ok(())
+            d.change(id, move |tx| {
+                records::add_visit(tx, &visit("officer", &format!("round {round}")))
             })
             .await
             .unwrap();

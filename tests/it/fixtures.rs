@@ -32,17 +32,25 @@ fn every_captured_frame_decodes_to_the_type_in_its_name() {
         let ty = msg.type_name();
         assert!(name.contains(&format!("-{ty}")), "{name} decoded as {ty}");
         // Re-encoding keeps every field (the server writes the same shape back).
-        assert_eq!(codec::decode(&codec::encode(&msg), 1 << 20).unwrap(), msg, "{name}");
+        assert_eq!(
+            codec::decode(&codec::encode(&msg), 1 << 20).unwrap(),
+            msg,
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn the_js_join_has_an_undefined_storage_id() {
     let bytes = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/js-frames/01-client-join.cbor"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/js-frames/01-client-join.cbor"),
     )
     .unwrap();
-    assert!(bytes.windows(10).any(|w| w == b"storageId\xf7"), "fixture has CBOR undefined");
+    assert!(
+        bytes.windows(10).any(|w| w == b"storageId\xf7"),
+        "fixture has CBOR undefined"
+    );
     let Message::Join(join) = codec::decode(&bytes, 1 << 20).unwrap() else {
         panic!("not a join")
     };
@@ -71,8 +79,11 @@ fn numbers_the_js_encoder_wrote_as_float64_decode_as_integers() {
 #[test]
 fn a_captured_sync_carries_a_real_automerge_sync_message() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/js-frames");
-    let Message::Sync(m) = codec::decode(&std::fs::read(dir.join("05-client-sync.cbor")).unwrap(), 1 << 20).unwrap()
-    else {
+    let Message::Sync(m) = codec::decode(
+        &std::fs::read(dir.join("05-client-sync.cbor")).unwrap(),
+        1 << 20,
+    )
+    .unwrap() else {
         panic!()
     };
     let sync = automerge::sync::Message::decode(&m.data).unwrap();

@@ -38,7 +38,10 @@ async fn the_stock_js_client_syncs_and_merges_offline_edits() {
     // After the offline edits both JS clients hold both visits and both premises values.
     assert_eq!(result["headsA"], result["headsB"]);
     assert_eq!(result["visitsA"].as_array().unwrap().len(), 2);
-    assert_eq!(result["premisesConflictsA"], serde_json::json!(["rental", "shop"]));
+    assert_eq!(
+        result["premisesConflictsA"],
+        serde_json::json!(["rental", "shop"])
+    );
 
     // A Rust device sees the same merged record from the server.
     let url = result["url"].as_str().unwrap();
@@ -47,7 +50,13 @@ async fn the_stock_js_client_syncs_and_merges_offline_edits() {
     let device = Device::open(dir.path()).await.unwrap();
     device.track(id).await.unwrap();
     assert!(device.sync(&server.url).await.unwrap().all_held());
-    let heads: Vec<String> = device.heads(id).await.unwrap().iter().map(|h| h.to_string()).collect();
+    let heads: Vec<String> = device
+        .heads(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
     let mut js_heads: Vec<String> = result["headsA"]
         .as_array()
         .unwrap()
@@ -61,7 +70,13 @@ async fn the_stock_js_client_syncs_and_merges_offline_edits() {
     let view = device.household(id).await.unwrap();
     let mut notes: Vec<&str> = view.visits.iter().map(|v| v.notes.as_str()).collect();
     notes.sort();
-    assert_eq!(notes, vec!["Neighbour dispute about parking.", "Resident reports scooter theft."]);
+    assert_eq!(
+        notes,
+        vec![
+            "Neighbour dispute about parking.",
+            "Resident reports scooter theft."
+        ]
+    );
     let mut premises = view.premises.clone();
     premises.sort();
     assert_eq!(premises, vec!["rental", "shop"]);

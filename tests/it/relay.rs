@@ -46,10 +46,8 @@ async fn ephemeral_messages_are_relayed_to_the_documents_peers_only() {
 
     // The outsider never asked for the household: a change to it is not announced. It asks
     // for an unknown document afterwards; the answer to that is the first thing it hears.
-    a.edit(id, |d| {
-        d.transact(|tx| records::add_visit(tx, &visit("officer-a", "late note")))
-            .map_err(|f| f.error)?;
-        Ok(())
+    a.change(id, |tx| {
+        records::add_visit(tx, &visit("officer-a", "late note"))
     })
     .await
     .unwrap();

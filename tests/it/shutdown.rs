@@ -16,7 +16,10 @@ async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
 
     let mut peer = RawPeer::connect(&server.url, "listener").await;
     let pid = server.child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(status.success());
     match peer.next().await {
         Seen::Closed(code, reason) => {
@@ -25,13 +28,19 @@ async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
         }
         other => panic!("expected close 1001, got {other:?}"),
     }
-    let exit = tokio::time::timeout(WAIT, server.child.wait()).await.unwrap().unwrap();
+    let exit = tokio::time::timeout(WAIT, server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
 
     let server = ServerProcess::start(&data).await;
     let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
     fresh.track(id).await.unwrap();
     assert!(fresh.sync(&server.url).await.unwrap().all_held());
-    assert_eq!(fresh.heads(id).await.unwrap(), device.heads(id).await.unwrap());
+    assert_eq!(
+        fresh.heads(id).await.unwrap(),
+        device.heads(id).await.unwrap()
+    );
     server.kill().await;
 }

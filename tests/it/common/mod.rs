@@ -51,9 +51,13 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/sync", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(fieldsync::server::run(listener, services.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(fieldsync::server::run(
+            listener,
+            services.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         TestServer {
             url,
             services,
@@ -68,7 +72,11 @@ impl TestServer {
             let _ = s.send(());
         }
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(WAIT, t).await.unwrap().unwrap().unwrap();
+            tokio::time::timeout(WAIT, t)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
         }
     }
 }
@@ -211,7 +219,10 @@ impl RawPeer {
 
     pub async fn next(&mut self) -> Seen {
         loop {
-            match tokio::time::timeout(WAIT, self.ws.next()).await.expect("server answers in time") {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("server answers in time")
+            {
                 Some(Ok(WsMessage::Binary(b))) => {
                     return Seen::Msg(codec::decode(&b, usize::MAX).expect("server frames decode"))
                 }
@@ -220,7 +231,11 @@ impl RawPeer {
                 }
                 Some(Ok(WsMessage::Close(None))) => return Seen::Closed(1005, String::new()),
                 Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Seen::Gone,
+                Some(Err(e)) => {
+                    eprintln!("raw peer read error: {e}");
+                    return Seen::Gone;
+                }
+                None => return Seen::Gone,
             }
         }
     }
@@ -233,7 +248,9 @@ impl RawPeer {
                 Seen::Msg(Message::Error(e)) => error = e.message,
                 Seen::Msg(_) => continue,
                 Seen::Closed(code, _) => return (error, code),
-                Seen::Gone => panic!("connection dropped without a close frame (error so far: {error:?})"),
+                Seen::Gone => {
+                    panic!("connection dropped without a close frame (error so far: {error:?})")
+                }
             }
         }
     }

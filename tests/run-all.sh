@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite from a clean checkout (the README's test command; .ci/run calls it).
+# Installs what the tests need (the official automerge-repo JS client from npm), then checks
+# formatting, lints, keeps the sans-IO layers free of I/O crates, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "==> installing Node.js (needed to run the official JS client as a test peer)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq nodejs npm
+  else
+    echo "error: node and npm are missing; install them (Debian: sudo apt-get install nodejs npm) and re-run" >&2
+    exit 1
+  fi
+fi
+
+echo "==> npm ci (tests/js: @automerge/automerge-repo and its websocket adapter)"
+npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+
+echo "==> sans-IO check: src/protocol, src/records, src/auth must not use tokio, warp or sled"
+if grep -rnE '^\s*use (tokio|warp|sled)\b|(tokio|warp|sled)::' src/protocol src/records src/auth; then
+  echo "error: the lines above bring I/O into a sans-IO layer" >&2
+  exit 1
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+echo "==> cargo test"
+cargo test --all-targets
