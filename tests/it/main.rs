@@ -7,6 +7,7 @@ mod bad_input;
 mod cache;
 mod crash;
 mod devices;
+mod examples;
 mod fixtures;
 mod js_client;
 mod relay;

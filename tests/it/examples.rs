@@ -1,0 +1,116 @@
+//! The README's tour, run with the real example binary: two officers' devices register and
+//! fetch a household, record visits offline, sync, and both see the merged record.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::TestServer;
+
+/// `cargo test` builds the examples next to the test binaries (target/<profile>/examples).
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the suite with `cargo test` (it builds examples)",
+        path.display()
+    );
+    path
+}
+
+fn run(device: &Path, server: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(example("officer_device"))
+        .arg("--device")
+        .arg(device)
+        .args(["--server", server])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "officer_device {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_tour_works_with_the_example_device() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("phone-a"), dir.path().join("phone-b"));
+    let url = server.url.clone();
+    let merged = tokio::task::spawn_blocking(move || {
+        let household = run(
+            &a,
+            &url,
+            &["new", "--village", "Linsen", "--house-no", "12"],
+        );
+        let household = household.trim();
+        assert!(household.starts_with("automerge:"), "{household}");
+        assert!(
+            run(&a, &url, &["sync"]).contains("synced: every local change is held by the server")
+        );
+        run(&b, &url, &["fetch", household]);
+        assert!(run(&b, &url, &["sync"]).contains("received changes"));
+
+        run(
+            &a,
+            &url,
+            &[
+                "visit",
+                household,
+                "--officer",
+                "wang",
+                "--notes",
+                "Resident reports scooter theft",
+            ],
+        );
+        run(&a, &url, &["set-premises", household, "rental"]);
+        run(
+            &b,
+            &url,
+            &[
+                "visit",
+                household,
+                "--officer",
+                "lin",
+                "--notes",
+                "住戶反映停車糾紛",
+            ],
+        );
+        run(&b, &url, &["set-premises", household, "shop"]);
+        assert!(run(&a, &url, &["list"]).contains("local changes not yet synced"));
+
+        for device in [&a, &b, &a] {
+            assert!(run(device, &url, &["sync"])
+                .contains("synced: every local change is held by the server"));
+        }
+        (
+            run(&a, &url, &["show", household]),
+            run(&b, &url, &["show", household]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(merged.0, merged.1, "both devices show the same record");
+    let view: serde_json::Value = serde_json::from_str(&merged.0).unwrap();
+    let notes: Vec<&str> = view["visits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["notes"].as_str().unwrap())
+        .collect();
+    assert!(notes.contains(&"Resident reports scooter theft"));
+    assert!(notes.contains(&"住戶反映停車糾紛"));
+    let mut premises: Vec<&str> = view["premises"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    premises.sort();
+    assert_eq!(premises, vec!["rental", "shop"]);
+    server.stop().await;
+}
