@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example bench_sync            # defaults: 8 devices x 50 households
 //! cargo run --release --example bench_sync -- 16 100  # devices, households per device
+//! cargo run --release --example bench_sync -- 8 50 65536  # ... and cache budget in KiB
 //! ```
 //!
 //! It starts an in-process server on loopback (port 0, temp dir) and measures:
@@ -16,7 +17,9 @@
 use std::time::Instant;
 
 use fieldsync::client::Device;
-use fieldsync::records::{self, Address, NewHousehold, NewVisit, Premises, VisitMode, VisitOutcome};
+use fieldsync::records::{
+    self, Address, NewHousehold, NewVisit, Premises, VisitMode, VisitOutcome,
+};
 use fieldsync::server::{ServerConfig, Services};
 
 fn household(i: usize) -> NewHousehold {
@@ -54,34 +57,49 @@ fn visit(officer: &str, n: usize) -> NewVisit {
 fn proc_status(field: &str) -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        })
         .unwrap_or_else(|| "n/a".into())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let devices_n = args.first().copied().unwrap_or(8);
     let per_device = args.get(1).copied().unwrap_or(50);
+    // Default: a budget smaller than the data, to measure eviction and reload.
+    let cache_kib = args.get(2).copied().unwrap_or(256);
     let total = devices_n * per_device;
     let dir = tempfile::tempdir()?;
     let mut config = ServerConfig::new(dir.path().join("server"));
-    config.hub.cache_budget_bytes = 256 * 1024; // smaller than the data: exercises eviction
+    config.hub.cache_budget_bytes = cache_kib * 1024;
     let services = Services::open(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("ws://{}/sync", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(fieldsync::server::run(listener, services.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(fieldsync::server::run(
+        listener,
+        services.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
 
-    println!("fieldsync bench_sync: {devices_n} devices x {per_device} households ({total}), 5 visits each");
+    println!("fieldsync bench_sync: {devices_n} devices x {per_device} households ({total}), 5 visits each, {cache_kib} KiB document cache");
     let mut devices = Vec::new();
     for d in 0..devices_n {
         let device = Device::open(&dir.path().join(format!("device-{d}"))).await?;
         let mut ids = Vec::new();
         for h in 0..per_device {
-            let id = device.create_household(&household(d * per_device + h)).await?;
+            let id = device
+                .create_household(&household(d * per_device + h))
+                .await?;
             let officer = format!("officer-{d}");
             device
                 .change(id, move |tx| {
@@ -98,11 +116,15 @@ async fn main() -> anyhow::Result<()> {
 
     let before = services.store.stats();
     let t = Instant::now();
-    let reports = futures_util::future::try_join_all(devices.iter().map(|(d, _)| d.sync(&url))).await?;
+    let reports =
+        futures_util::future::try_join_all(devices.iter().map(|(d, _)| d.sync(&url))).await?;
     let upload = t.elapsed();
     let after = services.store.stats();
     assert!(reports.iter().all(|r| r.all_held()));
-    let up_bytes: usize = reports.iter().map(|r| r.bytes_sent + r.bytes_received).sum();
+    let up_bytes: usize = reports
+        .iter()
+        .map(|r| r.bytes_sent + r.bytes_received)
+        .sum();
     println!(
         "1. first upload:        {total} households in {:.2} s = {:.0} households/s ({:.1} KiB on the wire)",
         upload.as_secs_f64(),
@@ -113,17 +135,21 @@ async fn main() -> anyhow::Result<()> {
         "2. group commit:        {} durability waits served by {} flushes ({:.1} waits per flush)",
         after.durability_waits - before.durability_waits,
         after.flushes - before.flushes,
-        (after.durability_waits - before.durability_waits) as f64 / (after.flushes - before.flushes).max(1) as f64
+        (after.durability_waits - before.durability_waits) as f64
+            / (after.flushes - before.flushes).max(1) as f64
     );
 
     for (d, (device, ids)) in devices.iter().enumerate() {
         for id in ids {
             let officer = format!("officer-{d}");
-            device.change(*id, move |tx| records::add_visit(tx, &visit(&officer, 99))).await?;
+            device
+                .change(*id, move |tx| records::add_visit(tx, &visit(&officer, 99)))
+                .await?;
         }
     }
     let t = Instant::now();
-    let reports = futures_util::future::try_join_all(devices.iter().map(|(d, _)| d.sync(&url))).await?;
+    let reports =
+        futures_util::future::try_join_all(devices.iter().map(|(d, _)| d.sync(&url))).await?;
     let edits = t.elapsed();
     assert!(reports.iter().all(|r| r.all_held()));
     println!(

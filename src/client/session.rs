@@ -232,10 +232,12 @@ async fn exchange(
                     let chunk = s.doc.save_after(&before);
                     let store = device.store().clone();
                     let id = m.document_id;
+                    // Not flushed here: the server already holds these changes durably, so
+                    // losing them in a device crash costs a re-download, not data. One flush
+                    // at the end of the session covers them all.
                     tokio::task::spawn_blocking(move || store.put_incremental_blocking(id, &chunk))
                         .await
                         .map_err(|e| ClientError::Connection(e.to_string()))??;
-                    device.store().flush().await?;
                 }
                 s.report.heads = s.doc.get_heads();
                 // Held: the server's heads (sent only after its copy was flushed) are ours.

@@ -262,7 +262,7 @@ pub fn js_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     assert!(
         dir.join("node_modules/@automerge/automerge-repo").exists(),
-        "the JS client is not installed: run `tests/run-all.sh` (it runs `npm ci` in tests/js), or `npm ci --prefix tests/js`"
+        "the JS client is not installed: run `tests/run-all.sh` (it installs them), or `npm install --prefix tests/js`"
     );
     dir
 }
