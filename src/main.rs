@@ -7,14 +7,23 @@ use clap::Parser;
 use fieldsync::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| match cli.command {
+            Command::Serve(args) => runtime.block_on(serve(args)),
+        });
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that says what went wrong and what to do, not a backtrace.
+            eprintln!("fieldsync: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

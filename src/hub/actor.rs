@@ -89,9 +89,6 @@ impl DocActor {
     }
 
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Cmd>) {
-        let span = tracing::debug_span!("doc", doc = %self.id);
-        let _enter = span.enter();
-        drop(_enter);
         let mut state = match self.load().await {
             Ok(s) => s,
             Err(e) => {

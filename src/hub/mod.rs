@@ -286,7 +286,10 @@ impl Hub {
                         continue; // someone else started it first
                     };
                     let actor = DocActor::new(self.inner.clone(), doc, generation, done);
-                    self.inner.tasks.spawn(actor.run(rx));
+                    let span = tracing::debug_span!("doc", doc = %doc);
+                    self.inner
+                        .tasks
+                        .spawn(tracing::Instrument::instrument(actor.run(rx), span));
                     return Ok(Some(tx));
                 }
             }

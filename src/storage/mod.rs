@@ -129,7 +129,7 @@ impl Store {
             .cache_capacity(config.sled_cache_bytes)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                     StorageError::Io(format!(
                         "the data directory {} is in use by another fieldsync process; stop it or choose another --data directory",
                         dir.display()
