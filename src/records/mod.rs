@@ -8,6 +8,7 @@
 //! written as Automerge text (the JS default) or as scalar strings. Must not do I/O.
 
 mod read;
+pub mod samples;
 mod write;
 
 pub use read::{read_household, HouseholdView, VisitView};
@@ -41,35 +42,15 @@ mod tests {
     use automerge::sync::SyncDoc;
     use automerge::{Automerge, ReadDoc};
 
+    use samples::visit;
+
     fn household() -> NewHousehold {
         NewHousehold {
-            station: "Zhongzheng Station".into(),
-            village: "Linsen".into(),
             address: Address {
-                township: "Zhongzheng".into(),
-                village: "Linsen".into(),
-                group: "3".into(),
-                street: "Linsen S. Rd".into(),
-                house_no: "12".into(),
                 landmark: "next to the temple".into(),
+                ..samples::household("12").address
             },
-            premises: Premises::Home,
-        }
-    }
-
-    fn visit(officer: &str, notes: &str) -> NewVisit {
-        NewVisit {
-            officer: officer.into(),
-            device: format!("{officer}-phone"),
-            started_at_ms: 1_790_000_000_000,
-            ended_at_ms: 1_790_000_600_000,
-            outcome: VisitOutcome::Met,
-            mode: VisitMode::InHome,
-            people_met: vec!["resident".into()],
-            notes: notes.into(),
-            publicity: vec!["anti_fraud".into()],
-            security_score: Some(4),
-            satisfaction: Some(5),
+            ..samples::household("12")
         }
     }
 

@@ -15,7 +15,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use fieldsync::ids::{DocumentId, PeerId};
 use fieldsync::protocol::{codec, DocMessage, Join, Message, PeerMetadata};
-use fieldsync::records::{Address, NewHousehold, NewVisit, Premises, VisitMode, VisitOutcome};
 use fieldsync::server::{ServerConfig, Services};
 
 /// Upper bound for any single wait in a test: generous for a loaded 2-core CI machine, and a
@@ -119,37 +118,7 @@ impl ServerProcess {
     }
 }
 
-pub fn household(house_no: &str) -> NewHousehold {
-    NewHousehold {
-        station: "Zhongzheng Station".into(),
-        village: "Linsen".into(),
-        address: Address {
-            township: "Zhongzheng".into(),
-            village: "Linsen".into(),
-            group: "3".into(),
-            street: "Linsen S. Rd".into(),
-            house_no: house_no.into(),
-            landmark: String::new(),
-        },
-        premises: Premises::Home,
-    }
-}
-
-pub fn visit(officer: &str, notes: &str) -> NewVisit {
-    NewVisit {
-        officer: officer.into(),
-        device: format!("{officer}-phone"),
-        started_at_ms: 1_790_000_000_000,
-        ended_at_ms: 1_790_000_600_000,
-        outcome: VisitOutcome::Met,
-        mode: VisitMode::InHome,
-        people_met: vec!["resident".into()],
-        notes: notes.into(),
-        publicity: vec!["anti_fraud".into()],
-        security_score: Some(4),
-        satisfaction: Some(5),
-    }
-}
+pub use fieldsync::records::samples::{household, visit};
 
 /// A protocol peer that sends exactly what a test tells it to.
 pub struct RawPeer {
