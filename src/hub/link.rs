@@ -93,3 +93,37 @@ impl PeerLink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_outbox_disconnects_the_peer_instead_of_buffering() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let kill = Arc::new(KillSwitch::default());
+        let link = PeerLink::new(
+            ConnId::next(),
+            PeerId::new("slow").unwrap(),
+            None,
+            Principal::anonymous(),
+            tx,
+            kill.clone(),
+        );
+        let leave = || {
+            Outbound::Message(Message::Leave {
+                sender_id: PeerId::new("server").unwrap(),
+            })
+        };
+        link.send(leave());
+        link.send(leave());
+        link.send(leave()); // the queue holds 2: this one trips the switch
+        let (code, reason) = kill.killed().await;
+        assert_eq!(code, CloseCode::PolicyViolation);
+        assert!(reason.contains("too slow"), "{reason}");
+        // What was queued is still there; nothing beyond the bound was buffered.
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+    }
+}
