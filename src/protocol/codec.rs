@@ -638,4 +638,45 @@ mod tests {
         frame.push(0x00);
         assert!(matches!(decode(&frame, 1 << 20), Err(CodecError::Cbor(_))));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode(&bytes, 1 << 20);
+            }
+
+            #[test]
+            fn document_messages_round_trip(
+                sender in "[a-zA-Z0-9-]{1,64}",
+                target in "[a-zA-Z0-9-]{1,64}",
+                doc in any::<[u8; 16]>(),
+                data in proptest::collection::vec(any::<u8>(), 0..512),
+                request in any::<bool>(),
+            ) {
+                let m = DocMessage {
+                    sender_id: peer(&sender),
+                    target_id: peer(&target),
+                    document_id: DocumentId::from_bytes(doc),
+                    data,
+                };
+                let msg = if request { Message::Request(m) } else { Message::Sync(m) };
+                prop_assert_eq!(decode(&encode(&msg), 1 << 20).unwrap(), msg);
+            }
+
+            #[test]
+            fn a_valid_frame_with_one_byte_flipped_is_decoded_or_refused_not_a_panic(
+                pos in any::<prop::sample::Index>(),
+                bit in 0u8..8,
+            ) {
+                let mut frame = encode(&all_messages()[7]);
+                let i = pos.index(frame.len());
+                frame[i] ^= 1 << bit;
+                let _ = decode(&frame, 1 << 20);
+            }
+        }
+    }
 }
