@@ -34,4 +34,6 @@ echo "==> cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
 echo "==> cargo test"
-cargo test --all-targets
+# Plain `cargo test` also builds the examples as binaries (target/debug/examples), which the
+# tour test runs; `--all-targets` would build them only as test harnesses.
+cargo test

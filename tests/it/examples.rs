@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::TestServer;
 
-/// `cargo test` builds the examples next to the test binaries (target/<profile>/examples).
+/// Plain `cargo test` builds the examples next to the test binaries (target/debug/examples).
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
