@@ -19,7 +19,7 @@ use super::{AcceptedChanges, HubInner, Outbound, PeerLink};
 use crate::auth::Access;
 use crate::ids::{ConnId, DocumentId, Timestamp};
 use crate::protocol::{CloseCode, DocMessage, Message, SyncKind};
-use crate::storage::{ChunkKey, ChunkKind, StorageError};
+use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 
 /// At most this many queued commands are applied under one flush.
 const MAX_BATCH: usize = 64;
@@ -418,12 +418,4 @@ fn persist_sync_state(store: &crate::storage::Store, doc: DocumentId, peer: &mut
         Ok(()) => peer.persisted = peer.state.shared_heads.clone(),
         Err(e) => tracing::warn!(doc = %doc, error = %e, "could not persist a sync state"),
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StorageError::Task(e.to_string()))?
 }

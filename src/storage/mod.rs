@@ -322,8 +322,10 @@ impl Store {
     }
 }
 
-/// Runs blocking storage work off the async reactor.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+/// Runs blocking storage (and Automerge) work off the async reactor.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StorageError::Task(e.to_string()))?
