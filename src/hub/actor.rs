@@ -13,7 +13,6 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::{AcceptedChanges, HubInner, Outbound, PeerLink};
 use crate::auth::Access;
@@ -59,7 +58,6 @@ pub(super) struct DocActor {
     hub: Arc<HubInner>,
     id: DocumentId,
     generation: u64,
-    done: CancellationToken,
 }
 
 /// The outcome of applying one batch, before anything is sent.
@@ -74,17 +72,11 @@ struct Applied {
 }
 
 impl DocActor {
-    pub(super) fn new(
-        hub: Arc<HubInner>,
-        id: DocumentId,
-        generation: u64,
-        done: CancellationToken,
-    ) -> Self {
+    pub(super) fn new(hub: Arc<HubInner>, id: DocumentId, generation: u64) -> Self {
         Self {
             hub,
             id,
             generation,
-            done,
         }
     }
 
@@ -137,7 +129,6 @@ impl DocActor {
         })
         .await;
         self.hub.actor_exited(self.id, self.generation);
-        self.done.cancel();
     }
 
     fn fail_queued(&self, rx: &mut mpsc::Receiver<Cmd>, message: &str) {

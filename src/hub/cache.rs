@@ -76,12 +76,9 @@ impl Cache {
         self.lru.peek(&doc).map(|s| s.tx.clone())
     }
 
-    /// Registers a new actor; `None` if the document is already loaded or closing.
-    pub(super) fn insert(
-        &mut self,
-        doc: DocumentId,
-        tx: mpsc::Sender<Cmd>,
-    ) -> Option<(u64, CancellationToken)> {
+    /// Registers a new actor and returns its generation; `None` if the document is already
+    /// loaded or closing. Its `done` token is cancelled by [`Cache::exited`].
+    pub(super) fn insert(&mut self, doc: DocumentId, tx: mpsc::Sender<Cmd>) -> Option<u64> {
         if self.lru.contains(&doc) || self.closing.contains_key(&doc) {
             return None;
         }
@@ -94,11 +91,11 @@ impl Cache {
                 tx,
                 bytes: 0,
                 generation,
-                done: done.clone(),
+                done,
             },
         );
         self.loads += 1;
-        Some((generation, done))
+        Some(generation)
     }
 
     pub(super) fn set_cost(&mut self, doc: DocumentId, generation: u64, bytes: usize) {

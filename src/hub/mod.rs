@@ -281,11 +281,10 @@ impl Hub {
                         continue; // the cache may have changed while we looked
                     }
                     let (tx, rx) = mpsc::channel(self.inner.config.actor_queue_len);
-                    let Some((generation, done)) = lock(&self.inner.cache).insert(doc, tx.clone())
-                    else {
+                    let Some(generation) = lock(&self.inner.cache).insert(doc, tx.clone()) else {
                         continue; // someone else started it first
                     };
-                    let actor = DocActor::new(self.inner.clone(), doc, generation, done);
+                    let actor = DocActor::new(self.inner.clone(), doc, generation);
                     let span = tracing::debug_span!("doc", doc = %doc);
                     self.inner
                         .tasks
