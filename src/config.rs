@@ -33,6 +33,147 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the sync server (embedded sled store; no other service needed).
     Serve(ServeArgs),
+    /// Manage stations, villages, accounts and devices. Works while the server runs (through
+    /// its admin socket, taking effect at once) and while it is stopped.
+    Admin(AdminArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// Data directory of the server to manage (as given to `serve`).
+    #[arg(
+        long,
+        env = "FIELDSYNC_DATA",
+        default_value = "./fieldsync-data",
+        global = true
+    )]
+    pub data: PathBuf,
+    #[command(subcommand)]
+    pub what: AdminWhat,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum AdminWhat {
+    /// Stations: the boundary no record crosses.
+    #[command(subcommand)]
+    Station(StationCmd),
+    /// Villages of a station (each gets a catalog document).
+    #[command(subcommand)]
+    Village(VillageCmd),
+    /// Accounts: officers, staff, admins.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Devices: enrolment codes, listing, revocation.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Print the admin audit log.
+    Audit {
+        /// How many of the latest entries to print.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum StationCmd {
+    /// Add a station.
+    Add { station: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum VillageCmd {
+    /// Add a village to a station.
+    Add { station: String, village: String },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum UserCmd {
+    /// Add an account. Staff and admins need --password-stdin (no default passwords).
+    Add {
+        name: String,
+        #[arg(long)]
+        role: crate::auth::Role,
+        #[arg(long)]
+        station: String,
+        /// Villages an officer works in, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        villages: Vec<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Disable an account: its devices and sessions stop working at once.
+    Disable { name: String },
+    /// List accounts.
+    List,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum DeviceCmd {
+    /// Make a one-time enrolment code for a user's new device (printed as the last line).
+    Enroll { user: String },
+    /// List devices.
+    List,
+    /// Revoke a device: its token stops working and its connections close at once.
+    Revoke { device: String },
+}
+
+impl AdminArgs {
+    /// The command to run. `password` is asked for only when --password-stdin is given; it is
+    /// hashed here, so the password never leaves this process.
+    pub fn into_command(
+        self,
+        password: impl FnOnce() -> std::io::Result<String>,
+    ) -> Result<(PathBuf, crate::accounts::AdminCommand), crate::Error> {
+        use crate::accounts::AdminCommand as C;
+        let command = match self.what {
+            AdminWhat::Station(StationCmd::Add { station }) => C::StationAdd { station },
+            AdminWhat::Village(VillageCmd::Add { station, village }) => {
+                C::VillageAdd { station, village }
+            }
+            AdminWhat::User(UserCmd::Add {
+                name,
+                role,
+                station,
+                villages,
+                password_stdin,
+            }) => {
+                let password_hash = if password_stdin {
+                    let pw = password().map_err(|e| {
+                        crate::Error::Config(format!("cannot read the password from stdin: {e}"))
+                    })?;
+                    let pw = pw.trim_end_matches(['\r', '\n']);
+                    let mut salt = [0u8; 16];
+                    getrandom::fill(&mut salt).map_err(|e| {
+                        crate::Error::Config(format!("the OS random generator failed: {e}"))
+                    })?;
+                    Some(
+                        crate::auth::secrets::hash_password(pw, salt)
+                            .map_err(|e| crate::Error::Config(e.to_string()))?,
+                    )
+                } else {
+                    None
+                };
+                C::UserAdd {
+                    name,
+                    role,
+                    station,
+                    villages: villages
+                        .into_iter()
+                        .filter(|v| !v.trim().is_empty())
+                        .collect(),
+                    password_hash,
+                }
+            }
+            AdminWhat::User(UserCmd::Disable { name }) => C::UserDisable { name },
+            AdminWhat::User(UserCmd::List) => C::UserList,
+            AdminWhat::Device(DeviceCmd::Enroll { user }) => C::DeviceEnroll { user },
+            AdminWhat::Device(DeviceCmd::List) => C::DeviceList,
+            AdminWhat::Device(DeviceCmd::Revoke { device }) => C::DeviceRevoke { device },
+            AdminWhat::Audit { limit } => C::Audit { limit },
+        };
+        Ok((self.data, command))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -89,7 +230,9 @@ mod tests {
     #[test]
     fn defaults_are_loopback_and_a_local_data_dir() {
         let cli = Cli::try_parse_from(["fieldsync", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         let (addr, config) = args.into_config().unwrap();
         assert_eq!(addr.to_string(), "127.0.0.1:8080");
         assert_eq!(config.data_dir, PathBuf::from("./fieldsync-data"));
@@ -99,8 +242,70 @@ mod tests {
     #[test]
     fn nonsense_limits_are_refused_with_the_flag_name() {
         let cli = Cli::try_parse_from(["fieldsync", "serve", "--max-message-bytes", "10"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         let err = args.into_config().unwrap_err().to_string();
         assert!(err.contains("--max-message-bytes"), "{err}");
+    }
+
+    #[test]
+    fn admin_user_add_hashes_the_password_from_stdin() {
+        let cli = Cli::try_parse_from([
+            "fieldsync",
+            "admin",
+            "--data",
+            "d",
+            "user",
+            "add",
+            "sue",
+            "--role",
+            "staff",
+            "--station",
+            "north",
+            "--password-stdin",
+        ])
+        .unwrap();
+        let Command::Admin(args) = cli.command else {
+            panic!("not admin")
+        };
+        let (dir, cmd) = args
+            .into_command(|| Ok("a long enough password\n".into()))
+            .unwrap();
+        assert_eq!(dir, PathBuf::from("d"));
+        let crate::accounts::AdminCommand::UserAdd { password_hash, .. } = cmd else {
+            panic!("not user add")
+        };
+        let phc = password_hash.unwrap();
+        assert!(crate::auth::secrets::verify_password(
+            "a long enough password",
+            &phc
+        ));
+    }
+
+    #[test]
+    fn admin_villages_are_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "fieldsync",
+            "admin",
+            "user",
+            "add",
+            "amy",
+            "--role",
+            "officer",
+            "--station",
+            "north",
+            "--villages",
+            "東村,West",
+        ])
+        .unwrap();
+        let Command::Admin(args) = cli.command else {
+            panic!("not admin")
+        };
+        let (_, cmd) = args.into_command(|| unreachable!()).unwrap();
+        let crate::accounts::AdminCommand::UserAdd { villages, .. } = cmd else {
+            panic!("not user add")
+        };
+        assert_eq!(villages, vec!["東村".to_string(), "West".to_string()]);
     }
 }

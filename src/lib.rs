@@ -13,7 +13,8 @@
 //!                              ▼                              │
 //!                           hub::Hub ── one actor per loaded document ── storage::Store (sled)
 //!                              ▲            apply → write → group-commit flush → answer
-//!                              └── auth::Authorizer (per document), ChangeObserver (hook)
+//!                              └── accounts (auth::Authorizer per document; ChangeObserver:
+//!                                  provenance rows, village catalogs)
 //! ```
 //!
 //! - [`protocol`]: messages, CBOR codec, per-connection state machine. No I/O.
@@ -21,7 +22,9 @@
 //!   sync states, group commit.
 //! - [`hub`]: loaded documents (byte-bounded LRU), their actors, subscriptions, relay.
 //! - [`server`]: warp routes, the WebSocket pump, shutdown.
-//! - [`auth`]: the per-document access decision (open access until accounts exist).
+//! - [`auth`]: stations, villages, users, devices, secrets and every access decision (pure).
+//! - [`accounts`]: the live directory: admin commands, enrolment, sign-in, provenance,
+//!   catalogs; the hub's `Authorizer` and `ChangeObserver`.
 //! - [`records`]: the household schema on Automerge (typed writes and reads).
 //! - [`client`]: the device-side library: local store, offline edits, sync.
 //!
@@ -30,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -52,6 +56,17 @@ pub enum Error {
     Client(Box<client::ClientError>),
     #[error(transparent)]
     Record(Box<records::RecordError>),
+    #[error(transparent)]
+    Accounts(Box<accounts::AccountsError>),
+}
+
+impl From<accounts::AccountsError> for Error {
+    fn from(e: accounts::AccountsError) -> Self {
+        match e {
+            accounts::AccountsError::Storage(s) => Error::Storage(s),
+            other => Error::Accounts(Box::new(other)),
+        }
+    }
 }
 
 impl From<client::ClientError> for Error {

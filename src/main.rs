@@ -1,5 +1,5 @@
-//! The `fieldsync` binary: parse the command line, start logging, open the store, bind,
-//! serve until SIGINT/SIGTERM. Everything else lives in the library.
+//! The `fieldsync` binary: parse the command line, start logging, then either serve until
+//! SIGINT/SIGTERM or run one admin command. Everything else lives in the library.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|runtime| match cli.command {
             Command::Serve(args) => runtime.block_on(serve(args)),
+            Command::Admin(args) => runtime.block_on(admin(args)),
         });
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -38,7 +39,29 @@ async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
         "fieldsync listening on ws://{local}/sync (data: {})",
         data_dir.display()
     );
+    if !services.accounts.has_admin() {
+        println!(
+            "no admin account yet; create one (in another terminal):\n  fieldsync admin --data {dir} station add STATION\n  fieldsync admin --data {dir} user add NAME --role admin --station STATION --password-stdin",
+            dir = data_dir.display()
+        );
+    }
     fieldsync::server::run(listener, services, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn admin(args: fieldsync::config::AdminArgs) -> anyhow::Result<()> {
+    let (data_dir, command) = args.into_command(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        Ok(line)
+    })?;
+    let operator = format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    let config = fieldsync::server::ServerConfig::new(data_dir);
+    let output = fieldsync::server::admin(config, command, &operator).await?;
+    println!("{output}");
     Ok(())
 }
 

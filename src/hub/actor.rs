@@ -12,9 +12,9 @@ use std::sync::Arc;
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{AcceptedChanges, HubInner, Outbound, PeerLink};
+use super::{AcceptedChanges, DerivedEdit, HubInner, LocalEdit, Outbound, PeerLink};
 use crate::auth::Access;
 use crate::ids::{ConnId, DocumentId, Timestamp};
 use crate::protocol::{CloseCode, DocMessage, Message, SyncKind};
@@ -23,13 +23,17 @@ use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 /// At most this many queued commands are applied under one flush.
 const MAX_BATCH: usize = 64;
 
-#[derive(Debug)]
 pub(crate) enum Cmd {
     Sync {
         link: PeerLink,
         kind: SyncKind,
         data: Vec<u8>,
-        access: Access,
+    },
+    /// A change made by the server itself (catalogs; later staff edits through the API).
+    /// Answered once the change is durable: `Ok(true)` if it changed the document.
+    Local {
+        edit: LocalEdit,
+        done: oneshot::Sender<Result<bool, String>>,
     },
     /// The connection closed: persist and forget its sync state.
     Leave { conn: ConnId },
@@ -69,6 +73,10 @@ struct Applied {
     unavailable: Vec<PeerLink>,
     failed: Vec<(PeerLink, String)>,
     accepted: Vec<(PeerLink, Vec<ChangeHash>)>,
+    /// Local edits to answer once durable.
+    local_done: Vec<(oneshot::Sender<Result<bool, String>>, Result<bool, String>)>,
+    /// Edits of other documents that the accepted changes call for (catalog entries).
+    derived: Vec<DerivedEdit>,
 }
 
 impl DocActor {
@@ -173,17 +181,32 @@ impl DocActor {
     }
 
     async fn process(&self, state: DocState, batch: Vec<Cmd>) -> Result<DocState, StorageError> {
-        let store = self.hub.store.clone();
-        let (mut state, applied) = blocking(move || {
+        let hub = self.hub.clone();
+        let (mut state, mut applied) = blocking(move || {
             let mut state = state;
-            let applied = state.apply(&store, batch)?;
+            let applied = state.apply(&hub, batch)?;
             Ok((state, applied))
         })
         .await?;
 
         if applied.changed {
-            // Durable before advertised: nobody hears of these changes until they are on disk.
+            // Durable before advertised: nobody hears of these changes (nor of their
+            // provenance and registration rows, written in `apply`) until they are on disk.
             self.hub.store.flush().await?;
+        }
+        for (done, result) in applied.local_done.drain(..) {
+            let _ = done.send(result);
+        }
+        // Derived documents (the village catalog) are brought up to date before the sender
+        // hears that its changes are held, so "held" implies "discoverable".
+        for derived in std::mem::take(&mut applied.derived) {
+            if derived.doc == self.id {
+                tracing::error!(doc = %self.id, "a document cannot derive an edit of itself; skipped");
+                continue;
+            }
+            if let Err(e) = self.hub.change_local(derived.doc, derived.edit).await {
+                tracing::warn!(doc = %self.id, derived = %derived.doc, error = %e, "updating a derived document failed");
+            }
         }
 
         for link in &applied.unavailable {
@@ -215,20 +238,9 @@ impl DocActor {
         };
         let store = self.hub.store.clone();
         let hub = self.hub.clone();
-        let received_at = Timestamp::now();
         let compact_after = self.hub.config.compact_after_chunks;
         let state = blocking(move || {
-            for (link, hashes) in applied.accepted {
-                hub.observer.changes_accepted(&AcceptedChanges {
-                    doc: state.id,
-                    conn: link.conn,
-                    peer_id: link.peer_id,
-                    principal: link.principal,
-                    hashes,
-                    received_at,
-                });
-            }
-            state.answer(&store, &hub.server_peer_id, targets);
+            state.answer(&hub, targets);
             if state.incrementals >= compact_after {
                 state.compact(&store)?;
             }
@@ -242,11 +254,8 @@ impl DocActor {
 }
 
 impl DocState {
-    fn apply(
-        &mut self,
-        store: &crate::storage::Store,
-        batch: Vec<Cmd>,
-    ) -> Result<Applied, StorageError> {
+    fn apply(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
+        let store = &hub.store;
         let mut out = Applied::default();
         let heads_at_start = self.doc.get_heads();
         for cmd in batch {
@@ -256,12 +265,19 @@ impl DocState {
                         persist_sync_state(store, self.id, &mut p);
                     }
                 }
-                Cmd::Sync {
-                    link,
-                    kind,
-                    data,
-                    access,
-                } => self.apply_one(store, link, kind, &data, access, &mut out),
+                Cmd::Sync { link, kind, data } => {
+                    // Decided here, per message, so a revocation or a new registration made
+                    // while the message waited in the queue is honoured.
+                    let access = hub.authorizer.access(&link.principal, self.id);
+                    self.apply_one(hub, link, kind, &data, access, &mut out)
+                }
+                Cmd::Local { edit, done } => {
+                    let before = self.doc.get_heads();
+                    let result = edit(&mut self.doc).map(|()| self.doc.get_heads() != before);
+                    // Subscribed peers hear of a local change like of any other (`changed`).
+                    self.exists = !self.doc.get_heads().is_empty();
+                    out.local_done.push((done, result));
+                }
             }
         }
         if self.doc.get_heads() != heads_at_start {
@@ -271,19 +287,37 @@ impl DocState {
             self.incrementals += 1;
             self.stored_bytes += chunk.len();
             out.changed = true;
+            // Provenance, registrations and derived edits, written before the flush that
+            // makes the chunk durable, so the same flush covers them.
+            let received_at = Timestamp::now();
+            for (link, hashes) in &out.accepted {
+                let derived = hub.observer.changes_accepted(
+                    &AcceptedChanges {
+                        doc: self.id,
+                        conn: link.conn,
+                        peer_id: link.peer_id.clone(),
+                        principal: link.principal.clone(),
+                        hashes: hashes.clone(),
+                        received_at,
+                    },
+                    &self.doc,
+                )?;
+                out.derived.extend(derived);
+            }
         }
         Ok(out)
     }
 
     fn apply_one(
         &mut self,
-        store: &crate::storage::Store,
+        hub: &HubInner,
         link: PeerLink,
         kind: SyncKind,
         data: &[u8],
         access: Access,
         out: &mut Applied,
     ) {
+        let store = &hub.store;
         let message = match sync::Message::decode(data) {
             Ok(m) => m,
             Err(e) => {
@@ -298,8 +332,16 @@ impl DocState {
                 return;
             }
         };
-        if !self.exists && (kind == SyncKind::Request || access != Access::ReadWrite) {
-            // Asking for (or offering, without the right to create) a document we do not have.
+        let may_create = matches!(access, Access::ReadWrite | Access::Create);
+        let refused = match access {
+            Access::None => true,
+            // Create means "unknown to the directory": an existing document is not theirs.
+            Access::Create => self.exists,
+            Access::Read | Access::ReadWrite => false,
+        };
+        if refused || (!self.exists && (kind == SyncKind::Request || !may_create)) {
+            // Asking for (or offering, without the right to create) a document we do not
+            // have, or one outside the peer's scope: the same answer for both.
             self.peers.remove(&link.conn);
             out.unavailable.push(link);
             return;
@@ -309,7 +351,7 @@ impl DocState {
         let doc = &mut self.doc;
         let peer = peer_state(&mut self.peers, store, id, &link);
         peer.link = link.clone();
-        peer.state.set_read_only(access != Access::ReadWrite);
+        peer.state.set_read_only(!may_create);
         let before = doc.get_heads();
         if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
             self.peers.remove(&conn);
@@ -320,6 +362,17 @@ impl DocState {
             return;
         }
         let after = doc.get_heads();
+        if access == Access::Create && !after.is_empty() {
+            // The first changes of a new document: keep them only if the content may be
+            // registered to this peer (its station and an assigned village).
+            if let Err(reason) = hub.authorizer.admit(&link.principal, id, doc) {
+                tracing::info!(doc = %id, peer = %link.peer_id, reason = %reason, "new document refused; nothing stored");
+                *doc = Automerge::new();
+                self.peers.remove(&conn);
+                out.unavailable.push(link);
+                return;
+            }
+        }
         if after != before {
             let hashes = doc
                 .get_changes_meta(&before)
@@ -335,14 +388,19 @@ impl DocState {
     }
 
     /// Generates and queues a sync message for each target that needs one.
-    fn answer(
-        &mut self,
-        store: &crate::storage::Store,
-        server: &crate::ids::PeerId,
-        targets: Vec<PeerLink>,
-    ) {
+    fn answer(&mut self, hub: &HubInner, targets: Vec<PeerLink>) {
+        let store = &hub.store;
+        let server = &hub.server_peer_id;
         for link in targets {
             let id = self.id;
+            if !matches!(
+                hub.authorizer.access(&link.principal, id),
+                Access::Read | Access::ReadWrite | Access::Create
+            ) {
+                // Revoked (or moved out of scope) since it subscribed: it hears nothing more.
+                self.peers.remove(&link.conn);
+                continue;
+            }
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
             if let Some(msg) = doc.generate_sync_message(&mut peer.state) {

@@ -106,7 +106,7 @@ mod tests {
             ConnId::next(),
             PeerId::new("slow").unwrap(),
             None,
-            Principal::anonymous(),
+            Principal::local("test"),
             tx,
             kill.clone(),
         );

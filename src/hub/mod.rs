@@ -15,8 +15,8 @@ mod link;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use automerge::ChangeHash;
-use tokio::sync::mpsc;
+use automerge::{Automerge, ChangeHash};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,17 +64,50 @@ pub struct AcceptedChanges {
     pub received_at: Timestamp,
 }
 
-/// The hook later layers (provenance, projections, catalogs) attach to. Called on a blocking
-/// thread after the changes are durable and before any peer hears of them.
-pub trait ChangeObserver: Send + Sync + 'static {
-    fn changes_accepted(&self, event: &AcceptedChanges);
+/// An edit the server makes to a document itself (catalog entries; staff edits later).
+/// `Err` leaves the document as it was and is reported to whoever asked.
+pub type LocalEdit = Box<dyn FnOnce(&mut Automerge) -> Result<(), String> + Send>;
+
+/// An edit of another document that accepted changes call for.
+pub struct DerivedEdit {
+    pub doc: DocumentId,
+    pub edit: LocalEdit,
 }
 
-/// Does nothing; the default until projections exist.
+/// The hook later layers (provenance, projections, catalogs) attach to. Called on a blocking
+/// thread with the document as it now is, after its new changes are written and before the
+/// flush that makes them durable: rows written here are flushed with them. The derived
+/// edits it returns are applied (and durable) before any peer hears of the changes.
+pub trait ChangeObserver: Send + Sync + 'static {
+    fn changes_accepted(
+        &self,
+        event: &AcceptedChanges,
+        doc: &Automerge,
+    ) -> Result<Vec<DerivedEdit>, crate::storage::StorageError>;
+}
+
+/// Does nothing: for in-process tests of the sync core.
 pub struct NoObserver;
 
 impl ChangeObserver for NoObserver {
-    fn changes_accepted(&self, _event: &AcceptedChanges) {}
+    fn changes_accepted(
+        &self,
+        _event: &AcceptedChanges,
+        _doc: &Automerge,
+    ) -> Result<Vec<DerivedEdit>, crate::storage::StorageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Why a server-side edit did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("the edit was refused: {0}")]
+    Edit(String),
+    #[error("the document's actor stopped before the edit was durable; retry")]
+    Stopped,
 }
 
 #[derive(Clone)]
@@ -142,7 +175,7 @@ impl Hub {
             return;
         }
         loop {
-            let tx = match self.actor_for(doc, kind).await {
+            let tx = match self.inner.actor_for(doc, kind).await {
                 Ok(Some(tx)) => tx,
                 Ok(None) => {
                     // A request for a document the server does not have.
@@ -166,7 +199,6 @@ impl Hub {
                 link: link.clone(),
                 kind,
                 data,
-                access,
             };
             match tx.send(cmd).await {
                 Ok(()) => return,
@@ -180,12 +212,11 @@ impl Hub {
 
     /// Relays an ephemeral message to the document's other subscribed peers. Never stored.
     pub fn ephemeral(&self, link: &PeerLink, msg: Ephemeral) {
-        if self
-            .inner
-            .authorizer
-            .access(&link.principal, msg.document_id)
-            == Access::None
-        {
+        if !may_see(
+            self.inner
+                .authorizer
+                .access(&link.principal, msg.document_id),
+        ) {
             return;
         }
         let peers: Vec<PeerLink> = lock(&self.inner.subs)
@@ -198,12 +229,11 @@ impl Hub {
             })
             .unwrap_or_default();
         for peer in peers {
-            if self
-                .inner
-                .authorizer
-                .access(&peer.principal, msg.document_id)
-                == Access::None
-            {
+            if !may_see(
+                self.inner
+                    .authorizer
+                    .access(&peer.principal, msg.document_id),
+            ) {
                 continue;
             }
             peer.send(Outbound::Message(Message::Ephemeral(Ephemeral {
@@ -259,44 +289,74 @@ impl Hub {
         })));
     }
 
+    /// Makes a change as the server (catalogs; staff edits later) and waits until it is
+    /// durable. Subscribed peers receive it like any other change. Creates the document if
+    /// it does not exist.
+    pub async fn change_local(&self, doc: DocumentId, edit: LocalEdit) -> Result<bool, HubError> {
+        self.inner.change_local(doc, edit).await
+    }
+}
+
+impl HubInner {
     /// The actor for `doc`, starting one if needed. `None`: a `request` for a document that
     /// is not stored (no actor is started for it).
     async fn actor_for(
-        &self,
+        self: &Arc<Self>,
         doc: DocumentId,
         kind: SyncKind,
     ) -> Result<Option<mpsc::Sender<Cmd>>, crate::storage::StorageError> {
         let mut checked_exists = false;
         loop {
-            let lookup = lock(&self.inner.cache).lookup(doc);
+            let lookup = lock(&self.cache).lookup(doc);
             match lookup {
                 Lookup::Loaded(tx) => return Ok(Some(tx)),
                 Lookup::Closing(done) => done.cancelled().await,
                 Lookup::Absent => {
                     if kind == SyncKind::Request && !checked_exists {
-                        if !self.inner.store.exists(doc).await? {
+                        if !self.store.exists(doc).await? {
                             return Ok(None);
                         }
                         checked_exists = true;
                         continue; // the cache may have changed while we looked
                     }
-                    let (tx, rx) = mpsc::channel(self.inner.config.actor_queue_len);
-                    let Some(generation) = lock(&self.inner.cache).insert(doc, tx.clone()) else {
+                    let (tx, rx) = mpsc::channel(self.config.actor_queue_len);
+                    let Some(generation) = lock(&self.cache).insert(doc, tx.clone()) else {
                         continue; // someone else started it first
                     };
-                    let actor = DocActor::new(self.inner.clone(), doc, generation);
+                    let actor = DocActor::new(self.clone(), doc, generation);
                     let span = tracing::debug_span!("doc", doc = %doc);
-                    self.inner
-                        .tasks
+                    self.tasks
                         .spawn(tracing::Instrument::instrument(actor.run(rx), span));
                     return Ok(Some(tx));
                 }
             }
         }
     }
-}
+    /// Boxed: an actor awaits this for derived edits and this starts actors, a cycle whose
+    /// future type rustc cannot prove `Send` without the box.
+    fn change_local(
+        self: &Arc<Self>,
+        doc: DocumentId,
+        edit: LocalEdit,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, HubError>> + Send>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let tx = this
+                .actor_for(doc, SyncKind::Sync)
+                .await?
+                .ok_or(HubError::Stopped)?;
+            let (done, result) = oneshot::channel();
+            if tx.send(Cmd::Local { edit, done }).await.is_err() {
+                return Err(HubError::Stopped);
+            }
+            match result.await {
+                Ok(Ok(changed)) => Ok(changed),
+                Ok(Err(reason)) => Err(HubError::Edit(reason)),
+                Err(_) => Err(HubError::Stopped),
+            }
+        })
+    }
 
-impl HubInner {
     /// Called by an actor when its document's stored size changes; may evict others.
     fn set_cost(&self, doc: DocumentId, generation: u64, bytes: usize) {
         lock(&self.cache).set_cost(doc, generation, bytes);
@@ -322,6 +382,11 @@ impl HubInner {
             }
         }
     }
+}
+
+/// Whether an access level lets a peer hear about the document at all.
+fn may_see(access: Access) -> bool {
+    matches!(access, Access::Read | Access::ReadWrite)
 }
 
 /// Locks a std mutex. These locks guard plain maps and are never held across an `.await`, so

@@ -7,11 +7,13 @@
 //! concurrently), entries live in maps keyed by UUID, and strings are read whether they were
 //! written as Automerge text (the JS default) or as scalar strings. Must not do I/O.
 
+pub mod catalog;
 mod read;
 pub mod samples;
 mod write;
 
-pub use read::{read_household, HouseholdView, VisitView};
+pub use catalog::{create_catalog, read_catalog, upsert_catalog_entry, CatalogEntry, CatalogView};
+pub use read::{household_scope, read_household, HouseholdView, VisitView};
 pub use write::{
     add_visit, create_household, set_address_field, set_premises, Address, NewHousehold, NewVisit,
     Premises, VisitMode, VisitOutcome,

@@ -58,7 +58,7 @@ fn value_to_string<R: ReadDoc>(doc: &R, v: Value<'_>, id: &ObjId) -> Option<Stri
     }
 }
 
-fn map_at<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Option<ObjId> {
+pub(crate) fn map_at<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Option<ObjId> {
     match doc.get(obj, key).ok().flatten() {
         Some((Value::Object(ObjType::Map), id)) => Some(id),
         _ => None,
@@ -129,4 +129,16 @@ pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError>
             .unwrap_or_default(),
         visits,
     })
+}
+
+/// The station and village a household document names, if it is a household at all: what
+/// the server checks before registering a newly uploaded document.
+pub fn household_scope<R: ReadDoc>(doc: &R) -> Option<(String, String)> {
+    if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
+        return None;
+    }
+    Some((
+        string_at(doc, &ROOT, "station")?,
+        string_at(doc, &ROOT, "village")?,
+    ))
 }

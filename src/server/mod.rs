@@ -1,13 +1,17 @@
 //! The HTTP/WebSocket front: every warp filter of the crate lives here.
 //!
-//! Owns the routes, the one rejection-to-JSON mapping (`errors`), the WebSocket pump that
-//! executes a protocol session's effects (`ws`), and orderly shutdown: close every WebSocket
-//! with 1001, stop the hub, flush the store. Must not: decide protocol rules (that is
-//! `protocol::Session`), touch Automerge or sled (that is `hub` and `storage`).
+//! Owns the routes, the one error-to-JSON mapping (`errors`), credentials on requests
+//! (`auth`), the account endpoints (`api`), the WebSocket pump that executes a protocol
+//! session's effects (`ws`), the admin socket's lifetime, and orderly shutdown: close every
+//! WebSocket with 1001, stop the hub, flush the store. Must not: decide protocol rules (that
+//! is `protocol::Session`), decide access (that is `auth` via `accounts`), touch Automerge or
+//! sled (that is `hub` and `storage`).
 //!
 //! `run` takes a bound listener and a shutdown future (the mini-redis shape), so tests bind
 //! port 0 and run exactly the production code.
 
+mod api;
+mod auth;
 mod errors;
 mod ws;
 
@@ -22,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Filter;
 
-use crate::auth::{Authorizer, OpenAccess};
-use crate::hub::{ChangeObserver, Hub, HubConfig, NoObserver};
-use crate::ids::PeerId;
+use crate::accounts::{Accounts, AccountsConfig, AdminCommand};
+use crate::hub::{Hub, HubConfig};
+use crate::ids::{Clock, PeerId, SystemClock};
 use crate::protocol::SessionConfig;
 use crate::storage::{Store, StoreConfig};
 
@@ -34,6 +38,7 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub store: StoreConfig,
     pub hub: HubConfig,
+    pub accounts: AccountsConfig,
     /// Largest WebSocket message accepted, in bytes.
     pub max_message_bytes: usize,
     pub ping_interval: Duration,
@@ -53,6 +58,7 @@ impl ServerConfig {
             data_dir,
             store: StoreConfig::default(),
             hub: HubConfig::default(),
+            accounts: AccountsConfig::default(),
             max_message_bytes: 16 * 1024 * 1024,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(50),
@@ -63,26 +69,26 @@ impl ServerConfig {
     }
 }
 
-/// The opened store and hub, shared by every connection.
+/// The opened store, accounts and hub, shared by every connection.
 #[derive(Clone)]
 pub struct Services {
     pub store: Store,
     pub hub: Hub,
+    pub accounts: Accounts,
     session: SessionConfig,
     config: Arc<ServerConfig>,
 }
 
 impl Services {
-    /// Opens the store in `config.data_dir` and starts the hub, with open access (issue 3
-    /// replaces it with accounts).
+    /// Opens the store in `config.data_dir`, loads the accounts and starts the hub.
     pub async fn open(config: ServerConfig) -> Result<Services, crate::Error> {
-        Self::open_with(config, Arc::new(OpenAccess), Arc::new(NoObserver)).await
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
     }
 
-    pub async fn open_with(
+    /// Like [`Services::open`] with another clock (tests expire codes and sessions).
+    pub async fn open_with_clock(
         config: ServerConfig,
-        authorizer: Arc<dyn Authorizer>,
-        observer: Arc<dyn ChangeObserver>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Services, crate::Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             crate::Error::Config(format!(
@@ -92,13 +98,14 @@ impl Services {
         })?;
         let store = Store::open(&config.data_dir, &config.store)?;
         let storage_id = store.storage_id().await?;
+        let accounts = Accounts::open(store.clone(), clock, config.accounts.clone()).await?;
         let server_peer_id = PeerId::random("fieldsync");
         let hub = Hub::new(
             store.clone(),
             server_peer_id.clone(),
             config.hub.clone(),
-            authorizer,
-            observer,
+            Arc::new(accounts.clone()),
+            Arc::new(accounts.clone()),
         );
         let session = SessionConfig {
             server_peer_id,
@@ -110,6 +117,7 @@ impl Services {
         Ok(Services {
             store,
             hub,
+            accounts,
             session,
             config: Arc::new(config),
         })
@@ -117,6 +125,43 @@ impl Services {
 
     pub fn server_storage_id(&self) -> &crate::ids::StorageId {
         &self.session.server_storage_id
+    }
+
+    /// Stops the hub and flushes the store, for in-process tools that never called [`run`].
+    pub async fn close(self) -> Result<(), crate::Error> {
+        self.hub.shutdown().await;
+        self.store.flush().await?;
+        Ok(())
+    }
+}
+
+/// Runs one admin command on the data directory: through the running server's admin socket
+/// if there is one (the change applies at once), else on the store directly.
+pub async fn admin(
+    config: ServerConfig,
+    command: AdminCommand,
+    operator: &str,
+) -> Result<String, crate::Error> {
+    use crate::accounts::socket::{call, Reached};
+    let reached = call(&config.data_dir, operator, command.clone())
+        .await
+        .map_err(|e| {
+            crate::Error::Config(format!(
+                "cannot reach the server's admin socket in {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+    match reached {
+        Reached::Answer(answer) => Ok(answer?),
+        Reached::NoServer => {
+            let services = Services::open(config).await?;
+            let answer = services
+                .accounts
+                .admin(&services.hub, command, operator)
+                .await;
+            services.close().await?;
+            Ok(answer?)
+        }
     }
 }
 
@@ -130,6 +175,25 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     let sockets = TaskTracker::new();
     let closing = CancellationToken::new();
+    let data_dir = services.config.data_dir.clone();
+    let admin_listener = crate::accounts::socket::bind(&data_dir).map_err(|e| {
+        crate::Error::Config(format!(
+            "cannot create the admin socket in {}: {e}; use a shorter --data path or check its permissions",
+            data_dir.display()
+        ))
+    })?;
+    let admin_task = tokio::spawn(crate::accounts::socket::serve(
+        admin_listener,
+        data_dir,
+        services.accounts.clone(),
+        services.hub.clone(),
+        closing.clone(),
+    ));
+    if !services.accounts.has_admin() {
+        tracing::warn!(
+            "no admin account yet: create a station and the first admin with `fieldsync admin station add STATION` and `fieldsync admin user add NAME --role admin --station STATION --password-stdin` (add --data DIR as for serve)"
+        );
+    }
     let routes = routes(services.clone(), sockets.clone(), closing.clone());
     tracing::info!(addr = ?addr, "serving");
     let closing_signal = closing.clone();
@@ -158,6 +222,7 @@ pub async fn run(
     {
         tracing::warn!("some connections did not close in time");
     }
+    let _ = admin_task.await;
     services.hub.shutdown().await;
     services.store.flush().await?;
     tracing::info!("stopped; store flushed");
@@ -177,8 +242,11 @@ fn routes(
                 as Box<dyn warp::Reply>
         })
         .boxed();
+    let api = api::routes(&services);
     let sync = ws::route(services, sockets, closing);
     health
+        .or(api)
+        .unify()
         .or(sync)
         .unify()
         .recover(errors::recover)

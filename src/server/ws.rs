@@ -1,6 +1,8 @@
-//! `GET /sync`: upgrades to a WebSocket and pumps frames between the socket, the connection's
-//! protocol `Session` and the hub. One task per connection; it keeps reading (so pings and
-//! closes are seen) while writing what the hub queues in its bounded outbox.
+//! `GET /sync`: authenticates (a 401 with a JSON error before any upgrade), upgrades to a
+//! WebSocket and pumps frames between the socket, the connection's protocol `Session` and the
+//! hub. One task per connection; it keeps reading (so pings and closes are seen) while
+//! writing what the hub queues in its bounded outbox. A revoked device's connection is
+//! closed through its kill switch (registered with `accounts`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,9 @@ use tracing::Instrument;
 use warp::filters::ws::{Message as WsMessage, WebSocket, Ws};
 use warp::Filter;
 
+use super::errors::ApiError;
 use super::Services;
+use crate::accounts::{Authenticated, LiveGuard};
 use crate::auth::Principal;
 use crate::hub::{KillSwitch, Outbound, PeerLink};
 use crate::ids::{ConnId, Timestamp};
@@ -24,12 +28,26 @@ pub(super) fn route(
     sockets: TaskTracker,
     closing: CancellationToken,
 ) -> warp::filters::BoxedFilter<(Box<dyn warp::Reply>,)> {
+    let caller = super::auth::caller(&services);
     warp::get()
         .and(warp::path("sync"))
         .and(warp::path::end())
-        .and(warp::ws())
+        .and(caller)
+        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
         .and(warp::addr::remote())
-        .map(move |ws: Ws, remote: Option<std::net::SocketAddr>| {
+        .map(move |who: Result<Authenticated, ApiError>, ws: Option<Ws>, remote: Option<std::net::SocketAddr>| {
+            let principal = match who {
+                Ok(who) => who.principal().clone(),
+                Err(e) => {
+                    tracing::info!(remote = ?remote, status = e.status().as_u16(), "sync refused before upgrade");
+                    return Box::new(e) as Box<dyn warp::Reply>;
+                }
+            };
+            let Some(ws) = ws else {
+                return Box::new(ApiError::bad_request(
+                    "/sync expects a WebSocket upgrade (automerge-repo protocol)",
+                )) as Box<dyn warp::Reply>;
+            };
             let services = services.clone();
             let sockets = sockets.clone();
             let closing = closing.clone();
@@ -41,9 +59,16 @@ pub(super) fn route(
                 .max_frame_size(limit)
                 .on_upgrade(move |socket| {
                     let conn = ConnId::next();
-                    let span = tracing::info_span!("ws", conn = %conn, remote = ?remote, peer = tracing::field::Empty);
+                    let span = tracing::info_span!(
+                        "ws",
+                        conn = %conn,
+                        remote = ?remote,
+                        user = %principal.user,
+                        device = ?principal.device.as_ref().map(|d| d.to_string()),
+                        peer = tracing::field::Empty
+                    );
                     let task = sockets.spawn(
-                        Connection::new(services, conn, closing)
+                        Connection::new(services, conn, closing, principal)
                             .pump(socket)
                             .instrument(span),
                     );
@@ -67,6 +92,9 @@ struct Connection {
     outbox_tx: mpsc::Sender<Outbound>,
     outbox_rx: mpsc::Receiver<Outbound>,
     link: Option<PeerLink>,
+    principal: Principal,
+    /// Keeps the connection in the accounts' live registry while it runs.
+    live: Option<LiveGuard>,
 }
 
 /// Why the pump stopped.
@@ -76,16 +104,34 @@ enum Stop {
 }
 
 impl Connection {
-    fn new(services: Services, conn: ConnId, closing: CancellationToken) -> Self {
+    fn new(
+        services: Services,
+        conn: ConnId,
+        closing: CancellationToken,
+        principal: Principal,
+    ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(services.config.outbox_len);
+        let kill = Arc::new(KillSwitch::default());
+        let live = services
+            .accounts
+            .register_connection(conn, principal.clone(), kill.clone());
+        if live.is_none() {
+            // Revoked between the token check and the upgrade.
+            kill.kill(
+                CloseCode::PolicyViolation,
+                "the device or account is no longer valid",
+            );
+        }
         Self {
             services,
             conn,
             closing,
-            kill: Arc::new(KillSwitch::default()),
+            kill,
             outbox_tx,
             outbox_rx,
             link: None,
+            principal,
+            live,
         }
     }
 
@@ -159,6 +205,7 @@ impl Connection {
         if self.link.is_some() {
             self.services.hub.disconnect(self.conn).await;
         }
+        self.live.take();
         tracing::debug!("disconnected");
     }
 
@@ -214,7 +261,7 @@ impl Connection {
                     self.conn,
                     peer_id,
                     storage_id,
-                    Principal::anonymous(),
+                    self.principal.clone(),
                     self.outbox_tx.clone(),
                     self.kill.clone(),
                 ));

@@ -9,6 +9,7 @@
 
 mod group_commit;
 mod keys;
+mod tables;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::ids::{DocumentId, StorageId};
 use group_commit::GroupCommit;
 pub use keys::{ChunkKey, ChunkKind};
+pub use tables::{Table, TableWrite};
 
 /// Leading byte of every stored value: lets a later version change the value format.
 const VALUE_VERSION: u8 = 1;
@@ -115,6 +117,8 @@ struct Inner {
     chunks: sled::Tree,
     sync_states: sled::Tree,
     meta: sled::Tree,
+    /// The [`Table`]s, in `Table::ALL` order.
+    tables: Vec<sled::Tree>,
     commit: GroupCommit,
     durability_waits: AtomicU64,
 }
@@ -140,6 +144,10 @@ impl Store {
         let chunks = db.open_tree(TREE_CHUNKS)?;
         let sync_states = db.open_tree(TREE_SYNC_STATES)?;
         let meta = db.open_tree(TREE_META)?;
+        let tables = Table::ALL
+            .iter()
+            .map(|t| db.open_tree(t.tree_name()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let commit = GroupCommit::start(db.clone());
         Ok(Store {
             inner: Arc::new(Inner {
@@ -147,6 +155,7 @@ impl Store {
                 chunks,
                 sync_states,
                 meta,
+                tables,
                 commit,
                 durability_waits: AtomicU64::new(0),
             }),

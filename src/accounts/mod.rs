@@ -1,0 +1,615 @@
+//! The live account service: the [`Directory`] in memory, kept in step with the store, and
+//! everything that changes it or asks it.
+//!
+//! Owns: loading the directory at start, admin commands and their audit log (`admin`),
+//! device enrolment, staff sign-in with throttling and sessions, token authentication, the
+//! registry of live connections (so a revocation closes them at once), and the two hub seams:
+//! [`Authorizer`] (access decisions, registration of new households) and
+//! [`ChangeObserver`] (provenance rows, actor bindings, catalog entries, in `provenance`).
+//! The admin socket (`socket`) lets the CLI reach a running server. Must not: speak HTTP
+//! (that is `server`), call sled directly (that is `storage`), or log a secret.
+
+pub mod admin;
+mod provenance;
+pub mod socket;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use automerge::Automerge;
+
+use crate::auth::directory::{Device, Op, Session};
+use crate::auth::secrets::{self, Secret, SecretHash};
+use crate::auth::throttle::{Throttle, ThrottleConfig};
+use crate::auth::{
+    Access, AuthFailure, Authorizer, DeviceId, Directory, Principal, Record, Role, StationId,
+    UserName, VillageName,
+};
+use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit, KillSwitch};
+use crate::ids::{Clock, ConnId, DocumentId, Timestamp};
+use crate::protocol::CloseCode;
+use crate::storage::{blocking, StorageError, Store, Table};
+
+pub use admin::{AdminCommand, AuditEntry};
+pub use provenance::ProvenanceRow;
+
+/// Lifetimes of the things the service hands out.
+#[derive(Clone, Debug)]
+pub struct AccountsConfig {
+    pub enrolment_code_ttl: Duration,
+    pub session_ttl: Duration,
+    /// `None`: device tokens last until revoked.
+    pub device_token_ttl: Option<Duration>,
+    pub sign_in_throttle: ThrottleConfig,
+    pub enrolment_throttle: ThrottleConfig,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        Self {
+            enrolment_code_ttl: Duration::from_secs(15 * 60),
+            session_ttl: Duration::from_secs(12 * 3600),
+            device_token_ttl: Some(Duration::from_secs(365 * 24 * 3600)),
+            sign_in_throttle: ThrottleConfig::default(),
+            enrolment_throttle: ThrottleConfig {
+                free_failures: 10,
+                ..ThrottleConfig::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The request is malformed or names something invalid; the text says what to fix.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthenticated(AuthFailure),
+    #[error("wrong name or password")]
+    WrongPassword,
+    #[error(
+        "the enrolment code is not valid (wrong, used or expired); ask an admin for a new one"
+    )]
+    BadEnrolmentCode,
+    #[error("too many failed attempts; try again in {} s", .0.as_secs().max(1))]
+    Throttled(Duration),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// What an enrolled device receives, once.
+#[derive(Debug, serde::Serialize)]
+pub struct Enrolled {
+    pub device_id: DeviceId,
+    /// The bearer token: shown once, stored only as a hash.
+    pub token: String,
+    pub user: UserName,
+    pub role: Role,
+    pub station: StationId,
+    pub villages: Vec<VillageInfo>,
+    /// When the token stops working (ms since the epoch), if it expires.
+    pub expires_at: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VillageInfo {
+    pub name: VillageName,
+    /// `automerge:<id>` of the village catalog.
+    pub catalog_url: String,
+}
+
+/// `GET /api/v1/me`.
+#[derive(Debug, serde::Serialize)]
+pub struct Me {
+    pub user: UserName,
+    pub role: Role,
+    pub station: StationId,
+    pub villages: Vec<VillageInfo>,
+    pub device: Option<DeviceInfo>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct DeviceInfo {
+    pub id: DeviceId,
+    pub name: String,
+}
+
+/// A signed-in staff session, as handed to the browser.
+pub struct SignedIn {
+    pub token: Secret,
+    pub csrf: String,
+    pub principal: Principal,
+    pub expires_at: Timestamp,
+}
+
+/// How a request proved who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authenticated {
+    Device(Principal),
+    /// A browser session; state-changing requests must echo `csrf`.
+    Session {
+        principal: Principal,
+        csrf: String,
+    },
+}
+
+impl Authenticated {
+    pub fn principal(&self) -> &Principal {
+        match self {
+            Authenticated::Device(p) => p,
+            Authenticated::Session { principal, .. } => principal,
+        }
+    }
+}
+
+struct LiveConn {
+    principal: Principal,
+    kill: Arc<KillSwitch>,
+}
+
+#[derive(Clone)]
+pub struct Accounts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    dir: RwLock<Directory>,
+    /// Serialises directory writes (check, write batch, apply). Held only on blocking
+    /// threads, never across an `.await`.
+    write: Mutex<()>,
+    clock: Arc<dyn Clock>,
+    config: AccountsConfig,
+    live: Mutex<HashMap<ConnId, LiveConn>>,
+    sign_in_throttle: Mutex<Throttle>,
+    enrolment_throttle: Mutex<Throttle>,
+}
+
+/// Removes a connection from the live registry when it ends.
+pub struct LiveGuard {
+    accounts: Accounts,
+    conn: ConnId,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        lock(&self.accounts.inner.live).remove(&self.conn);
+    }
+}
+
+impl Accounts {
+    /// Loads the directory from the store.
+    pub async fn open(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        config: AccountsConfig,
+    ) -> Result<Accounts, AccountsError> {
+        let s = store.clone();
+        let rows = blocking(move || s.table_scan_blocking(Table::Accounts, b"")).await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for (key, value) in rows {
+            let record = Record::from_json(&value).map_err(|e| {
+                StorageError::Corrupt(format!(
+                    "account record {} is unreadable: {e}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            records.push(record);
+        }
+        let sign_in_throttle = Throttle::new(config.sign_in_throttle.clone());
+        let enrolment_throttle = Throttle::new(config.enrolment_throttle.clone());
+        Ok(Accounts {
+            inner: Arc::new(Inner {
+                store,
+                dir: RwLock::new(Directory::from_records(records)),
+                write: Mutex::new(()),
+                clock,
+                config,
+                live: Mutex::new(HashMap::new()),
+                sign_in_throttle: Mutex::new(sign_in_throttle),
+                enrolment_throttle: Mutex::new(enrolment_throttle),
+            }),
+        })
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Whether an admin account exists (a fresh data directory has none).
+    pub fn has_admin(&self) -> bool {
+        read(&self.inner.dir).has_admin()
+    }
+
+    /// A read-only view of the directory for queries.
+    pub fn with_directory<T>(&self, f: impl FnOnce(&Directory) -> T) -> T {
+        f(&read(&self.inner.dir))
+    }
+
+    /// Checks, writes and applies directory ops under the write lock; `check` sees the
+    /// current directory and returns the ops (or refuses). Durable when this returns.
+    async fn commit<T: Send + 'static>(
+        &self,
+        check: impl FnOnce(&Directory, Timestamp) -> Result<(Vec<Op>, T), AccountsError>
+            + Send
+            + 'static,
+        audit: Option<(String, String, String)>,
+    ) -> Result<T, AccountsError> {
+        let this = self.clone();
+        let out = tokio::task::spawn_blocking(move || -> Result<T, AccountsError> {
+            let _w = lock(&this.inner.write);
+            let now = this.now();
+            let (ops, out) = check(&read(&this.inner.dir), now)?;
+            this.write_ops_blocking(&ops)?;
+            if let Some((operator, action, detail)) = audit {
+                admin::append_audit_blocking(&this.inner.store, now, &operator, &action, &detail)?;
+            }
+            write(&this.inner.dir).apply(&ops);
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))??;
+        self.inner.store.flush().await?;
+        Ok(out)
+    }
+
+    fn write_ops_blocking(&self, ops: &[Op]) -> Result<(), StorageError> {
+        let writes = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(r) => (r.key().encode(), Some(r.to_json())),
+                Op::Remove(k) => (k.encode(), None),
+            })
+            .collect();
+        self.inner
+            .store
+            .table_write_blocking(Table::Accounts, writes)
+    }
+
+    // ---- authentication ----
+
+    /// Authenticates a bearer secret: a device token (`fsd_…`) or a session token (`fss_…`).
+    pub fn authenticate(&self, secret: Option<&str>) -> Result<Authenticated, AuthFailure> {
+        let secret = secret
+            .filter(|s| !s.is_empty())
+            .ok_or(AuthFailure::Missing)?;
+        let hash = SecretHash::of(secret);
+        let now = self.now();
+        let dir = read(&self.inner.dir);
+        if secret.starts_with(secrets::SESSION_TOKEN_PREFIX) {
+            let (principal, session) = dir.authenticate_session(&hash, now)?;
+            Ok(Authenticated::Session {
+                principal,
+                csrf: session.csrf.clone(),
+            })
+        } else if secret.starts_with(secrets::DEVICE_TOKEN_PREFIX) {
+            dir.authenticate_device(&hash, now)
+                .map(Authenticated::Device)
+        } else {
+            Err(AuthFailure::Invalid)
+        }
+    }
+
+    /// Registers a live connection so that revoking its device or disabling its user closes
+    /// it. Re-checks the credentials after registering (a revocation may have raced).
+    pub fn register_connection(
+        &self,
+        conn: ConnId,
+        principal: Principal,
+        kill: Arc<KillSwitch>,
+    ) -> Option<LiveGuard> {
+        lock(&self.inner.live).insert(
+            conn,
+            LiveConn {
+                principal: principal.clone(),
+                kill,
+            },
+        );
+        let guard = LiveGuard {
+            accounts: self.clone(),
+            conn,
+        };
+        let still_valid = {
+            let dir = read(&self.inner.dir);
+            dir.user(&principal.user).is_some_and(|u| !u.disabled)
+                && principal
+                    .device
+                    .as_ref()
+                    .is_none_or(|d| dir.device(d).is_some_and(|d| d.revoked_at.is_none()))
+        };
+        still_valid.then_some(guard)
+    }
+
+    /// Closes every live connection matching `pred`; returns how many.
+    fn close_connections(&self, pred: impl Fn(&Principal) -> bool, reason: &str) -> usize {
+        let live = lock(&self.inner.live);
+        let mut n = 0;
+        for c in live.values().filter(|c| pred(&c.principal)) {
+            c.kill.kill(CloseCode::PolicyViolation, reason);
+            n += 1;
+        }
+        n
+    }
+
+    pub fn live_connections(&self) -> usize {
+        lock(&self.inner.live).len()
+    }
+
+    // ---- enrolment ----
+
+    /// Exchanges a one-time enrolment code for a device token. `client` keys the guessing
+    /// throttle (the caller's address).
+    pub async fn enroll(
+        &self,
+        code: &str,
+        device_name: &str,
+        client: &str,
+    ) -> Result<Enrolled, AccountsError> {
+        let device_name = device_name.trim().to_string();
+        if device_name.is_empty() || device_name.chars().count() > 100 {
+            return Err(AccountsError::Invalid(
+                "device_name must be 1 to 100 characters".into(),
+            ));
+        }
+        let now = self.now();
+        lock(&self.inner.enrolment_throttle)
+            .check(client, now)
+            .map_err(AccountsError::Throttled)?;
+        let code_hash = SecretHash::of(&secrets::normalise_code(code));
+        let token = Secret::device_token(random_bytes()?);
+        let device_id = DeviceId::from_random(random_bytes()?);
+        let token_hash = token.hash();
+        let ttl = self.inner.config.device_token_ttl;
+        let result = self
+            .commit(
+                move |dir, now| {
+                    let enrolment = dir
+                        .enrolment(&code_hash)
+                        .filter(|e| e.expires_at > now)
+                        .ok_or(AccountsError::BadEnrolmentCode)?;
+                    let user = dir
+                        .user(&enrolment.user)
+                        .filter(|u| !u.disabled)
+                        .ok_or(AccountsError::BadEnrolmentCode)?;
+                    let device = Device {
+                        id: device_id,
+                        user: user.name.clone(),
+                        name: device_name,
+                        token: token_hash,
+                        enrolled_at: now,
+                        expires_at: ttl.map(|t| now.saturating_add(t)),
+                        revoked_at: None,
+                    };
+                    let ops = vec![
+                        // Used once: the code goes in the same atomic batch as the device.
+                        Op::Remove(crate::auth::RecordKey::Enrolment(code_hash)),
+                        Op::Put(Record::Device(device.clone())),
+                    ];
+                    Ok((ops, device))
+                },
+                None,
+            )
+            .await;
+        let device = match result {
+            Ok(d) => d,
+            Err(e) => {
+                if matches!(e, AccountsError::BadEnrolmentCode) {
+                    lock(&self.inner.enrolment_throttle).failed(client, now);
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(device = %device.id, user = %device.user, "device enrolled");
+        let dir = read(&self.inner.dir);
+        let user = dir
+            .user(&device.user)
+            .ok_or_else(|| AccountsError::NotFound("the user vanished".into()))?;
+        Ok(Enrolled {
+            device_id: device.id.clone(),
+            token: token.expose().to_string(),
+            user: user.name.clone(),
+            role: user.role,
+            station: user.station.clone(),
+            villages: villages_of(&dir, user.role, &user.station, &user.villages),
+            expires_at: device.expires_at,
+        })
+    }
+
+    // ---- staff sessions ----
+
+    /// Signs a staff member or admin in with a password. Repeated failures for one name
+    /// are slowed down (answered at once with "try again in N s").
+    pub async fn sign_in(&self, name: &str, password: &str) -> Result<SignedIn, AccountsError> {
+        let now = self.now();
+        lock(&self.inner.sign_in_throttle)
+            .check(name, now)
+            .map_err(AccountsError::Throttled)?;
+        let phc = {
+            let dir = read(&self.inner.dir);
+            UserName::new(name)
+                .ok()
+                .and_then(|n| dir.user(&n).cloned())
+                .filter(|u| !u.disabled && u.role != Role::Officer)
+                .and_then(|u| u.password.clone())
+        };
+        let password = password.to_string();
+        // argon2 is deliberately slow: off the reactor. An unknown name still costs one
+        // verification (against a fixed hash) so timing does not reveal which names exist.
+        let ok = tokio::task::spawn_blocking(move || match phc {
+            Some(phc) => secrets::verify_password(&password, &phc),
+            None => {
+                let _ = secrets::verify_password(&password, dummy_phc());
+                false
+            }
+        })
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?;
+        if !ok {
+            lock(&self.inner.sign_in_throttle).failed(name, now);
+            tracing::info!(user = %name, "sign-in refused");
+            return Err(AccountsError::WrongPassword);
+        }
+        lock(&self.inner.sign_in_throttle).succeeded(name);
+        let token = Secret::session_token(random_bytes()?);
+        let csrf = hex::encode(random_bytes::<16>()?);
+        let ttl = self.inner.config.session_ttl;
+        let user_name = UserName::new(name).map_err(|e| AccountsError::Invalid(e.to_string()))?;
+        let token_hash = token.hash();
+        let csrf2 = csrf.clone();
+        let (principal, expires_at) = self
+            .commit(
+                move |dir, now| {
+                    let user = dir
+                        .user(&user_name)
+                        .filter(|u| !u.disabled)
+                        .ok_or(AccountsError::WrongPassword)?;
+                    let mut ops: Vec<Op> = dir.expired(now).into_iter().map(Op::Remove).collect();
+                    let expires_at = now.saturating_add(ttl);
+                    ops.push(Op::Put(Record::Session(Session {
+                        token: token_hash,
+                        user: user.name.clone(),
+                        csrf: csrf2,
+                        created_at: now,
+                        expires_at,
+                    })));
+                    let principal = Principal {
+                        user: user.name.clone(),
+                        role: user.role,
+                        station: user.station.clone(),
+                        device: None,
+                    };
+                    Ok((ops, (principal, expires_at)))
+                },
+                None,
+            )
+            .await?;
+        tracing::info!(user = %principal.user, "signed in");
+        Ok(SignedIn {
+            token,
+            csrf,
+            principal,
+            expires_at,
+        })
+    }
+
+    /// Ends a session (idempotent).
+    pub async fn sign_out(&self, session_token: &str) -> Result<(), AccountsError> {
+        let hash = SecretHash::of(session_token);
+        self.commit(
+            move |_dir, _now| Ok((vec![Op::Remove(crate::auth::RecordKey::Session(hash))], ())),
+            None,
+        )
+        .await
+    }
+
+    /// The caller's account, station, villages and catalogs.
+    pub fn me(&self, who: &Principal) -> Result<Me, AccountsError> {
+        let dir = read(&self.inner.dir);
+        let user = dir
+            .user(&who.user)
+            .ok_or_else(|| AccountsError::NotFound("no such user".into()))?;
+        let device = who
+            .device
+            .as_ref()
+            .and_then(|d| dir.device(d))
+            .map(|d| DeviceInfo {
+                id: d.id.clone(),
+                name: d.name.clone(),
+            });
+        Ok(Me {
+            user: user.name.clone(),
+            role: user.role,
+            station: user.station.clone(),
+            villages: villages_of(&dir, user.role, &user.station, &user.villages),
+            device,
+        })
+    }
+}
+
+/// The villages a user works with: an officer's assigned ones, a station's all for staff.
+fn villages_of(
+    dir: &Directory,
+    role: Role,
+    station: &StationId,
+    assigned: &std::collections::BTreeSet<VillageName>,
+) -> Vec<VillageInfo> {
+    dir.villages_of(station)
+        .into_iter()
+        .filter(|v| role != Role::Officer || assigned.contains(&v.name))
+        .map(|v| VillageInfo {
+            name: v.name.clone(),
+            catalog_url: v.catalog.to_url(),
+        })
+        .collect()
+}
+
+impl Authorizer for Accounts {
+    fn access(&self, who: &Principal, doc: DocumentId) -> Access {
+        read(&self.inner.dir).access(who, doc)
+    }
+
+    fn admit(&self, who: &Principal, doc: DocumentId, content: &Automerge) -> Result<(), String> {
+        let claim = crate::records::household_scope(content);
+        let _w = lock(&self.inner.write);
+        let household = read(&self.inner.dir).admit_household(
+            who,
+            doc,
+            claim.as_ref().map(|(s, v)| (s.as_str(), v.as_str())),
+            self.now(),
+        )?;
+        let ops = vec![Op::Put(Record::Household(household.clone()))];
+        // Not flushed here: the document's actor flushes the registration with the chunk.
+        self.write_ops_blocking(&ops)
+            .map_err(|e| format!("could not store the registration: {e}"))?;
+        write(&self.inner.dir).apply(&ops);
+        tracing::info!(doc = %doc, village = %household.village, device = %household.registered_by, "household registered");
+        Ok(())
+    }
+}
+
+impl ChangeObserver for Accounts {
+    fn changes_accepted(
+        &self,
+        event: &AcceptedChanges,
+        doc: &Automerge,
+    ) -> Result<Vec<DerivedEdit>, StorageError> {
+        provenance::record(self, event, doc)
+    }
+}
+
+/// An argon2id hash verified against when the user is unknown, so that both cases cost
+/// the same time.
+fn dummy_phc() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        secrets::hash_password("no such user, no such password", [0; 16]).unwrap_or_default()
+    })
+}
+
+/// Bytes from the operating system's generator.
+fn random_bytes<const N: usize>() -> Result<[u8; N], AccountsError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b)
+        .map_err(|e| StorageError::Io(format!("the OS random generator failed: {e}")))?;
+    Ok(b)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,150 @@
+//! The village catalog document: how a device discovers the households of its villages.
+//! One per village, written only by the server, read-only to devices:
+//!
+//! ```text
+//! type: "catalog", schema: 1, station, village,
+//! households: { <document id>: { url: "automerge:<id>", address_label, updated_at (ms) } }
+//! ```
+//!
+//! Owns the schema's writes and reads. Must not do I/O; the server decides when to write.
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+
+use super::read::{map_at, string_at};
+use super::{RecordError, SCHEMA_VERSION};
+use crate::ids::{DocumentId, Timestamp};
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CatalogEntry {
+    pub id: DocumentId,
+    pub url: String,
+    pub address_label: String,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CatalogView {
+    pub station: String,
+    pub village: String,
+    /// Sorted by address label, then id.
+    pub households: Vec<CatalogEntry>,
+}
+
+/// Writes the catalog's skeleton (its first change). Every nested container is made here,
+/// once, by the only writer.
+pub fn create_catalog(
+    doc: &mut Automerge,
+    station: &str,
+    village: &str,
+) -> Result<(), RecordError> {
+    let mut tx = doc.transaction();
+    tx.put(ROOT, "type", "catalog")?;
+    tx.put(ROOT, "schema", SCHEMA_VERSION)?;
+    tx.put(ROOT, "station", station)?;
+    tx.put(ROOT, "village", village)?;
+    tx.put_object(ROOT, "households", ObjType::Map)?;
+    tx.commit();
+    Ok(())
+}
+
+/// Adds or updates one household's entry. Returns whether anything changed (an unchanged
+/// entry makes no Automerge change at all).
+pub fn upsert_catalog_entry(
+    doc: &mut Automerge,
+    household: DocumentId,
+    address_label: &str,
+    updated_at: Timestamp,
+) -> Result<bool, RecordError> {
+    let households = map_at(doc, &ROOT, "households").ok_or_else(|| RecordError::Invalid {
+        field: "households",
+        reason: "the catalog has no households map".into(),
+    })?;
+    let key = household.to_string();
+    let updated = i64::try_from(updated_at.as_millis()).unwrap_or(i64::MAX);
+    let existing = map_at(doc, &households, &key);
+    if let Some(entry) = &existing {
+        let same_label = string_at(doc, entry, "address_label").as_deref() == Some(address_label);
+        let same_time = matches!(
+            doc.get(entry, "updated_at").ok().flatten(),
+            Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Timestamp(t) if *t == updated)
+        );
+        if same_label && same_time {
+            return Ok(false);
+        }
+    }
+    let mut tx = doc.transaction();
+    let entry = match existing {
+        Some(e) => e,
+        None => {
+            let e = tx.put_object(&households, key.as_str(), ObjType::Map)?;
+            tx.put(&e, "url", household.to_url())?;
+            e
+        }
+    };
+    tx.put(&entry, "address_label", address_label)?;
+    tx.put(&entry, "updated_at", ScalarValue::Timestamp(updated))?;
+    tx.commit();
+    Ok(true)
+}
+
+pub fn read_catalog<R: ReadDoc>(doc: &R) -> Result<CatalogView, RecordError> {
+    if string_at(doc, &ROOT, "type").as_deref() != Some("catalog") {
+        return Err(RecordError::NotAHousehold(
+            "`type` is not \"catalog\"".into(),
+        ));
+    }
+    let mut households = Vec::new();
+    if let Some(map) = map_at(doc, &ROOT, "households") {
+        for key in doc.keys(&map) {
+            let (Ok(id), Some(entry)) = (key.parse::<DocumentId>(), map_at(doc, &map, &key)) else {
+                continue;
+            };
+            let updated_at_ms = match doc.get(&entry, "updated_at").ok().flatten() {
+                Some((Value::Scalar(s), _)) => match s.as_ref() {
+                    ScalarValue::Timestamp(t) | ScalarValue::Int(t) => *t,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            households.push(CatalogEntry {
+                id,
+                url: string_at(doc, &entry, "url").unwrap_or_else(|| id.to_url()),
+                address_label: string_at(doc, &entry, "address_label").unwrap_or_default(),
+                updated_at_ms,
+            });
+        }
+    }
+    households.sort_by(|a, b| (&a.address_label, a.id).cmp(&(&b.address_label, b.id)));
+    Ok(CatalogView {
+        station: string_at(doc, &ROOT, "station").unwrap_or_default(),
+        village: string_at(doc, &ROOT, "village").unwrap_or_default(),
+        households,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_added_updated_and_not_rewritten_when_unchanged() {
+        let mut doc = Automerge::new();
+        create_catalog(&mut doc, "north", "東村").unwrap();
+        let h = DocumentId::random();
+        let t = Timestamp::from_millis(1_000);
+        assert!(upsert_catalog_entry(&mut doc, h, "East Rd No. 1", t).unwrap());
+        let heads = doc.get_heads();
+        assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1", t).unwrap());
+        assert_eq!(doc.get_heads(), heads, "no empty changes");
+        assert!(
+            upsert_catalog_entry(&mut doc, h, "East Rd No. 1", Timestamp::from_millis(2_000))
+                .unwrap()
+        );
+        let view = read_catalog(&doc).unwrap();
+        assert_eq!(view.village, "東村");
+        assert_eq!(view.households.len(), 1);
+        assert_eq!(view.households[0].url, h.to_url());
+        assert_eq!(view.households[0].updated_at_ms, 2_000);
+    }
+}

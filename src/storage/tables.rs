@@ -1,0 +1,177 @@
+//! Small keyed tables beside the document chunks: the account directory, provenance rows,
+//! the change feed, actor bindings and the admin audit log. The layers above choose keys and
+//! encode values (JSON); this file only stores bytes, with the version byte, and gives
+//! atomic batches within one table. Must not interpret what it stores.
+
+use super::{unversioned, versioned, Result, Store};
+
+/// The tables; each is one sled tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// The directory: stations, villages, users, devices, enrolment codes, sessions,
+    /// household registrations (keys `kind/...`).
+    Accounts,
+    /// One row per accepted change, keyed doc(16) | seq(8 BE): a document's history in order.
+    Provenance,
+    /// The change feed: seq(8 BE) -> doc(16) | change hash(32).
+    Changes,
+    /// Automerge actor id -> the device it is bound to.
+    Actors,
+    /// Admin audit log: seq(8 BE) -> entry.
+    Audit,
+}
+
+impl Table {
+    pub(super) const ALL: [Table; 5] = [
+        Table::Accounts,
+        Table::Provenance,
+        Table::Changes,
+        Table::Actors,
+        Table::Audit,
+    ];
+
+    pub(super) fn tree_name(self) -> &'static str {
+        match self {
+            Table::Accounts => "accounts",
+            Table::Provenance => "provenance",
+            Table::Changes => "changes",
+            Table::Actors => "actors",
+            Table::Audit => "audit",
+        }
+    }
+}
+
+/// One write of a batch: `Some` puts, `None` removes.
+pub type TableWrite = (Vec<u8>, Option<Vec<u8>>);
+
+impl Store {
+    fn tree(&self, t: Table) -> &sled::Tree {
+        &self.inner.tables[Table::ALL.iter().position(|x| *x == t).expect("listed")]
+    }
+
+    pub fn table_get_blocking(&self, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.tree(t).get(key)? {
+            Some(v) => Ok(Some(unversioned(&v)?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// Every row whose key starts with `prefix`, in key order.
+    pub fn table_scan_blocking(&self, t: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.tree(t).scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), unversioned(&v)?.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` rows with keys strictly after `after` (from the start if `None`).
+    pub fn table_page_blocking(
+        &self,
+        t: Table,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let iter = match after {
+            Some(a) => self
+                .tree(t)
+                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.tree(t).iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), unversioned(&v)?.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Applies every write atomically (all or none after a crash). Not durable until
+    /// [`Store::flush`].
+    pub fn table_write_blocking(&self, t: Table, writes: Vec<TableWrite>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k, versioned(&v)),
+                None => batch.remove(k),
+            }
+        }
+        self.tree(t).apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Stores `value` under `key` unless a value is there; returns the value that was there.
+    pub fn table_insert_if_absent_blocking(
+        &self,
+        t: Table,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
+        match self
+            .tree(t)
+            .compare_and_swap(key, None as Option<&[u8]>, Some(versioned(value)))?
+        {
+            Ok(()) => Ok(None),
+            Err(e) => match e.current {
+                Some(v) => Ok(Some(unversioned(&v)?.to_vec())),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// A new server sequence number: strictly greater than every one handed out before,
+    /// also across restarts (gaps are possible after a crash).
+    pub fn next_sequence_blocking(&self) -> Result<u64> {
+        Ok(self.inner.db.generate_id()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::StoreConfig;
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_scans_pages_and_first_binding_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        s.table_write_blocking(
+            Table::Accounts,
+            vec![
+                (b"user/a".to_vec(), Some(b"1".to_vec())),
+                (b"user/b".to_vec(), Some(b"2".to_vec())),
+                (b"village/x".to_vec(), Some(b"3".to_vec())),
+            ],
+        )
+        .unwrap();
+        let users = s.table_scan_blocking(Table::Accounts, b"user/").unwrap();
+        assert_eq!(users.len(), 2);
+        assert_eq!(users[1], (b"user/b".to_vec(), b"2".to_vec()));
+        let page = s
+            .table_page_blocking(Table::Accounts, Some(b"user/a"), 10)
+            .unwrap();
+        assert_eq!(page.len(), 2);
+        assert_eq!(page[0].0, b"user/b");
+        s.table_write_blocking(Table::Accounts, vec![(b"user/a".to_vec(), None)])
+            .unwrap();
+        assert!(s
+            .table_get_blocking(Table::Accounts, b"user/a")
+            .unwrap()
+            .is_none());
+        assert_eq!(s.table_get_blocking(Table::Audit, b"user/b").unwrap(), None);
+
+        assert_eq!(
+            s.table_insert_if_absent_blocking(Table::Actors, b"actor", b"dev-1")
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s.table_insert_if_absent_blocking(Table::Actors, b"actor", b"dev-2")
+                .unwrap(),
+            Some(b"dev-1".to_vec())
+        );
+        let a = s.next_sequence_blocking().unwrap();
+        assert!(s.next_sequence_blocking().unwrap() > a);
+    }
+}
