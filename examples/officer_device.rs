@@ -3,9 +3,11 @@
 //! works offline except `sync`.
 //!
 //! ```text
+//! cargo run --example officer_device -- --device ./phone-a enroll <CODE>
 //! cargo run --example officer_device -- --device ./phone-a new --village Linsen --house-no 12
 //! cargo run --example officer_device -- --device ./phone-a visit <URL> --officer wang --notes "..."
 //! cargo run --example officer_device -- --device ./phone-a sync
+//! cargo run --example officer_device -- --device ./phone-b catalog
 //! cargo run --example officer_device -- --device ./phone-b fetch <URL>
 //! cargo run --example officer_device -- --device ./phone-b show <URL>
 //! ```
@@ -27,7 +29,7 @@ struct Cli {
     /// The device's local data directory (one per phone).
     #[arg(long, env = "FIELDSYNC_DEVICE", default_value = "./officer-device")]
     device: PathBuf,
-    /// The server's sync endpoint.
+    /// The server's sync endpoint (the device token from `enroll` is sent with it).
     #[arg(
         long,
         env = "FIELDSYNC_SERVER",
@@ -40,6 +42,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Enrol this device with a one-time code from `fieldsync admin device enroll USER`.
+    Enroll {
+        code: String,
+        /// How the device is listed for admins.
+        #[arg(long, default_value = "officer phone")]
+        name: String,
+    },
+    /// List the households of this officer's villages (from the village catalogs, as of the
+    /// last sync).
+    Catalog,
     /// Register a new household (offline); prints its URL.
     New {
         #[arg(long)]
@@ -83,6 +95,42 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the device store in {}", cli.device.display()))?;
     match cli.command {
+        Cmd::Enroll { code, name } => {
+            let answer = device
+                .enroll(&http_base(&cli.server)?, &code, &name)
+                .await?;
+            println!(
+                "enrolled as device {} of {} ({}, {})",
+                answer["device_id"].as_str().unwrap_or("?"),
+                answer["user"].as_str().unwrap_or("?"),
+                answer["role"].as_str().unwrap_or("?"),
+                answer["station"].as_str().unwrap_or("?"),
+            );
+            for v in answer["villages"].as_array().into_iter().flatten() {
+                println!(
+                    "village {}: catalog {}",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["catalog_url"].as_str().unwrap_or("?")
+                );
+            }
+            println!("run `sync` to download the village catalogs");
+        }
+        Cmd::Catalog => {
+            let mut any = false;
+            for id in device.documents().await? {
+                let Ok(catalog) = device.catalog(id).await else {
+                    continue;
+                };
+                any = true;
+                println!("village {} ({}):", catalog.village, catalog.station);
+                for h in catalog.households {
+                    println!("  {}  {}", h.url, h.address_label);
+                }
+            }
+            if !any {
+                println!("no village catalog on this device yet: `enroll`, then `sync`");
+            }
+        }
         Cmd::New {
             village,
             house_no,
@@ -197,6 +245,24 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `http://host:port` from the sync URL `ws://host:port/sync`.
+fn http_base(sync_url: &str) -> anyhow::Result<String> {
+    let rest = sync_url
+        .strip_prefix("ws://")
+        .map(|r| format!("http://{r}"))
+        .or_else(|| {
+            sync_url
+                .strip_prefix("wss://")
+                .map(|r| format!("https://{r}"))
+        })
+        .with_context(|| format!("--server `{sync_url}` is not a ws:// or wss:// URL"))?;
+    let base = rest.split('?').next().unwrap_or(&rest);
+    Ok(base
+        .trim_end_matches('/')
+        .trim_end_matches("/sync")
+        .to_string())
 }
 
 fn parse_url(url: &str) -> anyhow::Result<DocumentId> {

@@ -285,10 +285,10 @@ impl Accounts {
         let now = self.now();
         let dir = read(&self.inner.dir);
         if secret.starts_with(secrets::SESSION_TOKEN_PREFIX) {
-            let (principal, session) = dir.authenticate_session(&hash, now)?;
+            let (principal, _session) = dir.authenticate_session(&hash, now)?;
             Ok(Authenticated::Session {
                 principal,
-                csrf: session.csrf.clone(),
+                csrf: secrets::csrf_token(secret),
             })
         } else if secret.starts_with(secrets::DEVICE_TOKEN_PREFIX) {
             dir.authenticate_device(&hash, now)
@@ -459,11 +459,10 @@ impl Accounts {
         }
         lock(&self.inner.sign_in_throttle).succeeded(name);
         let token = Secret::session_token(random_bytes()?);
-        let csrf = hex::encode(random_bytes::<16>()?);
+        let csrf = secrets::csrf_token(token.expose());
         let ttl = self.inner.config.session_ttl;
         let user_name = UserName::new(name).map_err(|e| AccountsError::Invalid(e.to_string()))?;
         let token_hash = token.hash();
-        let csrf2 = csrf.clone();
         let (principal, expires_at) = self
             .commit(
                 move |dir, now| {
@@ -476,7 +475,6 @@ impl Accounts {
                     ops.push(Op::Put(Record::Session(Session {
                         token: token_hash,
                         user: user.name.clone(),
-                        csrf: csrf2,
                         created_at: now,
                         expires_at,
                     })));

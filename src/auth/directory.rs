@@ -65,8 +65,6 @@ pub struct Enrolment {
 pub struct Session {
     pub token: SecretHash,
     pub user: UserName,
-    /// Sent back by the page in `X-CSRF-Token` on every state-changing request.
-    pub csrf: String,
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
 }

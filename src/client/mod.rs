@@ -40,6 +40,9 @@ pub enum ClientError {
     Protocol(String),
     #[error("document {0} is not on this device")]
     UnknownDocument(DocumentId),
+    /// The server answered 401 (or another refusal) with its JSON error.
+    #[error("the server refused ({status}): {message}")]
+    Refused { status: u16, message: String },
 }
 
 impl From<automerge::AutomergeError> for ClientError {
@@ -53,6 +56,9 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 const META_STORAGE_ID: &str = "device.storage_id";
 const META_ACTOR: &str = "device.actor_id";
 const META_TRACKED: &str = "device.tracked";
+/// The device token from enrolment. A phone keeps it in its secure storage; this library
+/// keeps it in the device's own data directory.
+const META_TOKEN: &str = "device.token";
 pub(crate) const META_SERVER_STORAGE_ID: &str = "device.server_storage_id";
 pub(crate) fn held_key(doc: DocumentId) -> String {
     format!("device.held.{doc}")
@@ -202,6 +208,12 @@ impl Device {
         Ok(view?)
     }
 
+    /// A village catalog as this device has it (sync it first: it is tracked at enrolment).
+    pub async fn catalog(&self, id: DocumentId) -> Result<records::CatalogView> {
+        let view = self.read(id, records::read_catalog).await?;
+        Ok(view?)
+    }
+
     pub async fn heads(&self, id: DocumentId) -> Result<Vec<ChangeHash>> {
         self.read(id, |d| d.get_heads()).await
     }
@@ -256,10 +268,62 @@ impl Device {
     }
 
     /// Syncs every local and tracked document with the server at `url`
-    /// (`ws://host:port/sync`), until each is settled or the timeout passes.
+    /// (`ws://host:port/sync`), until each is settled or the timeout passes. The device's
+    /// token (from [`Device::enroll`]) rides in `Authorization: Bearer`; a `token=` already in
+    /// `url` is used as given.
     pub async fn sync(&self, url: &str) -> Result<SyncReport> {
         let docs = self.documents().await?;
-        session::run(self, url, docs).await
+        let token = if url.contains("token=") {
+            None
+        } else {
+            self.token().await?
+        };
+        session::run(self, url, token.as_deref(), docs).await
+    }
+
+    /// Exchanges a one-time enrolment code for this device's token, at `server`
+    /// (`http://host:port`), and keeps the token. Returns the server's answer (user, station,
+    /// villages with their catalog URLs).
+    pub async fn enroll(
+        &self,
+        server: &str,
+        code: &str,
+        device_name: &str,
+    ) -> Result<serde_json::Value> {
+        let url = format!("{}/api/v1/devices/enroll", server.trim_end_matches('/'));
+        let body = serde_json::json!({"code": code, "device_name": device_name}).to_string();
+        let timeout = self.sync_timeout;
+        let answer = tokio::task::spawn_blocking(move || post_json(&url, &body, timeout))
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))??;
+        let token = answer["token"]
+            .as_str()
+            .ok_or_else(|| ClientError::Protocol("the enrolment answer has no token".into()))?;
+        self.meta_put(META_TOKEN, token.as_bytes().to_vec()).await?;
+        // The village catalogs come down at the next sync: that is how the device discovers
+        // the households of its villages.
+        for village in answer["villages"].as_array().into_iter().flatten() {
+            if let Some(id) = village["catalog_url"]
+                .as_str()
+                .and_then(|u| DocumentId::parse_url_or_id(u).ok())
+            {
+                self.track(id).await?;
+            }
+        }
+        Ok(answer)
+    }
+
+    /// The stored device token, if enrolled.
+    pub async fn token(&self) -> Result<Option<String>> {
+        Ok(self
+            .meta_get(META_TOKEN)
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Uses `token` from now on (a device enrolled elsewhere, or tests).
+    pub async fn set_token(&self, token: &str) -> Result<()> {
+        self.meta_put(META_TOKEN, token.as_bytes().to_vec()).await
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -291,6 +355,45 @@ impl Device {
         self.store.flush().await?;
         Ok(())
     }
+}
+
+/// POSTs a JSON body and returns the JSON answer; a non-2xx answer becomes
+/// [`ClientError::Refused`] with the server's error message.
+fn post_json(url: &str, body: &str, timeout: Duration) -> Result<serde_json::Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let mut resp = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .map_err(|e| ClientError::Connect {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| ClientError::Connection(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    if !(200..300).contains(&status) {
+        return Err(ClientError::Refused {
+            status,
+            message: error_message(&json, &text),
+        });
+    }
+    Ok(json)
+}
+
+/// The `message` of the server's JSON error, or the raw text.
+pub(crate) fn error_message(json: &serde_json::Value, raw: &str) -> String {
+    json["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| raw.chars().take(200).collect())
 }
 
 pub(crate) fn load_doc(store: &Store, id: DocumentId) -> Result<Automerge> {

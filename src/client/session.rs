@@ -70,16 +70,49 @@ struct DocSession {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-pub(super) async fn run(device: &Device, url: &str, ids: Vec<DocumentId>) -> Result<SyncReport> {
+pub(super) async fn run(
+    device: &Device,
+    url: &str,
+    token: Option<&str>,
+    ids: Vec<DocumentId>,
+) -> Result<SyncReport> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Error as WsError;
     let deadline = Instant::now() + device.sync_timeout;
-    let (mut ws, _) =
-        tokio::time::timeout(device.sync_timeout, tokio_tungstenite::connect_async(url))
-            .await
-            .map_err(|_| ClientError::Timeout(device.sync_timeout))?
-            .map_err(|e| ClientError::Connect {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?;
+    let connect_error = |reason: String| ClientError::Connect {
+        url: redact(url),
+        reason,
+    };
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| connect_error(e.to_string()))?;
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| connect_error("the stored token is not a valid header value".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (mut ws, _) = tokio::time::timeout(
+        device.sync_timeout,
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(device.sync_timeout))?
+    .map_err(|e| match e {
+        WsError::Http(resp) => {
+            let raw = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let json = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
+            ClientError::Refused {
+                status: resp.status().as_u16(),
+                message: super::error_message(&json, &raw),
+            }
+        }
+        other => connect_error(other.to_string()),
+    })?;
     let mut report = SyncReport::default();
     let me = device.peer_id();
     send(
@@ -321,5 +354,16 @@ async fn recv_sized(
             Some(Err(e)) => return Err(ClientError::Connection(e.to_string())),
             None => return Err(ClientError::Connection("connection closed".into())),
         }
+    }
+}
+
+/// `url` without its `token=` value, for error messages and logs.
+fn redact(url: &str) -> String {
+    match url.find("token=") {
+        Some(i) => {
+            let end = url[i..].find('&').map(|j| i + j).unwrap_or(url.len());
+            format!("{}token=<redacted>{}", &url[..i], &url[end..])
+        }
+        None => url.to_string(),
     }
 }

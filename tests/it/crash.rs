@@ -5,12 +5,13 @@
 use fieldsync::client::Device;
 use fieldsync::records;
 
-use crate::common::{household, visit, ServerProcess};
+use crate::common::{household, visit, world_via_cli, ServerProcess};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_acknowledged_before_sigkill_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server-data");
+    world_via_cli(&data).await;
     let officers: Vec<Device> = {
         let mut v = Vec::new();
         for name in ["a", "b", "c"] {
@@ -29,6 +30,11 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
 
     for round in 0..3 {
         let server = ServerProcess::start(&data).await;
+        if round == 0 {
+            for d in &officers {
+                d.set_token(&server.enrol("amy").await).await.unwrap();
+            }
+        }
         // Every officer records a visit and syncs concurrently; each sync returns only once
         // the server's reply carried heads equal to the device's.
         let mut syncs = Vec::new();
@@ -39,7 +45,7 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
             })
             .await
             .unwrap();
-            syncs.push(d.sync(&server.url));
+            syncs.push(d.sync(&server.url)); // the stored token rides as a Bearer header
         }
         for report in futures_util::future::join_all(syncs).await {
             let report = report.unwrap();
@@ -50,6 +56,7 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
 
     let server = ServerProcess::start(&data).await;
     let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    fresh.set_token(&server.enrol("ben").await).await.unwrap();
     for id in &ids {
         fresh.track(*id).await.unwrap();
     }

@@ -1,9 +1,10 @@
-//! The README's tour, run with the real example binary: two officers' devices register and
-//! fetch a household, record visits offline, sync, and both see the merged record.
+//! The README's tour, run with the real example binary: two officers' devices enrol with
+//! one-time codes, one registers a household, the other discovers it in the village catalog
+//! and fetches it, both record visits offline, sync, and both see the merged record.
 
 use std::path::{Path, PathBuf};
 
-use crate::common::TestServer;
+use crate::common::{world, TestServer};
 
 /// Plain `cargo test` builds the examples next to the test binaries (target/debug/examples).
 fn example(name: &str) -> PathBuf {
@@ -40,8 +41,14 @@ async fn the_readme_tour_works_with_the_example_device() {
     let server = TestServer::spawn().await;
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("phone-a"), dir.path().join("phone-b"));
-    let url = server.url.clone();
+    let url = server.sync_base.clone();
+    let (code_a, code_b) = (
+        server.enrolment_code(world::AMY).await,
+        server.enrolment_code(world::BEN).await,
+    );
     let merged = tokio::task::spawn_blocking(move || {
+        assert!(run(&a, &url, &["enroll", &code_a]).contains("village Linsen"));
+        assert!(run(&b, &url, &["enroll", &code_b]).contains("of ben"));
         let household = run(
             &a,
             &url,
@@ -52,6 +59,10 @@ async fn the_readme_tour_works_with_the_example_device() {
         assert!(
             run(&a, &url, &["sync"]).contains("synced: every local change is held by the server")
         );
+        // B discovers the household in the village catalog.
+        run(&b, &url, &["sync"]);
+        let catalog = run(&b, &url, &["catalog"]);
+        assert!(catalog.contains(household), "{catalog}");
         run(&b, &url, &["fetch", household]);
         assert!(run(&b, &url, &["sync"]).contains("received changes"));
 

@@ -3,18 +3,21 @@
 
 use fieldsync::client::Device;
 
-use crate::common::{household, RawPeer, Seen, ServerProcess, WAIT};
+use crate::common::{household, world_via_cli, RawPeer, Seen, ServerProcess, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    world_via_cli(&data).await;
     let mut server = ServerProcess::start(&data).await;
     let device = Device::open(&dir.path().join("phone")).await.unwrap();
+    device.set_token(&server.enrol("amy").await).await.unwrap();
     let id = device.create_household(&household("9")).await.unwrap();
     assert!(device.sync(&server.url).await.unwrap().all_held());
 
-    let mut peer = RawPeer::connect(&server.url, "listener").await;
+    let listener_url = server.url_with(&server.enrol("ben").await);
+    let mut peer = RawPeer::connect(&listener_url, "listener").await;
     let pid = server.child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -36,6 +39,7 @@ async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
 
     let server = ServerProcess::start(&data).await;
     let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    fresh.set_token(&server.enrol("ben").await).await.unwrap();
     fresh.track(id).await.unwrap();
     assert!(fresh.sync(&server.url).await.unwrap().all_held());
     assert_eq!(

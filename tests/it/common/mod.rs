@@ -1,5 +1,7 @@
-//! Shared test helpers: an in-process server on port 0 with a temp dir, the real binary as a
-//! child process (for crash and signal tests), a raw protocol peer, and the JS client setup.
+//! Shared test helpers: an in-process server on port 0 with a temp dir and a small world of
+//! stations, villages, officers and staff (the [`world`] constants), enrolled devices, the
+//! real binary as a child process (for crash and signal tests), a raw protocol peer, a tiny
+//! HTTP helper, and the JS client setup.
 
 #![allow(dead_code)]
 
@@ -13,16 +15,87 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use fieldsync::ids::{DocumentId, PeerId};
+use fieldsync::accounts::AdminCommand;
+use fieldsync::auth::Role;
+use fieldsync::ids::{Clock, DocumentId, PeerId, SystemClock};
 use fieldsync::protocol::{codec, DocMessage, Join, Message, PeerMetadata};
 use fieldsync::server::{ServerConfig, Services};
+
+/// The test world. The sample households (`records::samples`) live in STATION / VILLAGE.
+pub mod world {
+    pub const STATION: &str = "Zhongzheng Station";
+    pub const VILLAGE: &str = "Linsen";
+    pub const OTHER_VILLAGE: &str = "Dongmen";
+    /// Another station, with a village of the same name as ours.
+    pub const OTHER_STATION: &str = "Daan Station";
+    /// Officers of VILLAGE.
+    pub const AMY: &str = "amy";
+    pub const BEN: &str = "ben";
+    /// Officer of OTHER_VILLAGE (same station).
+    pub const CAT: &str = "cat";
+    /// Officer of OTHER_STATION's village of the same name.
+    pub const DAN: &str = "dan";
+    /// Staff of STATION.
+    pub const SUE: &str = "sue";
+    pub const SUE_PASSWORD: &str = "sue's long password";
+}
+
+/// The admin commands that build the test world (also run through the CLI for the real
+/// binary). Passwords are hashed here as the CLI would.
+pub fn world_commands() -> Vec<AdminCommand> {
+    use world::*;
+    let phc = fieldsync::auth::secrets::hash_password(SUE_PASSWORD, [9; 16]).unwrap();
+    let officer = |name: &str, station: &str, village: &str| AdminCommand::UserAdd {
+        name: name.into(),
+        role: Role::Officer,
+        station: station.into(),
+        villages: vec![village.into()],
+        password_hash: None,
+    };
+    vec![
+        AdminCommand::StationAdd {
+            station: STATION.into(),
+        },
+        AdminCommand::StationAdd {
+            station: OTHER_STATION.into(),
+        },
+        AdminCommand::VillageAdd {
+            station: STATION.into(),
+            village: VILLAGE.into(),
+        },
+        AdminCommand::VillageAdd {
+            station: STATION.into(),
+            village: OTHER_VILLAGE.into(),
+        },
+        AdminCommand::VillageAdd {
+            station: OTHER_STATION.into(),
+            village: VILLAGE.into(),
+        },
+        officer(AMY, STATION, VILLAGE),
+        officer(BEN, STATION, VILLAGE),
+        officer(CAT, STATION, OTHER_VILLAGE),
+        officer(DAN, OTHER_STATION, VILLAGE),
+        AdminCommand::UserAdd {
+            name: SUE.into(),
+            role: Role::Staff,
+            station: STATION.into(),
+            villages: vec![],
+            password_hash: Some(phc),
+        },
+    ]
+}
 
 /// Upper bound for any single wait in a test: generous for a loaded 2-core CI machine, and a
 /// failure rather than a hang when something is wrong.
 pub const WAIT: Duration = Duration::from_secs(60);
 
 pub struct TestServer {
+    /// The sync URL with the token of one of amy's devices: what most tests sync with.
     pub url: String,
+    /// `ws://addr/sync` without credentials.
+    pub sync_base: String,
+    /// `http://addr`.
+    pub http: String,
     pub services: Services,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), fieldsync::Error>>>,
@@ -35,6 +108,13 @@ impl TestServer {
     }
 
     pub async fn spawn_with(tune: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::spawn_with_clock(tune, std::sync::Arc::new(SystemClock)).await
+    }
+
+    pub async fn spawn_with_clock(
+        tune: impl FnOnce(&mut ServerConfig),
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> Self {
         // Server logs appear with a failing test's output; FIELDSYNC_LOG=debug for more.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -46,9 +126,18 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new(dir.path().join("data"));
         tune(&mut config);
-        let services = Services::open(config).await.unwrap();
+        let services = Services::open_with_clock(config, clock).await.unwrap();
+        for cmd in world_commands() {
+            services
+                .accounts
+                .admin(&services.hub, cmd, "test")
+                .await
+                .unwrap();
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/sync", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let sync_base = format!("ws://{addr}/sync");
+        let http = format!("http://{addr}");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(fieldsync::server::run(
             listener,
@@ -57,13 +146,59 @@ impl TestServer {
                 let _ = stopped.await;
             },
         ));
-        TestServer {
-            url,
+        let mut server = TestServer {
+            url: String::new(),
+            sync_base,
+            http,
             services,
             stop: Some(stop),
             task: Some(task),
             dir,
-        }
+        };
+        let token = server.enrol(world::AMY).await;
+        server.url = server.url_with(&token);
+        server
+    }
+
+    /// Enrols a new device for `user` (code from the admin command, exchanged in-process)
+    /// and returns its token.
+    pub async fn enrol(&self, user: &str) -> String {
+        let code = self.enrolment_code(user).await;
+        self.services
+            .accounts
+            .enroll(&code, &format!("{user}'s phone"), "127.0.0.1")
+            .await
+            .unwrap()
+            .token
+    }
+
+    /// A one-time enrolment code for `user`, as `fieldsync admin device enroll` prints it.
+    pub async fn enrolment_code(&self, user: &str) -> String {
+        self.admin(AdminCommand::DeviceEnroll { user: user.into() })
+            .await
+            .lines()
+            .last()
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn admin(&self, cmd: AdminCommand) -> String {
+        self.services
+            .accounts
+            .admin(&self.services.hub, cmd, "test")
+            .await
+            .unwrap()
+    }
+
+    /// The sync URL with `token` in the query (how the stock JS client authenticates).
+    pub fn url_with(&self, token: &str) -> String {
+        format!("{}?token={token}", self.sync_base)
+    }
+
+    /// A sync URL for a fresh device of `user`.
+    pub async fn url_for(&self, user: &str) -> String {
+        let token = self.enrol(user).await;
+        self.url_with(&token)
     }
 
     pub async fn stop(mut self) {
@@ -80,13 +215,170 @@ impl TestServer {
     }
 }
 
+/// Runs `fieldsync admin --data DATA ARGS…` (through the running server's admin socket if
+/// there is one) and returns its stdout; panics with its stderr if it fails.
+pub async fn admin_cli(data: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let out = admin_cli_output(data, args, stdin).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "fieldsync admin {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+pub async fn admin_cli_output(
+    data: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
+        .arg("admin")
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .env("FIELDSYNC_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the admin command finishes")
+        .unwrap()
+}
+
+/// Builds the test world in `data` with the real CLI (no server running).
+pub async fn world_via_cli(data: &Path) {
+    use world::*;
+    admin_cli(data, &["station", "add", STATION], None).await;
+    admin_cli(data, &["village", "add", STATION, VILLAGE], None).await;
+    for officer in [AMY, BEN] {
+        admin_cli(
+            data,
+            &[
+                "user",
+                "add",
+                officer,
+                "--role",
+                "officer",
+                "--station",
+                STATION,
+                "--villages",
+                VILLAGE,
+            ],
+            None,
+        )
+        .await;
+    }
+    admin_cli(
+        data,
+        &[
+            "user",
+            "add",
+            SUE,
+            "--role",
+            "staff",
+            "--station",
+            STATION,
+            "--password-stdin",
+        ],
+        Some(&format!("{SUE_PASSWORD}\n")),
+    )
+    .await;
+}
+
+/// An HTTP request with a JSON body; returns (status, JSON body or Null, Set-Cookie).
+pub async fn http(
+    method: &str,
+    url: &str,
+    body: Option<serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value, Option<String>) {
+    let (method, url) = (method.to_string(), url.to_string());
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(WAIT))
+            .build()
+            .into();
+        let mut req = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url);
+        for (k, v) in &headers {
+            req = req.header(k, v);
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = req
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap();
+        let mut resp = agent.run(req).unwrap();
+        let status = resp.status().as_u16();
+        let cookie = resp
+            .headers()
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            cookie,
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// The real `fieldsync` binary, for tests that kill or signal a process.
 pub struct ServerProcess {
     pub child: tokio::process::Child,
+    /// `ws://addr/sync` (no credentials).
     pub url: String,
+    pub data: PathBuf,
 }
 
 impl ServerProcess {
+    pub fn http(&self) -> String {
+        self.url
+            .replace("ws://", "http://")
+            .trim_end_matches("/sync")
+            .to_string()
+    }
+
+    pub fn url_with(&self, token: &str) -> String {
+        format!("{}?token={token}", self.url)
+    }
+
+    /// Enrols a device for `user` the way an operator and a phone do: the code from the CLI
+    /// (through the admin socket), exchanged over HTTP. Returns the token.
+    pub async fn enrol(&self, user: &str) -> String {
+        let out = admin_cli(&self.data, &["device", "enroll", user], None).await;
+        let code = out.lines().last().unwrap().to_string();
+        let (status, body, _) = http(
+            "POST",
+            &format!("{}/api/v1/devices/enroll", self.http()),
+            Some(serde_json::json!({"code": code, "device_name": format!("{user}'s phone")})),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
     pub async fn start(data: &Path) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
@@ -109,7 +401,11 @@ impl ServerProcess {
             .find(|w| w.starts_with("ws://"))
             .unwrap_or_else(|| panic!("no ws:// url in {line:?}"))
             .to_string();
-        ServerProcess { child, url }
+        ServerProcess {
+            child,
+            url,
+            data: data.to_path_buf(),
+        }
     }
 
     /// SIGKILL: no shutdown code runs.
