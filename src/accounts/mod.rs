@@ -611,3 +611,156 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Hub, HubConfig};
+    use crate::ids::{ManualClock, PeerId};
+    use automerge::transaction::Transactable;
+
+    async fn setup() -> (tempfile::TempDir, Accounts, Hub) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &Default::default()).unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
+        let accounts = Accounts::open(store.clone(), clock, AccountsConfig::default())
+            .await
+            .unwrap();
+        let hub = Hub::new(
+            store,
+            PeerId::new("server").unwrap(),
+            HubConfig::default(),
+            Arc::new(accounts.clone()),
+            Arc::new(accounts.clone()),
+        );
+        for cmd in [
+            AdminCommand::StationAdd {
+                station: "north".into(),
+            },
+            AdminCommand::VillageAdd {
+                station: "north".into(),
+                village: "east".into(),
+            },
+            AdminCommand::UserAdd {
+                name: "amy".into(),
+                role: Role::Officer,
+                station: "north".into(),
+                villages: vec!["east".into()],
+                password_hash: None,
+            },
+            AdminCommand::UserAdd {
+                name: "ben".into(),
+                role: Role::Officer,
+                station: "north".into(),
+                villages: vec!["east".into()],
+                password_hash: None,
+            },
+        ] {
+            accounts.admin(&hub, cmd, "test").await.unwrap();
+        }
+        (dir, accounts, hub)
+    }
+
+    async fn device(accounts: &Accounts, hub: &Hub, user: &str) -> Principal {
+        let out = accounts
+            .admin(
+                hub,
+                AdminCommand::DeviceEnroll { user: user.into() },
+                "test",
+            )
+            .await
+            .unwrap();
+        let code = out.lines().last().unwrap();
+        let token = accounts.enroll(code, "phone", "test").await.unwrap().token;
+        accounts
+            .authenticate(Some(&token))
+            .unwrap()
+            .principal()
+            .clone()
+    }
+
+    fn accepted(
+        doc: &Automerge,
+        id: DocumentId,
+        who: &Principal,
+        since: &[automerge::ChangeHash],
+    ) -> AcceptedChanges {
+        AcceptedChanges {
+            doc: id,
+            conn: ConnId::next(),
+            peer_id: PeerId::new("p").unwrap(),
+            principal: who.clone(),
+            hashes: doc.get_changes(since).iter().map(|c| c.hash()).collect(),
+            received_at: Timestamp::from_millis(42),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_actor_is_bound_to_its_first_device_and_reuse_elsewhere_is_flagged() {
+        let (_dir, accounts, hub) = setup().await;
+        let amy = device(&accounts, &hub, "amy").await;
+        let ben = device(&accounts, &hub, "ben").await;
+        let id = DocumentId::random();
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "n", 1).unwrap();
+        tx.commit();
+        let first = doc.get_heads();
+        accounts
+            .changes_accepted(&accepted(&doc, id, &amy, &[]), &doc)
+            .unwrap();
+        // The same actor (a restored backup on ben's phone) makes another change.
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "n", 2).unwrap();
+        tx.commit();
+        accounts
+            .changes_accepted(&accepted(&doc, id, &ben, &first), &doc)
+            .unwrap();
+        let rows = accounts.provenance(id).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].device, amy.device);
+        assert!(!rows[0].flagged);
+        assert_eq!(rows[1].device, ben.device);
+        assert!(rows[1].flagged, "{:?}", rows[1]);
+        assert_eq!(rows[1].actor_bound_to, amy.device);
+        assert_eq!(rows[1].received_at, Timestamp::from_millis(42));
+        hub.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn sign_in_is_slowed_after_repeated_wrong_passwords() {
+        let (_dir, accounts, hub) = setup().await;
+        let phc = secrets::hash_password("the right password", [3; 16]).unwrap();
+        accounts
+            .admin(
+                &hub,
+                AdminCommand::UserAdd {
+                    name: "sue".into(),
+                    role: Role::Staff,
+                    station: "north".into(),
+                    villages: vec![],
+                    password_hash: Some(phc),
+                },
+                "test",
+            )
+            .await
+            .unwrap();
+        for _ in 0..6 {
+            assert!(matches!(
+                accounts.sign_in("sue", "a wrong password").await,
+                Err(AccountsError::WrongPassword)
+            ));
+        }
+        // Even the right password waits now.
+        assert!(matches!(
+            accounts.sign_in("sue", "the right password").await,
+            Err(AccountsError::Throttled(_))
+        ));
+        // Officers never sign in with a password.
+        assert!(matches!(
+            accounts.sign_in("amy", "anything at all").await,
+            Err(AccountsError::WrongPassword)
+        ));
+        hub.shutdown().await;
+    }
+}

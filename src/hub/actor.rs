@@ -23,6 +23,9 @@ use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 /// At most this many queued commands are applied under one flush.
 const MAX_BATCH: usize = 64;
 
+/// Where a local edit's outcome goes: `Ok(changed)` once durable, or why it was refused.
+pub(crate) type LocalDone = oneshot::Sender<Result<bool, String>>;
+
 pub(crate) enum Cmd {
     Sync {
         link: PeerLink,
@@ -31,10 +34,7 @@ pub(crate) enum Cmd {
     },
     /// A change made by the server itself (catalogs; later staff edits through the API).
     /// Answered once the change is durable: `Ok(true)` if it changed the document.
-    Local {
-        edit: LocalEdit,
-        done: oneshot::Sender<Result<bool, String>>,
-    },
+    Local { edit: LocalEdit, done: LocalDone },
     /// The connection closed: persist and forget its sync state.
     Leave { conn: ConnId },
 }
@@ -74,7 +74,7 @@ struct Applied {
     failed: Vec<(PeerLink, String)>,
     accepted: Vec<(PeerLink, Vec<ChangeHash>)>,
     /// Local edits to answer once durable.
-    local_done: Vec<(oneshot::Sender<Result<bool, String>>, Result<bool, String>)>,
+    local_done: Vec<(LocalDone, Result<bool, String>)>,
     /// Edits of other documents that the accepted changes call for (catalog entries).
     derived: Vec<DerivedEdit>,
 }

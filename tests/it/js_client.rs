@@ -1,6 +1,7 @@
 //! The official JS client (`@automerge/automerge-repo` 2.5.6 with its WebSocket adapter, from
-//! npm, under node) as a real peer: it creates a household, a fresh JS client finds it by URL,
-//! concurrent offline edits from both merge; a Rust device then sees the same merged record.
+//! npm, under node) as a real peer, authenticated with a device token in the URL: it creates a
+//! household, a fresh JS client finds it by URL, concurrent offline edits from both merge; a
+//! Rust device then sees the same merged record. Without a token it gets 401 first.
 
 use std::process::Stdio;
 
@@ -31,6 +32,13 @@ async fn the_stock_js_client_syncs_and_merges_offline_edits() {
     let line = String::from_utf8_lossy(&output.stdout);
     let result: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap())
         .unwrap_or_else(|e| panic!("bad JSON from node ({e}): {line}"));
+
+    // Without a token: 401 with the JSON error, before any upgrade; the run then went on.
+    assert_eq!(result["noTokenStatus"]["status"], 401);
+    assert_eq!(
+        result["noTokenStatus"]["body"]["error"]["code"],
+        "unauthenticated"
+    );
 
     // B, a fresh client, found A's household by URL and saw its content.
     assert_eq!(result["seenByB"]["village"], "Linsen");

@@ -1,6 +1,10 @@
 // The official automerge-repo client as a fieldsync peer. Run by tests/it/js_client.rs:
 //
-//   node tests/js/interop.mjs <ws-url> [--capture DIR]
+//   node tests/js/interop.mjs <ws-url-with-?token=> [--capture DIR]
+//
+// First, without a token, the same WebSocket library the stock adapter uses is refused with
+// HTTP 401 before any upgrade (reported as `noTokenStatus`); then the run goes on with the
+// token in the URL, which is how the stock client authenticates (it cannot set headers).
 //
 // Client A creates a household and waits until the server holds it; a fresh client B finds
 // it by URL; both go offline, edit the same household (each adds a visit, both set
@@ -86,6 +90,20 @@ async function recordingProxy(upstream, dir) {
   return { url: `ws://127.0.0.1:${server.address().port}`, close: () => server.close() }
 }
 
+// Without a token: refused before the upgrade.
+const noTokenStatus = await new Promise(resolve => {
+  const bare = new URL(url)
+  bare.searchParams.delete("token")
+  const ws = new WebSocket(bare.toString())
+  ws.on("unexpected-response", (_req, res) => {
+    let body = ""
+    res.on("data", chunk => (body += chunk))
+    res.on("end", () => resolve({ status: res.statusCode, body: JSON.parse(body) }))
+  })
+  ws.on("open", () => resolve({ status: 101 }))
+  ws.on("error", () => {})
+})
+
 const proxy = flag === "--capture" ? await recordingProxy(url, captureDir) : null
 const adapterA = new WebSocketClientAdapter(proxy ? proxy.url : url, 100)
 const adapterB = new WebSocketClientAdapter(url, 100)
@@ -144,6 +162,7 @@ const mergedB = await whenDoc(handleB, both)
 await Promise.all([whenHeld(repoA, handleA), whenHeld(repoB, handleB)])
 
 console.log(JSON.stringify({
+  noTokenStatus,
   url: handleA.url,
   seenByB,
   headsA: Automerge.getHeads(mergedA),
