@@ -6,7 +6,8 @@
 //! cargo run --release --example bench_sync -- 8 50 65536  # ... and cache budget in KiB
 //! ```
 //!
-//! It starts an in-process server on loopback (port 0, temp dir) and measures:
+//! It starts an in-process server on loopback (port 0, temp dir) with one station, 12
+//! villages and one enrolled officer device per simulated phone, and measures:
 //! 1. first upload: every device pushes its households (each with 5 visits) concurrently;
 //! 2. group commit: flushes vs. callers that waited for durability during that upload;
 //! 3. concurrent edits: every device adds a visit to each of its households and syncs again;
@@ -16,6 +17,8 @@
 
 use std::time::Instant;
 
+use fieldsync::accounts::AdminCommand;
+use fieldsync::auth::Role;
 use fieldsync::client::Device;
 use fieldsync::records::{
     self, Address, NewHousehold, NewVisit, Premises, VisitMode, VisitOutcome,
@@ -24,11 +27,11 @@ use fieldsync::server::{ServerConfig, Services};
 
 fn household(i: usize) -> NewHousehold {
     NewHousehold {
-        station: "Zhongzheng Station".into(),
-        village: format!("Village {}", i % 12),
+        station: STATION.into(),
+        village: format!("Village {}", i % VILLAGES),
         address: Address {
             township: "Zhongzheng".into(),
-            village: format!("Village {}", i % 12),
+            village: format!("Village {}", i % VILLAGES),
             group: (i % 9).to_string(),
             street: "Linsen S. Rd".into(),
             house_no: i.to_string(),
@@ -52,6 +55,61 @@ fn visit(officer: &str, n: usize) -> NewVisit {
         security_score: Some(4),
         satisfaction: Some(5),
     }
+}
+
+const STATION: &str = "Zhongzheng Station";
+const VILLAGES: usize = 12;
+
+/// One station, its villages, and `officers` officers assigned to every village.
+async fn set_up_accounts(services: &Services, officers: usize) -> anyhow::Result<()> {
+    let mut cmds = vec![AdminCommand::StationAdd {
+        station: STATION.into(),
+    }];
+    for v in 0..VILLAGES {
+        cmds.push(AdminCommand::VillageAdd {
+            station: STATION.into(),
+            village: format!("Village {v}"),
+        });
+    }
+    for o in 0..officers {
+        cmds.push(AdminCommand::UserAdd {
+            name: format!("officer-{o}"),
+            role: Role::Officer,
+            station: STATION.into(),
+            villages: (0..VILLAGES).map(|v| format!("Village {v}")).collect(),
+            password_hash: None,
+        });
+    }
+    for cmd in cmds {
+        services.accounts.admin(&services.hub, cmd, "bench").await?;
+    }
+    Ok(())
+}
+
+/// A device of `officer`, enrolled with a one-time code.
+async fn enrolled(
+    services: &Services,
+    dir: &std::path::Path,
+    officer: &str,
+) -> anyhow::Result<Device> {
+    let out = services
+        .accounts
+        .admin(
+            &services.hub,
+            AdminCommand::DeviceEnroll {
+                user: officer.into(),
+            },
+            "bench",
+        )
+        .await?;
+    let code = out.lines().last().unwrap_or_default();
+    let enrolled = services
+        .accounts
+        .enroll(code, "bench phone", "bench")
+        .await?;
+    let device = Device::open(dir).await?;
+    device.set_token(&enrolled.token).await?;
+    Ok(device)
 }
 
 fn proc_status(field: &str) -> String {
@@ -80,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ServerConfig::new(dir.path().join("server"));
     config.hub.cache_budget_bytes = cache_kib * 1024;
     let services = Services::open(config).await?;
+    set_up_accounts(&services, devices_n + 1).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("ws://{}/sync", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -94,7 +153,12 @@ async fn main() -> anyhow::Result<()> {
     println!("fieldsync bench_sync: {devices_n} devices x {per_device} households ({total}), 5 visits each, {cache_kib} KiB document cache");
     let mut devices = Vec::new();
     for d in 0..devices_n {
-        let device = Device::open(&dir.path().join(format!("device-{d}"))).await?;
+        let device = enrolled(
+            &services,
+            &dir.path().join(format!("device-{d}")),
+            &format!("officer-{d}"),
+        )
+        .await?;
         let mut ids = Vec::new();
         for h in 0..per_device {
             let id = device
@@ -169,7 +233,12 @@ async fn main() -> anyhow::Result<()> {
         per_doc.iter().max().unwrap_or(&0)
     );
 
-    let fresh = Device::open(&dir.path().join("fresh")).await?;
+    let fresh = enrolled(
+        &services,
+        &dir.path().join("fresh"),
+        &format!("officer-{devices_n}"),
+    )
+    .await?;
     for (_, ids) in &devices {
         for id in ids {
             fresh.track(*id).await?;

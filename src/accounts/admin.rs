@@ -316,15 +316,15 @@ impl Accounts {
                     .await?;
                 let minutes = ttl.as_secs() / 60;
                 Ok(format!(
-                    "enrolment code for {user}: works once, expires in {minutes} min (at {} ms since epoch)\n\
+                    "enrolment code for {user}: works once, expires in {minutes} min ({})\n\
                      enter it in the app, or: POST /api/v1/devices/enroll {{\"code\", \"device_name\"}}\n{}",
-                    expires_at.as_millis(),
+                    expires_at.to_utc_string(),
                     code.expose()
                 ))
             }
             AdminCommand::DeviceList => Ok(self.with_directory(|dir| {
                 let now = self.now();
-                let mut out = String::from("DEVICE\tUSER\tNAME\tENROLLED_MS\tSTATUS\n");
+                let mut out = String::from("DEVICE\tUSER\tNAME\tENROLLED\tSTATUS\n");
                 for d in dir.devices() {
                     let status = if d.revoked_at.is_some() {
                         "revoked"
@@ -338,7 +338,7 @@ impl Accounts {
                         d.id,
                         d.user,
                         d.name.replace(['\t', '\n'], " "),
-                        d.enrolled_at.as_millis(),
+                        d.enrolled_at.to_utc_string(),
                         status
                     ));
                 }
@@ -373,12 +373,12 @@ impl Accounts {
             }
             AdminCommand::Audit { limit } => {
                 let entries = self.audit(limit).await?;
-                let mut out = String::from("SEQ\tAT_MS\tOPERATOR\tACTION\tDETAIL\n");
+                let mut out = String::from("SEQ\tAT\tOPERATOR\tACTION\tDETAIL\n");
                 for e in entries {
                     out.push_str(&format!(
                         "{}\t{}\t{}\t{}\t{}\n",
                         e.seq,
-                        e.at.as_millis(),
+                        e.at.to_utc_string(),
                         e.operator,
                         e.action,
                         e.detail

@@ -429,6 +429,9 @@ impl Accounts {
     /// are slowed down (answered at once with "try again in N s").
     pub async fn sign_in(&self, name: &str, password: &str) -> Result<SignedIn, AccountsError> {
         let now = self.now();
+        // Throttle keys stay small whatever a client sends (names are at most 64 characters).
+        let key: String = name.chars().take(65).collect();
+        let name = key.as_str();
         lock(&self.inner.sign_in_throttle)
             .check(name, now)
             .map_err(AccountsError::Throttled)?;
