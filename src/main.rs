@@ -33,17 +33,25 @@ async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let services = fieldsync::server::Services::open(config).await?;
     let listener = fieldsync::server::bind(addr).await?;
+    // Before the announcement below: admin commands issued right after it must reach us.
+    services.bind_admin_socket()?;
     let local = listener.local_addr()?;
-    // Scripts and tests read this line to find the port when --listen ends in :0.
-    println!(
+    // Scripts and tests read the first line to find the port when --listen ends in :0. One
+    // write, and a failed write (stdout closed by whoever started us) is not fatal.
+    let mut announcement = format!(
         "fieldsync listening on ws://{local}/sync (data: {})",
         data_dir.display()
     );
     if !services.accounts.has_admin() {
-        println!(
-            "no admin account yet; create one (in another terminal):\n  fieldsync admin --data {dir} station add STATION\n  fieldsync admin --data {dir} user add NAME --role admin --station STATION --password-stdin",
+        announcement.push_str(&format!(
+            "\nno admin account yet; create one (in another terminal):\n  fieldsync admin --data {dir} station add STATION\n  fieldsync admin --data {dir} user add NAME --role admin --station STATION --password-stdin",
             dir = data_dir.display()
-        );
+        ));
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{announcement}").and_then(|()| out.flush());
     }
     fieldsync::server::run(listener, services, shutdown_signal()).await?;
     Ok(())

@@ -1,5 +1,5 @@
 //! Where "now" comes from. Services take a [`Clock`] so tests can move time (expiring
-//! enrolment codes and sessions) without sleeping.
+//! enrolment codes and sessions) without sleeping. Must not be a global: it is passed down.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

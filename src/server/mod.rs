@@ -77,6 +77,8 @@ pub struct Services {
     pub accounts: Accounts,
     session: SessionConfig,
     config: Arc<ServerConfig>,
+    /// The admin socket, when bound before [`run`].
+    admin_listener: Arc<std::sync::Mutex<Option<tokio::net::UnixListener>>>,
 }
 
 impl Services {
@@ -120,11 +122,20 @@ impl Services {
             accounts,
             session,
             config: Arc::new(config),
+            admin_listener: Arc::default(),
         })
     }
 
     pub fn server_storage_id(&self) -> &crate::ids::StorageId {
         &self.session.server_storage_id
+    }
+
+    /// Binds the admin socket now (else [`run`] does): call it before announcing that the
+    /// server is up, so an admin command run right after the announcement reaches it.
+    pub fn bind_admin_socket(&self) -> Result<(), crate::Error> {
+        let listener = bind_admin(&self.config.data_dir)?;
+        *lock(&self.admin_listener) = Some(listener);
+        Ok(())
     }
 
     /// Stops the hub and flushes the store, for in-process tools that never called [`run`].
@@ -154,7 +165,16 @@ pub async fn admin(
     match reached {
         Reached::Answer(answer) => Ok(answer?),
         Reached::NoServer => {
-            let services = Services::open(config).await?;
+            let dir = config.data_dir.clone();
+            let services = Services::open(config).await.map_err(|e| match e {
+                crate::Error::Storage(crate::storage::StorageError::Io(m)) if m.contains("in use") => {
+                    crate::Error::Config(format!(
+                        "a fieldsync server holds {} but its admin socket does not answer; if it is starting, retry in a moment",
+                        dir.display()
+                    ))
+                }
+                other => other,
+            })?;
             let answer = services
                 .accounts
                 .admin(&services.hub, command, operator)
@@ -176,12 +196,11 @@ pub async fn run(
     let sockets = TaskTracker::new();
     let closing = CancellationToken::new();
     let data_dir = services.config.data_dir.clone();
-    let admin_listener = crate::accounts::socket::bind(&data_dir).map_err(|e| {
-        crate::Error::Config(format!(
-            "cannot create the admin socket in {}: {e}; use a shorter --data path or check its permissions",
-            data_dir.display()
-        ))
-    })?;
+    let pre_bound = lock(&services.admin_listener).take();
+    let admin_listener = match pre_bound {
+        Some(l) => l,
+        None => bind_admin(&data_dir)?,
+    };
     let admin_task = tokio::spawn(crate::accounts::socket::serve(
         admin_listener,
         data_dir,
@@ -252,6 +271,19 @@ fn routes(
         .recover(errors::recover)
         .map(|r| Box::new(r) as Box<dyn warp::Reply>)
         .boxed()
+}
+
+fn bind_admin(data_dir: &std::path::Path) -> Result<tokio::net::UnixListener, crate::Error> {
+    crate::accounts::socket::bind(data_dir).map_err(|e| {
+        crate::Error::Config(format!(
+            "cannot create the admin socket in {}: {e}; use a shorter --data path or check its permissions",
+            data_dir.display()
+        ))
+    })
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Binds `addr`, with a message that says what to do when the port is taken.

@@ -2,7 +2,8 @@
 //!
 //! Owns: the tree layout and key encoding (`keys`), content-addressed document chunks
 //! (incremental changes and compacted snapshots), persisted Automerge sync states, small
-//! metadata (the server's storage id), and durability through group commit (`group_commit`).
+//! metadata (the server's storage id), keyed tables for accounts, provenance, the change feed
+//! and the audit log (`tables`), and durability through group commit (`group_commit`).
 //! Must not: interpret Automerge documents (it stores bytes), or make any decision about who
 //! may read what. Blocking sled calls are either wrapped in `spawn_blocking` (the `async`
 //! methods) or named `*_blocking` for callers that are already on a blocking thread.

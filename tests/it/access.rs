@@ -667,3 +667,153 @@ async fn secrets_never_appear_in_logs_or_in_the_store() {
     }
     assert!(scanned > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn me_tells_each_caller_their_scope_and_catalogs() {
+    let server = TestServer::spawn().await;
+    let me = format!("{}/api/v1/me", server.http);
+    let token = server.enrol(world::AMY).await;
+    let auth = format!("Bearer {token}");
+    let (status, body, _) = http("GET", &me, None, &[("authorization", &auth)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"], world::AMY);
+    assert_eq!(body["role"], "officer");
+    assert_eq!(body["station"], world::STATION);
+    let villages = body["villages"].as_array().unwrap();
+    assert_eq!(villages.len(), 1, "only the assigned village: {body}");
+    assert_eq!(villages[0]["name"], world::VILLAGE);
+    assert!(villages[0]["catalog_url"]
+        .as_str()
+        .unwrap()
+        .starts_with("automerge:"));
+    assert_eq!(body["device"]["name"], "amy's phone");
+
+    // Staff see every village of their station, and only theirs.
+    let (status, body, cookie) = http(
+        "POST",
+        &format!("{}/api/v1/session", server.http),
+        Some(serde_json::json!({"name": world::SUE, "password": world::SUE_PASSWORD})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let cookie = cookie.unwrap().split(';').next().unwrap().to_string();
+    let (status, body, _) = http("GET", &me, None, &[("cookie", &cookie)]).await;
+    assert_eq!(status, 200);
+    let mut names: Vec<&str> = body["villages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![world::OTHER_VILLAGE, world::VILLAGE]);
+
+    let (status, body, _) = http("GET", &me, None, &[]).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_needs_the_csrf_token_and_ends_the_session() {
+    // A clock that does not move: the sign-in throttle's delays cannot run out mid-test.
+    let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
+    let server = TestServer::spawn_with_clock(|_| {}, clock).await;
+    let session = format!("{}/api/v1/session", server.http);
+    let me = format!("{}/api/v1/me", server.http);
+    let (status, body, cookie) = http(
+        "POST",
+        &session,
+        Some(serde_json::json!({"name": world::SUE, "password": world::SUE_PASSWORD})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let set_cookie = cookie.unwrap();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set_cookie.contains(attr), "{set_cookie}");
+    }
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let csrf = body["csrf_token"].as_str().unwrap().to_string();
+
+    for headers in [
+        vec![("cookie", cookie.as_str())],
+        vec![
+            ("cookie", cookie.as_str()),
+            ("x-csrf-token", "0123456789abcdef0123456789abcdef"),
+        ],
+    ] {
+        let (status, body, _) = http("DELETE", &session, None, &headers).await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["code"], "forbidden");
+    }
+    let (status, _, _) = http("GET", &me, None, &[("cookie", &cookie)]).await;
+    assert_eq!(status, 200, "a refused sign-out leaves the session alone");
+
+    let (status, _, cleared) = http(
+        "DELETE",
+        &session,
+        None,
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(cleared.unwrap().contains("Max-Age=0"));
+    let (status, body, _) = http("GET", &me, None, &[("cookie", &cookie)]).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "invalid_token");
+
+    // Officers have no password; wrong passwords are slowed down (429 with Retry-After).
+    let (status, _, _) = http(
+        "POST",
+        &session,
+        Some(serde_json::json!({"name": world::AMY, "password": "whatever it is"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 401);
+    let mut last = 0;
+    for _ in 0..7 {
+        let (status, _, _) = http(
+            "POST",
+            &session,
+            Some(serde_json::json!({"name": world::SUE, "password": "not her password"})),
+            &[],
+        )
+        .await;
+        last = status;
+    }
+    assert_eq!(last, 429);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_data_directory_says_how_to_create_the_first_admin() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("fresh"))
+        .env("FIELDSYNC_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut text = String::new();
+    for _ in 0..4 {
+        let line = tokio::time::timeout(crate::common::WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_or_default();
+        text.push_str(&line);
+        text.push('\n');
+    }
+    assert!(text.contains("no admin account yet"), "{text}");
+    assert!(text.contains("admin --data"), "{text}");
+    assert!(text.contains("--role admin"), "{text}");
+    child.kill().await.unwrap();
+}

@@ -401,6 +401,8 @@ impl ServerProcess {
             .find(|w| w.starts_with("ws://"))
             .unwrap_or_else(|| panic!("no ws:// url in {line:?}"))
             .to_string();
+        // Keep reading whatever else it prints, so its stdout never closes under it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         ServerProcess {
             child,
             url,
