@@ -23,6 +23,21 @@ async fn device(server: &TestServer, dir: &tempfile::TempDir, name: &str, user: 
     d
 }
 
+/// Connects to `url` expecting a refusal before the upgrade: 401 with the JSON error.
+/// Returns the error's `code`.
+async fn refused_with_401(url: &str) -> String {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401, "{url}");
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
+            assert!(body["error"]["message"].as_str().is_some(), "{body}");
+            body["error"]["code"].as_str().unwrap().to_string()
+        }
+        other => panic!("{url}: expected 401, got {:?}", other.map(|_| ())),
+    }
+}
+
 /// What a raw peer hears back for a `request` of `doc`, with the document id blanked so two
 /// answers can be compared.
 async fn answer_to_request(peer: &mut RawPeer, doc: DocumentId) -> Message {
@@ -224,16 +239,10 @@ async fn a_disabled_users_devices_are_cut_off_and_others_keep_syncing() {
         }
         assert!(matches!(p.next().await, Seen::Closed(1008, _)));
     }
-    let refused = tokio_tungstenite::connect_async(server.url_with(&t1)).await;
-    match refused {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 401);
-            let body =
-                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
-            assert!(body.contains("account_disabled"), "{body}");
-        }
-        other => panic!("expected 401, got {:?}", other.map(|_| ())),
-    }
+    assert_eq!(
+        refused_with_401(&server.url_with(&t1)).await,
+        "account_disabled"
+    );
     // amy's connection is untouched.
     let missing = DocumentId::random();
     amy.request(missing).await;
@@ -247,21 +256,15 @@ async fn a_disabled_users_devices_are_cut_off_and_others_keep_syncing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_and_wrong_tokens_get_401_json_before_any_upgrade() {
     let server = TestServer::spawn().await;
-    for url in [
-        server.sync_base.clone(),
-        server.url_with("fsd_0000"),
-        server.url_with("not-a-token"),
-    ] {
-        match tokio_tungstenite::connect_async(&url).await {
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                assert_eq!(resp.status().as_u16(), 401, "{url}");
-                let body: serde_json::Value =
-                    serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
-                assert!(body["error"]["message"].as_str().is_some(), "{body}");
-            }
-            other => panic!("{url}: expected 401, got {:?}", other.map(|_| ())),
-        }
-    }
+    assert_eq!(refused_with_401(&server.sync_base).await, "unauthenticated");
+    assert_eq!(
+        refused_with_401(&server.url_with("fsd_0000")).await,
+        "invalid_token"
+    );
+    assert_eq!(
+        refused_with_401(&server.url_with("not-a-token")).await,
+        "invalid_token"
+    );
     // A healthy device keeps syncing.
     let dir = tempfile::tempdir().unwrap();
     let amy = device(&server, &dir, "amy", world::AMY).await;
@@ -492,15 +495,10 @@ async fn revoking_a_device_through_the_cli_closes_its_socket_and_refuses_its_tok
         other => panic!("expected an error, got {other:?}"),
     }
     assert!(matches!(peer.next().await, Seen::Closed(1008, _)));
-    match tokio_tungstenite::connect_async(server.url_with(&token)).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 401);
-            let body =
-                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
-            assert!(body.contains("device_revoked"), "{body}");
-        }
-        other => panic!("expected 401, got {:?}", other.map(|_| ())),
-    }
+    assert_eq!(
+        refused_with_401(&server.url_with(&token)).await,
+        "device_revoked"
+    );
     let list = admin_cli(&data, &["device", "list"], None).await;
     assert!(
         list.lines()
