@@ -523,47 +523,15 @@ async fn revoking_a_device_through_the_cli_closes_its_socket_and_refuses_its_tok
 /// level) or the data directory in clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs_or_in_the_store() {
-    use crate::common::{world_via_cli, WAIT};
+    use crate::common::{world_via_cli, ServerProcess, WAIT};
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     world_via_cli(&data).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .env("FIELDSYNC_LOG", "debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = tokio::io::BufReader::new(stdout);
-    let mut first = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first)
-        .await
-        .unwrap();
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("ws://"))
-        .unwrap()
-        .to_string();
-    let http_base = base
-        .replace("ws://", "http://")
-        .trim_end_matches("/sync")
-        .to_string();
-
-    let out = crate::common::admin_cli(&data, &["device", "enroll", world::AMY], None).await;
-    let code = out.lines().last().unwrap().to_string();
-    let (status, body, _) = http(
-        "POST",
-        &format!("{http_base}/api/v1/devices/enroll"),
-        Some(serde_json::json!({"code": code, "device_name": "phone"})),
-        &[],
-    )
-    .await;
-    assert_eq!(status, 201);
-    let token = body["token"].as_str().unwrap().to_string();
+    let mut server =
+        ServerProcess::start_logging(&data, "debug", std::process::Stdio::piped()).await;
+    let (base, http_base) = (server.url.clone(), server.http());
+    let (code, token) = server.enrol_showing_code(world::AMY).await;
     // Sync with the token in the URL (logged requests must not carry it).
     let phone = Device::open(&dir.path().join("phone")).await.unwrap();
     phone.create_household(&household("2")).await.unwrap();
@@ -613,20 +581,21 @@ async fn secrets_never_appear_in_logs_or_in_the_store() {
     assert_eq!(status, 200);
 
     // Stop the server (SIGTERM) so everything is flushed, then look everywhere.
-    let pid = child.id().unwrap().to_string();
+    let pid = server.child.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     let mut stderr = String::new();
-    child
+    server
+        .child
         .stderr
         .take()
         .unwrap()
         .read_to_string(&mut stderr)
         .await
         .unwrap();
-    tokio::time::timeout(WAIT, child.wait())
+    tokio::time::timeout(WAIT, server.child.wait())
         .await
         .unwrap()
         .unwrap();

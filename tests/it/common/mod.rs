@@ -366,6 +366,11 @@ impl ServerProcess {
     /// Enrols a device for `user` the way an operator and a phone do: the code from the CLI
     /// (through the admin socket), exchanged over HTTP. Returns the token.
     pub async fn enrol(&self, user: &str) -> String {
+        self.enrol_showing_code(user).await.1
+    }
+
+    /// Like [`ServerProcess::enrol`]; returns (enrolment code, token).
+    pub async fn enrol_showing_code(&self, user: &str) -> (String, String) {
         let out = admin_cli(&self.data, &["device", "enroll", user], None).await;
         let code = out.lines().last().unwrap().to_string();
         let (status, body, _) = http(
@@ -376,16 +381,22 @@ impl ServerProcess {
         )
         .await;
         assert_eq!(status, 201, "{body}");
-        body["token"].as_str().unwrap().to_string()
+        (code, body["token"].as_str().unwrap().to_string())
     }
 
     pub async fn start(data: &Path) -> Self {
+        Self::start_logging(data, "warn", Stdio::inherit()).await
+    }
+
+    /// Starts with log level `level`, its logs (stderr) going to `logs`
+    /// (`Stdio::piped()` to read them from `child.stderr`).
+    pub async fn start_logging(data: &Path, level: &str, logs: Stdio) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
-            .env("FIELDSYNC_LOG", "warn")
+            .env("FIELDSYNC_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(logs)
             .kill_on_drop(true)
             .spawn()
             .expect("the fieldsync binary starts");
