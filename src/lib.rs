@@ -39,6 +39,7 @@ pub mod client;
 pub mod config;
 pub mod hub;
 pub mod ids;
+pub mod projection;
 pub mod protocol;
 pub mod records;
 pub mod server;

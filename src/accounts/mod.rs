@@ -32,7 +32,7 @@ use crate::protocol::CloseCode;
 use crate::storage::{blocking, StorageError, Store, Table};
 
 pub use admin::{AdminCommand, AuditEntry};
-pub use provenance::ProvenanceRow;
+pub use provenance::{FeedEntry, FeedPage, ProvenanceRow};
 
 /// Lifetimes of the things the service hands out.
 #[derive(Clone, Debug)]
@@ -626,7 +626,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &Default::default()).unwrap();
         let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
-        let accounts = Accounts::open(store.clone(), clock, AccountsConfig::default())
+        let accounts = Accounts::open(store.clone(), clock.clone(), AccountsConfig::default())
             .await
             .unwrap();
         let hub = Hub::new(
@@ -635,6 +635,7 @@ mod tests {
             HubConfig::default(),
             Arc::new(accounts.clone()),
             Arc::new(accounts.clone()),
+            clock,
         );
         for cmd in [
             AdminCommand::StationAdd {
@@ -690,8 +691,6 @@ mod tests {
     ) -> AcceptedChanges {
         AcceptedChanges {
             doc: id,
-            conn: ConnId::next(),
-            peer_id: PeerId::new("p").unwrap(),
             principal: who.clone(),
             hashes: doc.get_changes(since).iter().map(|c| c.hash()).collect(),
             received_at: Timestamp::from_millis(42),

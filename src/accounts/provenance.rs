@@ -33,6 +33,41 @@ pub struct ProvenanceRow {
     /// accepted (a hash DAG cannot refuse one change), but it deserves a look.
     pub flagged: bool,
     pub actor_bound_to: Option<DeviceId>,
+    /// The document's heads once the batch this change arrived in was applied (hex).
+    #[serde(default)]
+    pub heads_after: Vec<String>,
+}
+
+impl ProvenanceRow {
+    /// The author as the record views name it.
+    pub fn author(&self) -> crate::records::Author {
+        crate::records::Author {
+            user: self.user.to_string(),
+            device: self.device.as_ref().map(|d| d.to_string()),
+            received_at_ms: self.received_at.as_millis() as i64,
+        }
+    }
+}
+
+/// One entry of the change feed (`GET /api/v1/changes`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FeedEntry {
+    pub seq: u64,
+    pub document: DocumentId,
+    /// The change (hex hash).
+    pub change: String,
+    /// The document's heads after the batch it arrived in.
+    pub heads: Vec<String>,
+    pub device: Option<DeviceId>,
+    pub officer: UserName,
+    pub received_at: Timestamp,
+}
+
+/// A page of the change feed; `next` is the `after` of the next page.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FeedPage {
+    pub changes: Vec<FeedEntry>,
+    pub next: u64,
 }
 
 fn provenance_key(doc: DocumentId, seq: u64) -> Vec<u8> {
@@ -49,6 +84,7 @@ pub(super) fn record(
 ) -> Result<Vec<DerivedEdit>, StorageError> {
     let store = &accounts.inner.store;
     let device = event.principal.device.clone();
+    let heads_after: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
     for hash in &event.hashes {
         let Some(change) = doc.get_change_by_hash(hash) else {
             continue;
@@ -76,6 +112,7 @@ pub(super) fn record(
             received_at: event.received_at,
             flagged: bound_to.is_some(),
             actor_bound_to: bound_to,
+            heads_after: heads_after.clone(),
         };
         store.table_write_blocking(
             Table::Provenance,
@@ -120,17 +157,95 @@ pub(super) fn record(
     }])
 }
 
+/// Rows scanned per feed request at most (rows the caller may not see are skipped).
+const FEED_SCAN_MAX_ROWS: usize = 10_000;
+
 impl Accounts {
     /// Every provenance row of `doc`, in server order.
     pub async fn provenance(&self, doc: DocumentId) -> Result<Vec<ProvenanceRow>, StorageError> {
-        let store = self.inner.store.clone();
-        let rows =
-            blocking(move || store.table_scan_blocking(Table::Provenance, doc.as_bytes())).await?;
-        rows.into_iter()
-            .map(|(_, v)| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| StorageError::Corrupt(format!("provenance row: {e}")))
-            })
+        let this = self.clone();
+        blocking(move || this.provenance_blocking(doc)).await
+    }
+
+    pub fn provenance_blocking(&self, doc: DocumentId) -> Result<Vec<ProvenanceRow>, StorageError> {
+        self.inner
+            .store
+            .table_scan_blocking(Table::Provenance, doc.as_bytes())?
+            .into_iter()
+            .map(|(_, v)| parse_row(&v))
             .collect()
     }
+
+    /// Up to `limit` accepted changes after `after` that `who` may read, in server order.
+    pub async fn changes_after(
+        &self,
+        who: &crate::auth::Principal,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StorageError> {
+        let this = self.clone();
+        let who = who.clone();
+        blocking(move || {
+            let store = &this.inner.store;
+            let mut page = FeedPage {
+                changes: Vec::new(),
+                next: after,
+            };
+            let mut scanned = 0;
+            let mut failed = None;
+            store.table_for_each_blocking(
+                Table::Changes,
+                b"",
+                Some(&after.to_be_bytes()),
+                |k, v| {
+                    scanned += 1;
+                    let (Ok(seq), Ok(doc)) = (
+                        <[u8; 8]>::try_from(k).map(u64::from_be_bytes),
+                        v.get(..16)
+                            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                            .map(DocumentId::from_bytes)
+                            .ok_or(()),
+                    ) else {
+                        return true;
+                    };
+                    page.next = seq;
+                    let visible = matches!(
+                        this.with_directory(|d| d.access(&who, doc)),
+                        crate::auth::Access::Read | crate::auth::Access::ReadWrite
+                    );
+                    if visible {
+                        match store
+                            .table_get_blocking(Table::Provenance, &provenance_key(doc, seq))
+                            .and_then(|r| r.map(|r| parse_row(&r)).transpose())
+                        {
+                            Ok(Some(row)) => page.changes.push(FeedEntry {
+                                seq,
+                                document: doc,
+                                change: row.hash,
+                                heads: row.heads_after,
+                                device: row.device,
+                                officer: row.user,
+                                received_at: row.received_at,
+                            }),
+                            Ok(None) => {}
+                            Err(e) => {
+                                failed = Some(e);
+                                return false;
+                            }
+                        }
+                    }
+                    page.changes.len() < limit && scanned < FEED_SCAN_MAX_ROWS
+                },
+            )?;
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(page),
+            }
+        })
+        .await
+    }
+}
+
+fn parse_row(v: &[u8]) -> Result<ProvenanceRow, StorageError> {
+    serde_json::from_slice(v).map_err(|e| StorageError::Corrupt(format!("provenance row: {e}")))
 }

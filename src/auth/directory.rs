@@ -80,6 +80,27 @@ pub struct Household {
     pub registered_at: Timestamp,
 }
 
+/// The households a principal may see in staff lists and exports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadingScope {
+    pub station: StationId,
+    /// `None`: every village of the station (staff, admins); else only these (officers).
+    pub villages: Option<BTreeSet<VillageName>>,
+    /// Staff and admins review and manage follow-ups through the API; officers do it on
+    /// their devices.
+    pub may_edit: bool,
+}
+
+impl ReadingScope {
+    pub fn covers(&self, station: &str, village: &str) -> bool {
+        self.station.as_str() == station
+            && self
+                .villages
+                .as_ref()
+                .is_none_or(|v| v.iter().any(|x| x.as_str() == village))
+    }
+}
+
 /// One stored record. The JSON form (tagged by `kind`) is what the store keeps.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -294,6 +315,25 @@ impl Directory {
 
     pub fn household(&self, doc: DocumentId) -> Option<&Household> {
         self.households.get(&doc)
+    }
+
+    /// Every registered household.
+    pub fn households(&self) -> impl Iterator<Item = &Household> {
+        self.households.values()
+    }
+
+    /// Which households `who` may read in staff lists: their station, and for officers only
+    /// their villages. `None`: none (unknown, disabled or revoked).
+    pub fn reading_scope(&self, who: &Principal) -> Option<ReadingScope> {
+        let user = self.still_valid(who)?;
+        Some(ReadingScope {
+            station: user.station.clone(),
+            villages: match user.role {
+                Role::Officer => Some(user.villages.clone()),
+                Role::Staff | Role::Admin => None,
+            },
+            may_edit: matches!(user.role, Role::Staff | Role::Admin),
+        })
     }
 
     pub fn has_admin(&self) -> bool {

@@ -15,7 +15,9 @@ pub mod throttle;
 
 use automerge::Automerge;
 
-pub use directory::{AuthFailure, Directory, DocumentScope, Household, Record, RecordKey};
+pub use directory::{
+    AuthFailure, Directory, DocumentScope, Household, ReadingScope, Record, RecordKey,
+};
 pub use names::{DeviceId, NameError, Role, StationId, UserName, VillageName};
 
 use crate::ids::DocumentId;

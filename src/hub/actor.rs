@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{AcceptedChanges, DerivedEdit, HubInner, LocalEdit, Outbound, PeerLink};
 use crate::auth::Access;
-use crate::ids::{ConnId, DocumentId, Timestamp};
+use crate::ids::{ConnId, DocumentId};
 use crate::protocol::{CloseCode, DocMessage, Message, SyncKind};
 use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 
@@ -25,6 +25,7 @@ const MAX_BATCH: usize = 64;
 
 /// Where a local edit's outcome goes: `Ok(changed)` once durable, or why it was refused.
 pub(crate) type LocalDone = oneshot::Sender<Result<bool, String>>;
+pub(crate) type ReadFn = Box<dyn FnOnce(&Automerge) + Send>;
 
 pub(crate) enum Cmd {
     Sync {
@@ -32,9 +33,15 @@ pub(crate) enum Cmd {
         kind: SyncKind,
         data: Vec<u8>,
     },
-    /// A change made by the server itself (catalogs; later staff edits through the API).
-    /// Answered once the change is durable: `Ok(true)` if it changed the document.
-    Local { edit: LocalEdit, done: LocalDone },
+    /// A change made by the server itself (catalogs), or on behalf of an account (staff
+    /// edits through the API). Answered once durable: `Ok(true)` if it changed the document.
+    Local {
+        edit: LocalEdit,
+        on_behalf: Option<crate::auth::Principal>,
+        done: LocalDone,
+    },
+    /// A read of the document as it is now (the staff API's detail and history).
+    Read { read: ReadFn },
     /// The connection closed: persist and forget its sync state.
     Leave { conn: ConnId },
 }
@@ -72,7 +79,8 @@ struct Applied {
     responders: Vec<ConnId>,
     unavailable: Vec<PeerLink>,
     failed: Vec<(PeerLink, String)>,
-    accepted: Vec<(PeerLink, Vec<ChangeHash>)>,
+    /// Who delivered which new changes (peers, and accounts the server edited for).
+    accepted: Vec<(crate::auth::Principal, Vec<ChangeHash>)>,
     /// Local edits to answer once durable.
     local_done: Vec<(LocalDone, Result<bool, String>)>,
     /// Edits of other documents that the accepted changes call for (catalog entries).
@@ -204,7 +212,7 @@ impl DocActor {
                 tracing::error!(doc = %self.id, "a document cannot derive an edit of itself; skipped");
                 continue;
             }
-            if let Err(e) = self.hub.change_local(derived.doc, derived.edit).await {
+            if let Err(e) = self.hub.change_local(derived.doc, derived.edit, None).await {
                 tracing::warn!(doc = %self.id, derived = %derived.doc, error = %e, "updating a derived document failed");
             }
         }
@@ -271,9 +279,23 @@ impl DocState {
                     let access = hub.authorizer.access(&link.principal, self.id);
                     self.apply_one(hub, link, kind, &data, access, &mut out)
                 }
-                Cmd::Local { edit, done } => {
+                Cmd::Read { read } => read(&self.doc),
+                Cmd::Local {
+                    edit,
+                    on_behalf,
+                    done,
+                } => {
                     let before = self.doc.get_heads();
                     let result = edit(&mut self.doc).map(|()| self.doc.get_heads() != before);
+                    if let (Some(who), Ok(true)) = (on_behalf, &result) {
+                        let hashes = self
+                            .doc
+                            .get_changes_meta(&before)
+                            .iter()
+                            .map(|c| c.hash)
+                            .collect();
+                        out.accepted.push((who, hashes));
+                    }
                     // Subscribed peers hear of a local change like of any other (`changed`).
                     self.exists = !self.doc.get_heads().is_empty();
                     out.local_done.push((done, result));
@@ -289,14 +311,12 @@ impl DocState {
             out.changed = true;
             // Provenance, registrations and derived edits, written before the flush that
             // makes the chunk durable, so the same flush covers them.
-            let received_at = Timestamp::now();
-            for (link, hashes) in &out.accepted {
+            let received_at = hub.clock.now();
+            for (principal, hashes) in &out.accepted {
                 let derived = hub.observer.changes_accepted(
                     &AcceptedChanges {
                         doc: self.id,
-                        conn: link.conn,
-                        peer_id: link.peer_id.clone(),
-                        principal: link.principal.clone(),
+                        principal: principal.clone(),
                         hashes: hashes.clone(),
                         received_at,
                     },
@@ -304,6 +324,8 @@ impl DocState {
                 )?;
                 out.derived.extend(derived);
             }
+            hub.observer
+                .document_changed(self.id, &self.doc, received_at)?;
         }
         Ok(out)
     }
@@ -379,7 +401,7 @@ impl DocState {
                 .iter()
                 .map(|c| c.hash)
                 .collect();
-            out.accepted.push((link.clone(), hashes));
+            out.accepted.push((link.principal.clone(), hashes));
         }
         // A document exists once it has a change; an upload starts with an exchange of heads
         // before any change arrives, so an empty document still gets an answer.

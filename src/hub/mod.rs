@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Access, Authorizer};
-use crate::ids::{ConnId, DocumentId, PeerId, Timestamp};
+use crate::ids::{Clock, ConnId, DocumentId, PeerId, Timestamp};
 use crate::protocol::{DocMessage, Ephemeral, Message, SyncKind};
 use crate::storage::Store;
 use actor::{Cmd, DocActor};
@@ -55,8 +55,8 @@ impl Default for HubConfig {
 #[derive(Debug, Clone)]
 pub struct AcceptedChanges {
     pub doc: DocumentId,
-    pub conn: ConnId,
-    pub peer_id: PeerId,
+    /// Who delivered them: a peer's account and device, or the account on whose behalf the
+    /// server made them (staff edits through the API).
     pub principal: crate::auth::Principal,
     /// Hashes of the changes this peer delivered that were new to the server.
     pub hashes: Vec<ChangeHash>,
@@ -64,7 +64,7 @@ pub struct AcceptedChanges {
     pub received_at: Timestamp,
 }
 
-/// An edit the server makes to a document itself (catalog entries; staff edits later).
+/// An edit the server makes to a document itself (catalog entries, staff edits).
 /// `Err` leaves the document as it was and is reported to whoever asked.
 pub type LocalEdit = Box<dyn FnOnce(&mut Automerge) -> Result<(), String> + Send>;
 
@@ -84,6 +84,18 @@ pub trait ChangeObserver: Send + Sync + 'static {
         event: &AcceptedChanges,
         doc: &Automerge,
     ) -> Result<Vec<DerivedEdit>, crate::storage::StorageError>;
+
+    /// Called once per batch that changed the document (after `changes_accepted` for each
+    /// delivery, also for the server's own edits), on the same thread and before the same
+    /// flush: projections of the document's content are kept here.
+    fn document_changed(
+        &self,
+        _doc: DocumentId,
+        _content: &Automerge,
+        _received_at: Timestamp,
+    ) -> Result<(), crate::storage::StorageError> {
+        Ok(())
+    }
 }
 
 /// Does nothing: for in-process tests of the sync core.
@@ -125,6 +137,8 @@ pub(crate) struct HubInner {
     subs: Mutex<HashMap<DocumentId, HashMap<ConnId, PeerLink>>>,
     authorizer: Arc<dyn Authorizer>,
     observer: Arc<dyn ChangeObserver>,
+    /// Server receive times come from here (tests inject a manual clock).
+    clock: Arc<dyn Clock>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -136,6 +150,7 @@ impl Hub {
         config: HubConfig,
         authorizer: Arc<dyn Authorizer>,
         observer: Arc<dyn ChangeObserver>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         let cache = Cache::new(config.cache_budget_bytes);
         Self {
@@ -147,6 +162,7 @@ impl Hub {
                 subs: Mutex::new(HashMap::new()),
                 authorizer,
                 observer,
+                clock,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
             }),
@@ -289,11 +305,45 @@ impl Hub {
         })));
     }
 
-    /// Makes a change as the server (catalogs; staff edits later) and waits until it is
-    /// durable. Subscribed peers receive it like any other change. Creates the document if
-    /// it does not exist.
+    /// Makes a change as the server (catalogs) and waits until it is durable. Subscribed
+    /// peers receive it like any other change. Creates the document if it does not exist.
     pub async fn change_local(&self, doc: DocumentId, edit: LocalEdit) -> Result<bool, HubError> {
-        self.inner.change_local(doc, edit).await
+        self.inner.change_local(doc, edit, None).await
+    }
+
+    /// Makes a change on behalf of `who` (a staff edit through the API): like
+    /// [`Hub::change_local`], and its provenance names `who`. `Ok(None)`: no such document
+    /// (it is not created).
+    pub async fn change_as(
+        &self,
+        doc: DocumentId,
+        who: crate::auth::Principal,
+        edit: LocalEdit,
+    ) -> Result<Option<bool>, HubError> {
+        if self.inner.actor_for(doc, SyncKind::Request).await?.is_none() {
+            return Ok(None);
+        }
+        self.inner.change_local(doc, edit, Some(who)).await.map(Some)
+    }
+
+    /// Runs `read` on the document as it is now (loading it if needed), in its actor, off
+    /// the reactor. `Ok(None)`: no such document.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        doc: DocumentId,
+        read: impl FnOnce(&Automerge) -> R + Send + 'static,
+    ) -> Result<Option<R>, HubError> {
+        let Some(tx) = self.inner.actor_for(doc, SyncKind::Request).await? else {
+            return Ok(None);
+        };
+        let (done, result) = oneshot::channel();
+        let read: actor::ReadFn = Box::new(move |d| {
+            let _ = done.send(read(d));
+        });
+        if tx.send(Cmd::Read { read }).await.is_err() {
+            return Err(HubError::Stopped);
+        }
+        result.await.map(Some).map_err(|_| HubError::Stopped)
     }
 }
 
@@ -338,6 +388,7 @@ impl HubInner {
         self: &Arc<Self>,
         doc: DocumentId,
         edit: LocalEdit,
+        on_behalf: Option<crate::auth::Principal>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, HubError>> + Send>> {
         let this = self.clone();
         Box::pin(async move {
@@ -346,7 +397,15 @@ impl HubInner {
                 .await?
                 .ok_or(HubError::Stopped)?;
             let (done, result) = oneshot::channel();
-            if tx.send(Cmd::Local { edit, done }).await.is_err() {
+            if tx
+                .send(Cmd::Local {
+                    edit,
+                    on_behalf,
+                    done,
+                })
+                .await
+                .is_err()
+            {
                 return Err(HubError::Stopped);
             }
             match result.await {

@@ -1,22 +1,40 @@
-//! The household record on Automerge: typed writes (create, visits, fields) and a typed read
-//! that keeps concurrent values. `proto-docs/data-model.md` is the contract; this module is
-//! its Rust face, used by the device library and the examples (issue 4 adds validation and
-//! projections).
+//! The household record on Automerge: the schema's vocabulary and validation (`schema`),
+//! typed writes (`write`: households, members, visits, matters, follow-ups, reviews), typed
+//! reads that keep concurrent values (`read`), the per-household summary the projection
+//! stores (`summary`), the staff detail with conflicts, authors and history (`detail`), and
+//! who wrote what (`attribution`). `proto-docs/data-model.md` is the contract; this module is
+//! its Rust face, used by the server, the device library and the examples.
 //!
 //! Rules it enforces: every nested container is created in the creating change (never
 //! concurrently), entries live in maps keyed by UUID, and strings are read whether they were
 //! written as Automerge text (the JS default) or as scalar strings. Must not do I/O.
 
+mod attribution;
 pub mod catalog;
+mod detail;
 mod read;
 pub mod samples;
+pub mod schema;
+mod summary;
 mod write;
 
 pub use catalog::{create_catalog, read_catalog, upsert_catalog_entry, CatalogEntry, CatalogView};
-pub use read::{household_scope, read_household, HouseholdView, VisitView};
+pub use attribution::{Attribution, Author};
+pub use detail::{
+    conflicts, history, household_detail, Conflict, ConflictValue, Entry, HistoryEntry,
+    HouseholdDetail, Review,
+};
+pub use read::{address_label, household_scope, read_household, HouseholdView, VisitView};
+pub use schema::{
+    validate, FollowUpStatus, MatterKind, MatterStatus, Premises, ReviewState, Risk, VisitMode,
+    VisitOutcome,
+};
+pub use summary::{summarise, FollowUpBrief, HouseholdSummary, MatterBrief, VisitRow};
 pub use write::{
-    add_visit, create_household, set_address_field, set_premises, Address, NewHousehold, NewVisit,
-    Premises, VisitMode, VisitOutcome,
+    add_follow_up, add_matter, add_member, add_visit, create_household, edit_visit,
+    set_address_field, set_member_field, set_premises, set_review, update_follow_up,
+    update_matter, Address, FollowUpUpdate, NewFollowUp, NewHousehold, NewMatter, NewMember,
+    NewVisit, VisitEdit,
 };
 
 /// The schema version written into `schema`.
@@ -30,6 +48,8 @@ pub enum RecordError {
     NotAHousehold(String),
     #[error("invalid value for `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("the household has no {map} entry `{id}`")]
+    NoSuchEntry { map: &'static str, id: String },
 }
 
 impl From<automerge::AutomergeError> for RecordError {

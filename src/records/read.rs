@@ -76,12 +76,8 @@ fn timestamp_at<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Option<i64> {
     }
 }
 
-pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError> {
-    if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
-        return Err(RecordError::NotAHousehold(
-            "`type` is not \"household\"".into(),
-        ));
-    }
+/// "township village group street No. house_no", skipping empty parts.
+pub fn address_label<R: ReadDoc>(doc: &R) -> String {
     let address = map_at(doc, &ROOT, "address");
     let part = |k: &str| {
         address
@@ -100,6 +96,16 @@ pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError>
     if !house.is_empty() {
         label.push(format!("No. {house}"));
     }
+    label.join(" ")
+}
+
+pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError> {
+    if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
+        return Err(RecordError::NotAHousehold(
+            "`type` is not \"household\"".into(),
+        ));
+    }
+    let address = map_at(doc, &ROOT, "address");
     let mut visits = Vec::new();
     if let Some(vmap) = map_at(doc, &ROOT, "visits") {
         for key in doc.keys(&vmap) {
@@ -121,7 +127,7 @@ pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError>
     Ok(HouseholdView {
         station: string_at(doc, &ROOT, "station").unwrap_or_default(),
         village: string_at(doc, &ROOT, "village").unwrap_or_default(),
-        address_label: label.join(" "),
+        address_label: address_label(doc),
         premises: strings_at(doc, &ROOT, "premises"),
         landmark: address
             .as_ref()

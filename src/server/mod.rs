@@ -29,6 +29,7 @@ use warp::Filter;
 use crate::accounts::{Accounts, AccountsConfig, AdminCommand};
 use crate::hub::{Hub, HubConfig};
 use crate::ids::{Clock, PeerId, SystemClock};
+use crate::projection::Projection;
 use crate::protocol::SessionConfig;
 use crate::storage::{Store, StoreConfig};
 
@@ -75,6 +76,7 @@ pub struct Services {
     pub store: Store,
     pub hub: Hub,
     pub accounts: Accounts,
+    pub projection: Projection,
     session: SessionConfig,
     config: Arc<ServerConfig>,
     /// The admin socket, when bound before [`run`].
@@ -100,14 +102,18 @@ impl Services {
         })?;
         let store = Store::open(&config.data_dir, &config.store)?;
         let storage_id = store.storage_id().await?;
-        let accounts = Accounts::open(store.clone(), clock, config.accounts.clone()).await?;
+        let accounts =
+            Accounts::open(store.clone(), clock.clone(), config.accounts.clone()).await?;
+        let projection = Projection::new(store.clone(), accounts.clone());
         let server_peer_id = PeerId::random("fieldsync");
         let hub = Hub::new(
             store.clone(),
             server_peer_id.clone(),
             config.hub.clone(),
             Arc::new(accounts.clone()),
-            Arc::new(accounts.clone()),
+            // Provenance (accounts) first, then the projection, for every accepted change.
+            Arc::new(projection.clone()),
+            clock,
         );
         let session = SessionConfig {
             server_peer_id,
@@ -120,6 +126,7 @@ impl Services {
             store,
             hub,
             accounts,
+            projection,
             session,
             config: Arc::new(config),
             admin_listener: Arc::default(),

@@ -19,15 +19,19 @@ pub enum Table {
     Actors,
     /// Admin audit log: seq(8 BE) -> entry.
     Audit,
+    /// The staff projection of household documents (rebuildable from the documents and
+    /// the provenance rows; keys chosen by `projection`).
+    Projection,
 }
 
 impl Table {
-    pub(super) const ALL: [Table; 5] = [
+    pub(super) const ALL: [Table; 6] = [
         Table::Accounts,
         Table::Provenance,
         Table::Changes,
         Table::Actors,
         Table::Audit,
+        Table::Projection,
     ];
 
     pub(super) fn tree_name(self) -> &'static str {
@@ -37,6 +41,7 @@ impl Table {
             Table::Changes => "changes",
             Table::Actors => "actors",
             Table::Audit => "audit",
+            Table::Projection => "projection",
         }
     }
 }
@@ -64,6 +69,37 @@ impl Store {
             out.push((k.to_vec(), unversioned(&v)?.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Calls `each` for every row whose key starts with `prefix` and is after `after` (if
+    /// given), in key order, one at a time (memory stays flat however many rows match),
+    /// until `each` returns `false`.
+    pub fn table_for_each_blocking(
+        &self,
+        t: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        mut each: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let iter = match after {
+            Some(a) if a >= prefix => self
+                .tree(t)
+                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            _ => self.tree(t).range::<&[u8], _>(prefix..),
+        };
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || !each(&k, unversioned(&v)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every row of the table (a projection about to be rebuilt).
+    pub fn table_clear_blocking(&self, t: Table) -> Result<()> {
+        self.tree(t).clear()?;
+        Ok(())
     }
 
     /// Up to `limit` rows with keys strictly after `after` (from the start if `None`).

@@ -1,0 +1,363 @@
+//! The staff projection: per household a row (village, address label, last visit, visit
+//! count, open matters, follow-ups, review state, conflicts, quarantine reasons), one row per
+//! visit for the export, and counters per village, all kept in sled and updated on every
+//! accepted change of a household, on the document's actor thread before the flush that
+//! makes the change durable (one flush covers both). `reindex` rebuilds it from the stored
+//! documents and provenance rows; the two must agree (a property test checks it).
+//!
+//! Staff queries (`query`) read only this projection, never every document. Must not: decide
+//! access (it is given a [`ReadingScope`]), write documents, or run on the reactor.
+
+mod query;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use automerge::{Automerge, ChangeHash};
+
+use crate::accounts::{Accounts, ProvenanceRow};
+use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit};
+use crate::ids::{DocumentId, Timestamp};
+use crate::records::{summarise, Attribution, HouseholdSummary};
+use crate::storage::{Store, StorageError, Table, TableWrite};
+pub use query::{Coverage, Cursor, Filter, HouseholdPage, CSV_HEADER};
+
+/// A stored key and value, as [`Projection::dump_blocking`] returns them.
+pub type RawRow = (Vec<u8>, Vec<u8>);
+
+/// The projection row of one household (its visits are stored beside it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HouseholdRow {
+    pub id: DocumentId,
+    pub station: String,
+    /// The village it is registered to (not what the document says: that may change).
+    pub village: String,
+    /// Server time of its latest change.
+    pub updated_at_ms: i64,
+    #[serde(flatten)]
+    pub summary: HouseholdSummary,
+}
+
+impl HouseholdRow {
+    pub fn quarantined(&self) -> bool {
+        !self.summary.quarantine.is_empty()
+    }
+}
+
+/// Counters of one village, over its households that conform (quarantined ones are only
+/// counted as such).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VillageCounts {
+    pub households: i64,
+    pub quarantined: i64,
+    pub visits: i64,
+    /// Households with at least one visit.
+    pub visited: i64,
+    /// Open matters per kind.
+    pub open_matters: BTreeMap<String, i64>,
+    pub follow_ups_todo: i64,
+    pub households_with_conflicts: i64,
+}
+
+impl VillageCounts {
+    fn add(&mut self, row: &HouseholdRow, sign: i64) {
+        if row.quarantined() {
+            self.quarantined += sign;
+            return;
+        }
+        let s = &row.summary;
+        self.households += sign;
+        self.visits += sign * i64::from(s.visit_count);
+        self.visited += sign * i64::from(s.visit_count > 0);
+        for (kind, n) in &s.open_matters {
+            let e = self.open_matters.entry(kind.clone()).or_insert(0);
+            *e += sign * i64::from(*n);
+            if *e == 0 {
+                self.open_matters.remove(kind);
+            }
+        }
+        self.follow_ups_todo += sign
+            * s.follow_ups
+                .iter()
+                .filter(|f| f.status == "todo")
+                .count() as i64;
+        self.households_with_conflicts += sign * i64::from(s.conflicts > 0);
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == VillageCounts::default()
+    }
+}
+
+/// Key layout of [`Table::Projection`] (one tree, so a household's row, its visits and its
+/// village's counters change in one atomic batch).
+mod keys {
+    use crate::ids::DocumentId;
+
+    /// `h` station 0x00 doc(16): the household row.
+    pub fn household(station: &str, doc: DocumentId) -> Vec<u8> {
+        let mut k = station_prefix(b'h', station);
+        k.extend_from_slice(doc.as_bytes());
+        k
+    }
+
+    pub fn station_prefix(kind: u8, station: &str) -> Vec<u8> {
+        let mut k = vec![kind];
+        k.extend_from_slice(station.as_bytes());
+        k.push(0);
+        k
+    }
+
+    /// `v` doc(16) visit-id: one visit row.
+    pub fn visit(doc: DocumentId, visit: &str) -> Vec<u8> {
+        let mut k = visits_of(doc);
+        k.extend_from_slice(visit.as_bytes());
+        k
+    }
+
+    pub fn visits_of(doc: DocumentId) -> Vec<u8> {
+        let mut k = vec![b'v'];
+        k.extend_from_slice(doc.as_bytes());
+        k
+    }
+
+    /// `c` station 0x00 village: the village's counters.
+    pub fn counts(station: &str, village: &str) -> Vec<u8> {
+        let mut k = station_prefix(b'c', station);
+        k.extend_from_slice(village.as_bytes());
+        k
+    }
+}
+
+#[derive(Clone)]
+pub struct Projection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    accounts: Accounts,
+    /// Serialises read-modify-write of rows and counters across document actors.
+    write: Mutex<()>,
+}
+
+impl Projection {
+    pub fn new(store: Store, accounts: Accounts) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                accounts,
+                write: Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn accounts(&self) -> &Accounts {
+        &self.inner.accounts
+    }
+
+    /// The row of a household computed from its document and provenance rows.
+    fn build_row(
+        &self,
+        doc: DocumentId,
+        content: &Automerge,
+    ) -> Result<Option<HouseholdRow>, StorageError> {
+        let registration = self.inner.accounts.with_directory(|d| {
+            d.household(doc)
+                .map(|h| (h.station.to_string(), h.village.to_string()))
+        });
+        let Some((station, village)) = registration else {
+            return Ok(None); // catalogs, refused uploads
+        };
+        let rows = self.inner.accounts.provenance_blocking(doc)?;
+        let attribution = attribution(content, &rows);
+        let updated_at_ms = rows
+            .iter()
+            .map(|r| r.received_at.as_millis() as i64)
+            .max()
+            .unwrap_or_default();
+        Ok(Some(HouseholdRow {
+            id: doc,
+            station,
+            village,
+            updated_at_ms,
+            summary: summarise(content, &attribution),
+        }))
+    }
+
+    /// Brings the projection of `doc` up to date with `content`.
+    pub fn update_blocking(&self, doc: DocumentId, content: &Automerge) -> Result<(), StorageError> {
+        let Some(row) = self.build_row(doc, content)? else {
+            return Ok(());
+        };
+        let _w = lock(&self.inner.write);
+        self.write_row_blocking(row)
+    }
+
+    /// Replaces a household's row and visit rows and moves its contribution to the counters,
+    /// in one atomic batch. Call with the write lock held.
+    fn write_row_blocking(&self, mut row: HouseholdRow) -> Result<(), StorageError> {
+        let store = &self.inner.store;
+        let key = keys::household(&row.station, row.id);
+        let old: Option<HouseholdRow> = match store.table_get_blocking(Table::Projection, &key)? {
+            Some(v) => Some(parse(&v, "household row")?),
+            None => None,
+        };
+        let visits = std::mem::take(&mut row.summary.visits);
+        let mut writes: Vec<TableWrite> = Vec::new();
+        let mut old_visits = HashMap::new();
+        for (k, v) in store.table_scan_blocking(Table::Projection, &keys::visits_of(row.id))? {
+            old_visits.insert(k, v);
+        }
+        for v in &visits {
+            let k = keys::visit(row.id, &v.id);
+            let bytes = serde_json::to_vec(v).expect("rows serialise");
+            if old_visits.remove(&k).as_ref() != Some(&bytes) {
+                writes.push((k, Some(bytes)));
+            }
+        }
+        writes.extend(old_visits.into_keys().map(|k| (k, None)));
+
+        let mut counts: BTreeMap<Vec<u8>, VillageCounts> = BTreeMap::new();
+        if let Some(old) = &old {
+            self.counts_entry(&mut counts, &old.station, &old.village)?
+                .add(old, -1);
+        }
+        self.counts_entry(&mut counts, &row.station, &row.village)?
+            .add(&row, 1);
+        for (k, c) in counts {
+            let value = (!c.is_empty()).then(|| serde_json::to_vec(&c).expect("counts serialise"));
+            writes.push((k, value));
+        }
+        writes.push((key, Some(serde_json::to_vec(&row).expect("rows serialise"))));
+        store.table_write_blocking(Table::Projection, writes)
+    }
+
+    fn counts_entry<'a>(
+        &self,
+        counts: &'a mut BTreeMap<Vec<u8>, VillageCounts>,
+        station: &str,
+        village: &str,
+    ) -> Result<&'a mut VillageCounts, StorageError> {
+        let k = keys::counts(station, village);
+        if !counts.contains_key(&k) {
+            let current = match self.inner.store.table_get_blocking(Table::Projection, &k)? {
+                Some(v) => parse(&v, "village counts")?,
+                None => VillageCounts::default(),
+            };
+            counts.insert(k.clone(), current);
+        }
+        Ok(counts.get_mut(&k).expect("inserted"))
+    }
+
+    /// Rebuilds the whole projection from the stored documents and provenance rows, calling
+    /// `progress(done, total)` after each household. Run it while no server uses the store
+    /// (`fieldsync reindex` refuses otherwise), or, in tests, when the hub is quiescent.
+    pub fn reindex_blocking(
+        &self,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<usize, StorageError> {
+        let mut docs: Vec<DocumentId> = self
+            .inner
+            .accounts
+            .with_directory(|d| d.households().map(|h| h.doc).collect());
+        docs.sort();
+        let _w = lock(&self.inner.write);
+        let store = &self.inner.store;
+        store.table_clear_blocking(Table::Projection)?;
+        let total = docs.len();
+        for (i, doc) in docs.into_iter().enumerate() {
+            let stored = store.load_blocking(doc)?;
+            let mut content = Automerge::new();
+            for (key, bytes) in &stored.chunks {
+                content.load_incremental(bytes).map_err(|e| {
+                    StorageError::Corrupt(format!(
+                        "document {doc}: chunk {:?} does not load ({e})",
+                        key.kind
+                    ))
+                })?;
+            }
+            if let Some(row) = self.build_row(doc, &content)? {
+                self.write_row_blocking(row)?;
+            }
+            progress(i + 1, total);
+        }
+        Ok(total)
+    }
+
+    /// Every row of the projection, for comparing an incremental projection with a rebuilt
+    /// one.
+    pub fn dump_blocking(&self) -> Result<Vec<RawRow>, StorageError> {
+        self.inner.store.table_scan_blocking(Table::Projection, b"")
+    }
+
+    /// The row of one household, if it is registered and projected.
+    pub fn household_blocking(
+        &self,
+        station: &str,
+        doc: DocumentId,
+    ) -> Result<Option<HouseholdRow>, StorageError> {
+        match self
+            .inner
+            .store
+            .table_get_blocking(Table::Projection, &keys::household(station, doc))?
+        {
+            Some(v) => Ok(Some(parse(&v, "household row")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn counts_blocking(
+        &self,
+        station: &str,
+        village: &str,
+    ) -> Result<VillageCounts, StorageError> {
+        match self
+            .inner
+            .store
+            .table_get_blocking(Table::Projection, &keys::counts(station, village))?
+        {
+            Some(v) => parse(&v, "village counts"),
+            None => Ok(VillageCounts::default()),
+        }
+    }
+}
+
+/// The attribution of a document's values from its provenance rows.
+pub fn attribution(content: &Automerge, rows: &[ProvenanceRow]) -> Attribution {
+    let authors = rows
+        .iter()
+        .filter_map(|r| {
+            let hash: ChangeHash = r.hash.parse().ok()?;
+            Some((hash, r.author()))
+        })
+        .collect();
+    Attribution::new(content, authors)
+}
+
+impl ChangeObserver for Projection {
+    fn changes_accepted(
+        &self,
+        event: &AcceptedChanges,
+        doc: &Automerge,
+    ) -> Result<Vec<DerivedEdit>, StorageError> {
+        self.inner.accounts.changes_accepted(event, doc)
+    }
+
+    fn document_changed(
+        &self,
+        doc: DocumentId,
+        content: &Automerge,
+        _received_at: Timestamp,
+    ) -> Result<(), StorageError> {
+        self.update_blocking(doc, content)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, StorageError> {
+    serde_json::from_slice(v).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

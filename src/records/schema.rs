@@ -1,0 +1,324 @@
+//! The household schema's vocabulary (every enum of `proto-docs/data-model.md`) and the
+//! validation that decides whether an arriving document conforms. Validation never changes
+//! or drops anything: it returns reasons, and the server keeps a non-conforming document
+//! but quarantines it. Strings are accepted as Automerge text or scalar strings, and every
+//! concurrent value of a field is checked. Must not do I/O.
+
+use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+
+use super::read::{map_at, string_at};
+use super::SCHEMA_VERSION;
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            /// Every value, in the documented order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+            /// The accepted spellings, for error messages.
+            pub fn choices() -> String {
+                [$($text),+].join(" | ")
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::parse(&s).ok_or_else(|| {
+                    serde::de::Error::custom(format!("`{s}` is not one of {}", $name::choices()))
+                })
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// What the address is used as.
+    Premises { Home => "home", Rental => "rental", Shop => "shop", Business => "business",
+               Institution => "institution", Vacant => "vacant" }
+);
+string_enum!(
+    /// How a visit ended.
+    VisitOutcome { Met => "met", NobodyHome => "nobody_home", Refused => "refused",
+                   Moved => "moved", Vacant => "vacant" }
+);
+string_enum!(
+    /// How the officer talked to the household.
+    VisitMode { InHome => "in_home", Doorstep => "doorstep", Phone => "phone" }
+);
+string_enum!(
+    /// What a resident raised.
+    MatterKind { Consultation => "consultation", Complaint => "complaint", Tip => "tip",
+                 Dispute => "dispute", Help => "help", Suggestion => "suggestion",
+                 Hazard => "hazard" }
+);
+string_enum!(
+    /// How urgent a matter is.
+    Risk { Red => "red", Yellow => "yellow", Blue => "blue" }
+);
+string_enum!(
+    /// Where a matter stands; `resolved` and `closed` are the closed states.
+    MatterStatus { New => "new", InProgress => "in_progress", Mediated => "mediated",
+                   Referred => "referred", Resolved => "resolved", Closed => "closed" }
+);
+string_enum!(
+    /// Where a follow-up stands.
+    FollowUpStatus { Todo => "todo", Done => "done", Cancelled => "cancelled" }
+);
+string_enum!(
+    /// The station's review of a household record.
+    ReviewState { Received => "received", HasIssues => "has_issues", Approved => "approved",
+                  Rejected => "rejected" }
+);
+
+impl MatterStatus {
+    /// Open matters still need someone's attention.
+    pub fn is_open(self) -> bool {
+        !matches!(self, MatterStatus::Resolved | MatterStatus::Closed)
+    }
+}
+
+/// Why a document does not conform; empty means it conforms. Each reason names the field
+/// by its dotted path (`visits.<id>.outcome`) and says what was expected.
+pub fn validate<R: ReadDoc>(doc: &R) -> Vec<String> {
+    let mut v = Validator {
+        doc,
+        reasons: Vec::new(),
+    };
+    v.check();
+    v.reasons
+}
+
+struct Validator<'a, R> {
+    doc: &'a R,
+    reasons: Vec<String>,
+}
+
+impl<R: ReadDoc> Validator<'_, R> {
+    fn fail(&mut self, path: &str, why: impl std::fmt::Display) {
+        if self.reasons.len() < 50 {
+            self.reasons.push(format!("{path}: {why}"));
+        }
+    }
+
+    fn check(&mut self) {
+        let doc = self.doc;
+        if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
+            self.fail("type", "must be \"household\"");
+            return;
+        }
+        match doc.get(ROOT, "schema").ok().flatten() {
+            Some((Value::Scalar(s), _)) if scalar_int(&s) == Some(SCHEMA_VERSION) => {}
+            _ => self.fail("schema", format!("must be {SCHEMA_VERSION}")),
+        }
+        for key in ["station", "village"] {
+            self.required_string(&ROOT, key, key);
+        }
+        self.enum_field(&ROOT, "premises", "premises", Premises::parse, Premises::choices);
+        match map_at(doc, &ROOT, "address") {
+            Some(a) => {
+                for k in ["township", "village", "group", "street", "house_no", "landmark"] {
+                    self.optional_string(&a, k, &format!("address.{k}"));
+                }
+            }
+            None => self.fail("address", "must be a map"),
+        }
+        self.entries("members", |v, path, m| {
+            v.required_string(m, "name", &format!("{path}.name"));
+            for k in ["relation", "phone"] {
+                v.optional_string(m, k, &format!("{path}.{k}"));
+            }
+        });
+        self.entries("visits", |v, path, m| {
+            v.required_string(m, "officer", &format!("{path}.officer"));
+            v.timestamp(m, "started_at", &format!("{path}.started_at"), true);
+            v.timestamp(m, "ended_at", &format!("{path}.ended_at"), false);
+            v.enum_field(m, "outcome", &format!("{path}.outcome"), VisitOutcome::parse, VisitOutcome::choices);
+            v.enum_field(m, "mode", &format!("{path}.mode"), VisitMode::parse, VisitMode::choices);
+            v.optional_string(m, "notes", &format!("{path}.notes"));
+            for k in ["security_score", "satisfaction"] {
+                v.score(m, k, &format!("{path}.{k}"));
+            }
+        });
+        self.entries("matters", |v, path, m| {
+            v.enum_field(m, "kind", &format!("{path}.kind"), MatterKind::parse, MatterKind::choices);
+            v.enum_field(m, "status", &format!("{path}.status"), MatterStatus::parse, MatterStatus::choices);
+            if v.doc.get(m, "risk").ok().flatten().is_some() {
+                v.enum_field(m, "risk", &format!("{path}.risk"), Risk::parse, Risk::choices);
+            }
+            v.optional_string(m, "description", &format!("{path}.description"));
+        });
+        self.entries("follow_ups", |v, path, m| {
+            v.required_string(m, "task", &format!("{path}.task"));
+            v.enum_field(m, "status", &format!("{path}.status"), FollowUpStatus::parse, FollowUpStatus::choices);
+            v.timestamp(m, "due", &format!("{path}.due"), false);
+        });
+        match map_at(doc, &ROOT, "review") {
+            Some(r) => self.enum_field(&r, "state", "review.state", ReviewState::parse, ReviewState::choices),
+            None => self.fail("review", "must be a map"),
+        }
+    }
+
+    /// `key` of the root must be a map of maps; `each` checks one entry.
+    fn entries(&mut self, key: &str, each: impl Fn(&mut Self, &str, &ObjId)) {
+        let Some(map) = map_at(self.doc, &ROOT, key) else {
+            self.fail(key, "must be a map");
+            return;
+        };
+        for id in self.doc.keys(&map).collect::<Vec<_>>() {
+            let path = format!("{key}.{id}");
+            match map_at(self.doc, &map, &id) {
+                Some(entry) => each(self, &path, &entry),
+                None => self.fail(&path, "must be a map"),
+            }
+        }
+    }
+
+    fn strings(&self, obj: &ObjId, key: &str) -> Vec<Option<String>> {
+        self.doc
+            .get_all(obj, key)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(v, id)| match v {
+                Value::Scalar(s) => match s.as_ref() {
+                    ScalarValue::Str(s) => Some(s.to_string()),
+                    _ => None,
+                },
+                Value::Object(ObjType::Text) => self.doc.text(&id).ok(),
+                Value::Object(_) => None,
+            })
+            .collect()
+    }
+
+    fn required_string(&mut self, obj: &ObjId, key: &str, path: &str) {
+        let values = self.strings(obj, key);
+        if values.is_empty() {
+            self.fail(path, "is missing");
+        }
+        for v in values {
+            match v {
+                None => self.fail(path, "must be a string"),
+                Some(s) if s.trim().is_empty() => self.fail(path, "must not be empty"),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn optional_string(&mut self, obj: &ObjId, key: &str, path: &str) {
+        if self.strings(obj, key).iter().any(Option::is_none) {
+            self.fail(path, "must be a string");
+        }
+    }
+
+    fn enum_field<T>(
+        &mut self,
+        obj: &ObjId,
+        key: &str,
+        path: &str,
+        parse: fn(&str) -> Option<T>,
+        choices: fn() -> String,
+    ) {
+        let values = self.strings(obj, key);
+        if values.is_empty() {
+            self.fail(path, format!("is missing; one of {}", choices()));
+        }
+        for v in values {
+            match v {
+                Some(s) if parse(&s).is_some() => {}
+                Some(s) => self.fail(path, format!("{s:?} is not one of {}", choices())),
+                None => self.fail(path, format!("must be a string, one of {}", choices())),
+            }
+        }
+    }
+
+    fn timestamp(&mut self, obj: &ObjId, key: &str, path: &str, required: bool) {
+        let values = self.doc.get_all(obj, key).unwrap_or_default();
+        if values.is_empty() && required {
+            self.fail(path, "is missing; a timestamp (ms since the epoch)");
+        }
+        for (v, _) in values {
+            let ok = matches!(&v, Value::Scalar(s) if scalar_int(s).is_some());
+            if !ok {
+                self.fail(path, "must be a timestamp (ms since the epoch)");
+            }
+        }
+    }
+
+    fn score(&mut self, obj: &ObjId, key: &str, path: &str) {
+        for (v, _) in self.doc.get_all(obj, key).unwrap_or_default() {
+            match &v {
+                Value::Scalar(s) if matches!(scalar_int(s), Some(1..=5)) => {}
+                _ => self.fail(path, "must be a whole number from 1 to 5"),
+            }
+        }
+    }
+}
+
+/// An integer-valued scalar (JS numbers arrive as f64; timestamps as Timestamp).
+pub(crate) fn scalar_int(s: &ScalarValue) -> Option<i64> {
+    match s {
+        ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Some(*i),
+        ScalarValue::Uint(u) => i64::try_from(*u).ok(),
+        ScalarValue::F64(f) if f.fract() == 0.0 && f.is_finite() => Some(*f as i64),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{create_household, samples};
+    use automerge::transaction::Transactable;
+    use automerge::Automerge;
+
+    #[test]
+    fn a_new_household_conforms_and_a_broken_one_says_why() {
+        let mut doc = Automerge::new();
+        doc.transact(|tx| create_household(tx, &samples::household("1")))
+            .unwrap();
+        assert_eq!(validate(&doc), Vec::<String>::new());
+        doc.transact(|tx| {
+            let visits = tx.get(ROOT, "visits")?.unwrap().1;
+            let v = tx.put_object(&visits, "v1", ObjType::Map)?;
+            tx.put(&v, "officer", "amy")?;
+            tx.put(&v, "outcome", "partyy")?;
+            tx.put(&v, "security_score", 9)?;
+            tx.put(ROOT, "premises", 3)?;
+            Ok::<_, automerge::AutomergeError>(())
+        })
+        .unwrap();
+        let reasons = validate(&doc);
+        assert!(reasons.iter().any(|r| r.starts_with("visits.v1.outcome: \"partyy\" is not one of met")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.starts_with("visits.v1.started_at: is missing")));
+        assert!(reasons.iter().any(|r| r.starts_with("visits.v1.security_score")));
+        assert!(reasons.iter().any(|r| r.starts_with("premises: must be a string")));
+    }
+
+    #[test]
+    fn enums_round_trip_and_list_their_choices() {
+        for k in MatterKind::ALL {
+            assert_eq!(MatterKind::parse(k.as_str()), Some(*k));
+        }
+        assert!(FollowUpStatus::choices().contains("todo | done"));
+        let s: ReviewState = serde_json::from_str("\"approved\"").unwrap();
+        assert_eq!(s, ReviewState::Approved);
+        assert!(serde_json::from_str::<ReviewState>("\"ok\"").is_err());
+    }
+}

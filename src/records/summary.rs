@@ -1,0 +1,258 @@
+//! What the staff lists, counters and the CSV export need to know about one household,
+//! computed from its document alone (plus the authors the server recorded): address label,
+//! visits (one export row each), open matters, follow-ups, review state, how many fields hold
+//! concurrent values, and whether the document conforms. The projection stores this per
+//! household and rebuilds it from scratch on `reindex`, so it must be a pure function of
+//! its inputs. Must not do I/O.
+
+use std::collections::BTreeMap;
+
+use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+
+use super::attribution::{Attribution, Author};
+use super::detail::{changed_since, conflicts, review_of};
+use super::read::{map_at, string_at, strings_at};
+use super::schema::{scalar_int, validate, FollowUpStatus, MatterStatus};
+
+/// One visit, flattened for the export and the lists.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VisitRow {
+    pub id: String,
+    /// What the device wrote as the officer (self-declared).
+    pub officer: String,
+    /// Who delivered the visit, as the server recorded it (evidence).
+    pub author: Option<Author>,
+    /// Device clock, ms since the epoch.
+    pub started_at_ms: Option<i64>,
+    pub ended_at_ms: Option<i64>,
+    pub outcome: String,
+    pub mode: String,
+    pub people_met: Vec<String>,
+    pub publicity: Vec<String>,
+    pub security_score: Option<i64>,
+    pub satisfaction: Option<i64>,
+    pub notes: String,
+}
+
+/// A follow-up as the lists need it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FollowUpBrief {
+    pub id: String,
+    pub task: String,
+    pub owner: String,
+    pub status: String,
+    pub due_ms: Option<i64>,
+}
+
+/// A matter as the lists need it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MatterBrief {
+    pub id: String,
+    pub kind: String,
+    pub status: String,
+    pub risk: String,
+    pub open: bool,
+    /// Empty for confidential matters (tips): lists and exports do not show them.
+    pub description: String,
+    pub confidential: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HouseholdSummary {
+    pub address_label: String,
+    /// Every concurrent value of `premises`.
+    pub premises: Vec<String>,
+    pub visit_count: u32,
+    /// Server receive time of the latest visit (device clocks are not evidence).
+    pub last_visit_at_ms: Option<i64>,
+    /// The accounts that delivered visits.
+    pub officers: Vec<String>,
+    pub matters: Vec<MatterBrief>,
+    /// Open matters per kind.
+    pub open_matters: BTreeMap<String, u32>,
+    pub follow_ups: Vec<FollowUpBrief>,
+    pub review_state: String,
+    /// Approved, and changed (outside `review`) since.
+    pub changed_since_approval: bool,
+    /// Fields holding concurrent values.
+    pub conflicts: u32,
+    /// Why the document does not conform (empty: it does).
+    pub quarantine: Vec<String>,
+    /// Lower-cased address, members and notes, for the text filter.
+    pub search_text: String,
+    pub visits: Vec<VisitRow>,
+}
+
+/// Caps the search text per household (a few pages of notes).
+const SEARCH_TEXT_MAX_BYTES: usize = 16 * 1024;
+
+pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary {
+    let quarantine = validate(doc);
+    let address_label = super::read::address_label(doc);
+    let mut search = vec![address_label.clone()];
+
+    let mut visits = Vec::new();
+    for (id, obj) in entries(doc, "visits") {
+        let notes = string_at(doc, &obj, "notes").unwrap_or_default();
+        search.push(notes.clone());
+        visits.push(VisitRow {
+            officer: string_at(doc, &obj, "officer").unwrap_or_default(),
+            author: attribution.author_of(&obj).cloned(),
+            started_at_ms: int_at(doc, &obj, "started_at"),
+            ended_at_ms: int_at(doc, &obj, "ended_at"),
+            outcome: string_at(doc, &obj, "outcome").unwrap_or_default(),
+            mode: string_at(doc, &obj, "mode").unwrap_or_default(),
+            people_met: list_strings(doc, &obj, "people_met"),
+            publicity: list_strings(doc, &obj, "publicity"),
+            security_score: int_at(doc, &obj, "security_score"),
+            satisfaction: int_at(doc, &obj, "satisfaction"),
+            notes,
+            id,
+        });
+    }
+    visits.sort_by(|a, b| {
+        let at = |v: &VisitRow| v.author.as_ref().map(|a| a.received_at_ms);
+        (at(a), a.started_at_ms, &a.id).cmp(&(at(b), b.started_at_ms, &b.id))
+    });
+    let last_visit_at_ms = visits
+        .iter()
+        .filter_map(|v| v.author.as_ref().map(|a| a.received_at_ms))
+        .max();
+    let mut officers: Vec<String> = visits
+        .iter()
+        .filter_map(|v| v.author.as_ref().map(|a| a.user.clone()))
+        .collect();
+    officers.sort();
+    officers.dedup();
+
+    for (_, obj) in entries(doc, "members") {
+        search.push(string_at(doc, &obj, "name").unwrap_or_default());
+    }
+
+    let mut matters = Vec::new();
+    let mut open_matters = BTreeMap::new();
+    for (id, obj) in entries(doc, "matters") {
+        let status = string_at(doc, &obj, "status").unwrap_or_default();
+        let kind = string_at(doc, &obj, "kind").unwrap_or_default();
+        let open = MatterStatus::parse(&status).is_some_and(MatterStatus::is_open);
+        if open {
+            *open_matters.entry(kind.clone()).or_insert(0) += 1;
+        }
+        let confidential = matches!(
+            doc.get(&obj, "confidential").ok().flatten(),
+            Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Boolean(true))
+        );
+        let description = if confidential {
+            String::new()
+        } else {
+            string_at(doc, &obj, "description").unwrap_or_default()
+        };
+        search.push(description.clone());
+        matters.push(MatterBrief {
+            id,
+            kind,
+            status,
+            risk: string_at(doc, &obj, "risk").unwrap_or_default(),
+            open,
+            description,
+            confidential,
+        });
+    }
+
+    let mut follow_ups = Vec::new();
+    for (id, obj) in entries(doc, "follow_ups") {
+        let task = string_at(doc, &obj, "task").unwrap_or_default();
+        search.push(task.clone());
+        follow_ups.push(FollowUpBrief {
+            id,
+            task,
+            owner: string_at(doc, &obj, "owner").unwrap_or_default(),
+            status: string_at(doc, &obj, "status").unwrap_or_default(),
+            due_ms: int_at(doc, &obj, "due"),
+        });
+    }
+
+    let review = review_of(doc);
+    let changed_since_approval = review.state == "approved"
+        && changed_since(doc, &review.approved_heads)
+            .map(|fields| !fields.is_empty())
+            .unwrap_or(false);
+
+    let mut search_text = search
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .to_lowercase();
+    if search_text.len() > SEARCH_TEXT_MAX_BYTES {
+        let mut cut = SEARCH_TEXT_MAX_BYTES;
+        while !search_text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        search_text.truncate(cut);
+    }
+
+    HouseholdSummary {
+        address_label,
+        premises: strings_at(doc, &ROOT, "premises"),
+        visit_count: visits.len() as u32,
+        last_visit_at_ms,
+        officers,
+        matters,
+        open_matters,
+        follow_ups,
+        review_state: review.state,
+        changed_since_approval,
+        conflicts: conflicts(doc, attribution).len() as u32,
+        quarantine,
+        search_text,
+        visits,
+    }
+}
+
+impl HouseholdSummary {
+    /// Open follow-ups whose due date is before `now_ms`.
+    pub fn overdue(&self, now_ms: i64) -> usize {
+        self.follow_ups
+            .iter()
+            .filter(|f| {
+                FollowUpStatus::parse(&f.status) == Some(FollowUpStatus::Todo)
+                    && f.due_ms.is_some_and(|d| d < now_ms)
+            })
+            .count()
+    }
+}
+
+/// The entries (id, object) of the root map `key`, by id.
+pub(crate) fn entries(doc: &Automerge, key: &str) -> Vec<(String, ObjId)> {
+    let Some(map) = map_at(doc, &ROOT, key) else {
+        return Vec::new();
+    };
+    doc.keys(&map)
+        .filter_map(|k| map_at(doc, &map, &k).map(|o| (k, o)))
+        .collect()
+}
+
+pub(crate) fn int_at(doc: &Automerge, obj: &ObjId, key: &str) -> Option<i64> {
+    match doc.get(obj, key).ok().flatten() {
+        Some((Value::Scalar(s), _)) => scalar_int(&s),
+        _ => None,
+    }
+}
+
+fn list_strings(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<String> {
+    let list = match doc.get(obj, key).ok().flatten() {
+        Some((Value::Object(ObjType::List), id)) => id,
+        _ => return Vec::new(),
+    };
+    (0..doc.length(&list))
+        .filter_map(|i| match doc.get(&list, i).ok().flatten() {
+            Some((Value::Scalar(s), _)) => match s.as_ref() {
+                ScalarValue::Str(s) => Some(s.to_string()),
+                _ => None,
+            },
+            Some((Value::Object(ObjType::Text), id)) => doc.text(&id).ok(),
+            _ => None,
+        })
+        .collect()
+}
