@@ -43,6 +43,7 @@ pub mod projection;
 pub mod protocol;
 pub mod records;
 pub mod server;
+pub mod staff;
 pub mod storage;
 
 /// The crate's error: one variant per layer.

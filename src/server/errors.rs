@@ -10,6 +10,7 @@ use warp::Reply;
 
 use crate::accounts::AccountsError;
 use crate::auth::AuthFailure;
+use crate::staff::StaffError;
 
 /// A failure answered to an HTTP client.
 #[derive(Debug)]
@@ -49,6 +50,14 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, code, f.to_string())
     }
 
+    pub(super) fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server could not complete this now; try again shortly",
+        )
+    }
+
     pub(super) fn status(&self) -> StatusCode {
         self.status
     }
@@ -59,11 +68,7 @@ impl From<AccountsError> for ApiError {
         match e {
             AccountsError::Storage(inner) => {
                 tracing::error!(error = %inner, "storage failure while answering a request");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "the server could not complete this now; try again shortly",
-                )
+                ApiError::unavailable()
             }
             AccountsError::Invalid(m) => ApiError::bad_request(m),
             AccountsError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
@@ -86,6 +91,26 @@ impl From<AccountsError> for ApiError {
                 )
             },
             AccountsError::Forbidden(m) => ApiError::forbidden(m),
+        }
+    }
+}
+
+impl From<StaffError> for ApiError {
+    fn from(e: StaffError) -> Self {
+        match e {
+            StaffError::NotFound(_) | StaffError::NoSuchEntry(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            StaffError::Forbidden(m) => ApiError::forbidden(m),
+            StaffError::Invalid(m) => ApiError::bad_request(m),
+            StaffError::Storage(inner) => {
+                tracing::error!(error = %inner, "storage failure while answering a request");
+                ApiError::unavailable()
+            }
+            StaffError::Hub(inner) => {
+                tracing::warn!(error = %inner, "a record edit did not complete");
+                ApiError::unavailable()
+            }
         }
     }
 }

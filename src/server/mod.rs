@@ -13,6 +13,7 @@
 mod api;
 mod auth;
 mod errors;
+mod households;
 mod ws;
 
 use std::future::Future;
@@ -268,7 +269,10 @@ fn routes(
                 as Box<dyn warp::Reply>
         })
         .boxed();
-    let api = api::routes(&services);
+    let api = api::routes(&services)
+        .or(households::routes(&services))
+        .unify()
+        .boxed();
     let sync = ws::route(services, sockets, closing);
     health
         .or(api)

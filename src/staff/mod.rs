@@ -1,0 +1,374 @@
+//! The staff desk: what station staff (and officers, within their villages) can ask of the
+//! merged records through the API — lists, coverage, export, a household's detail and
+//! history, the change feed — and what staff can do to them: review (pinned to the heads they
+//! saw), create and manage follow-ups, correct a member's details. Every edit is an Automerge
+//! change the server makes through the hub on behalf of the staff account, so it syncs to the
+//! officers' devices like any other change and its provenance names the staff member.
+//!
+//! Owns the access rules of these operations (a household the caller may not read is
+//! "not found", exactly like one that does not exist). Must not: speak HTTP (that is
+//! `server`), touch sled directly (that is `projection` and `accounts`), or edit documents
+//! other than through the hub.
+
+use std::sync::{Arc, Mutex};
+
+use automerge::Automerge;
+
+use crate::accounts::{Accounts, FeedPage};
+use crate::auth::{Access, Principal, ReadingScope};
+use crate::hub::{Hub, HubError};
+use crate::ids::DocumentId;
+use crate::projection::{Coverage, Cursor, Filter, HouseholdPage, Projection};
+use crate::records::{self, FollowUpUpdate, HistoryEntry, HouseholdDetail, RecordError, ReviewState};
+use crate::storage::{blocking, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StaffError {
+    /// No such household, or not one the caller may read (the same answer for both).
+    #[error("no household {0} that you may see")]
+    NotFound(DocumentId),
+    #[error("{0}")]
+    NoSuchEntry(String),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the edit could not be made now: {0}")]
+    Hub(HubError),
+}
+
+impl From<HubError> for StaffError {
+    fn from(e: HubError) -> Self {
+        match e {
+            HubError::Storage(s) => StaffError::Storage(s),
+            other => StaffError::Hub(other),
+        }
+    }
+}
+
+/// The detail of a household as the API returns it.
+#[derive(Debug, serde::Serialize)]
+pub struct Detail {
+    pub id: DocumentId,
+    pub url: String,
+    pub station: String,
+    pub village: String,
+    /// Why the document does not conform (empty: it does).
+    pub quarantine: Vec<String>,
+    #[serde(flatten)]
+    pub detail: HouseholdDetail,
+}
+
+/// A review request: `state` and an optional comment.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewRequest {
+    pub state: ReviewState,
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// A new follow-up.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowUpRequest {
+    pub task: String,
+    /// The officer who should do it (an account of the household's village).
+    pub owner: String,
+    pub due_ms: i64,
+    #[serde(default)]
+    pub matter: Option<String>,
+}
+
+/// A correction of a member's `name`, `relation` or `phone`.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberCorrection {
+    pub field: String,
+    pub value: String,
+}
+
+#[derive(Clone)]
+pub struct StaffDesk {
+    hub: Hub,
+    accounts: Accounts,
+    projection: Projection,
+}
+
+impl StaffDesk {
+    pub fn new(hub: Hub, accounts: Accounts, projection: Projection) -> Self {
+        Self {
+            hub,
+            accounts,
+            projection,
+        }
+    }
+
+    fn scope(&self, who: &Principal) -> Result<ReadingScope, StaffError> {
+        self.accounts
+            .with_directory(|d| d.reading_scope(who))
+            .ok_or(StaffError::Forbidden("this account may not read records"))
+    }
+
+    /// The household's registration, if `who` may read it.
+    fn readable(&self, who: &Principal, doc: DocumentId) -> Result<(String, String), StaffError> {
+        self.accounts
+            .with_directory(|d| {
+                let ok = matches!(d.access(who, doc), Access::Read | Access::ReadWrite);
+                d.household(doc)
+                    .filter(|_| ok)
+                    .map(|h| (h.station.to_string(), h.village.to_string()))
+            })
+            .ok_or(StaffError::NotFound(doc))
+    }
+
+    fn editable(&self, who: &Principal, doc: DocumentId) -> Result<(), StaffError> {
+        self.readable(who, doc)?;
+        if !self.scope(who)?.may_edit {
+            return Err(StaffError::Forbidden(
+                "officers change records on their devices; reviews and follow-ups through the API are for staff",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `who` may read records at all (checked before a streamed reply starts).
+    pub fn check_reader(&self, who: &Principal) -> Result<(), StaffError> {
+        self.scope(who).map(|_| ())
+    }
+
+    pub async fn list(
+        &self,
+        who: &Principal,
+        filter: Filter,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> Result<HouseholdPage, StaffError> {
+        filter.validate().map_err(StaffError::Invalid)?;
+        let scope = self.scope(who)?;
+        let (p, now) = (self.projection.clone(), self.accounts.now());
+        Ok(blocking(move || p.list_blocking(&scope, &filter, cursor, limit, now)).await?)
+    }
+
+    pub async fn coverage(&self, who: &Principal, days: u32) -> Result<Vec<Coverage>, StaffError> {
+        let scope = self.scope(who)?;
+        let villages: Vec<String> = self.accounts.with_directory(|d| {
+            d.villages_of(&scope.station)
+                .into_iter()
+                .filter(|v| scope.covers(scope.station.as_str(), v.name.as_str()))
+                .map(|v| v.name.to_string())
+                .collect()
+        });
+        let (p, now) = (self.projection.clone(), self.accounts.now());
+        Ok(blocking(move || p.coverage_blocking(&scope, &villages, days, now)).await?)
+    }
+
+    /// Runs the export on a blocking thread, handing CSV chunks to `sink` (which blocks
+    /// while the client is slow, so memory stays bounded).
+    pub async fn export(
+        &self,
+        who: &Principal,
+        filter: Filter,
+        sink: impl FnMut(Vec<u8>) -> bool + Send + 'static,
+    ) -> Result<usize, StaffError> {
+        filter.validate().map_err(StaffError::Invalid)?;
+        let scope = self.scope(who)?;
+        let (p, now) = (self.projection.clone(), self.accounts.now());
+        Ok(blocking(move || p.export_blocking(&scope, &filter, now, sink)).await?)
+    }
+
+    pub async fn changes(
+        &self,
+        who: &Principal,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StaffError> {
+        self.scope(who)?;
+        Ok(self.accounts.changes_after(who, after, limit).await?)
+    }
+
+    pub async fn detail(&self, who: &Principal, doc: DocumentId) -> Result<Detail, StaffError> {
+        let (station, village) = self.readable(who, doc)?;
+        let accounts = self.accounts.clone();
+        let detail = self
+            .hub
+            .read(doc, move |content: &Automerge| {
+                let rows = accounts.provenance_blocking(doc)?;
+                let attribution = crate::projection::attribution(content, &rows);
+                Ok::<_, StorageError>((
+                    records::household_detail(content, &attribution),
+                    records::validate(content),
+                ))
+            })
+            .await?
+            .ok_or(StaffError::NotFound(doc))??;
+        Ok(Detail {
+            id: doc,
+            url: doc.to_url(),
+            station,
+            village,
+            quarantine: detail.1,
+            detail: detail.0,
+        })
+    }
+
+    pub async fn history(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+    ) -> Result<Vec<HistoryEntry>, StaffError> {
+        self.readable(who, doc)?;
+        let accounts = self.accounts.clone();
+        let history = self
+            .hub
+            .read(doc, move |content: &Automerge| {
+                let rows = accounts.provenance_blocking(doc)?;
+                let attribution = crate::projection::attribution(content, &rows);
+                let order: Vec<automerge::ChangeHash> =
+                    rows.iter().filter_map(|r| r.hash.parse().ok()).collect();
+                Ok::<_, StorageError>(records::history(content, &attribution, &order))
+            })
+            .await?
+            .ok_or(StaffError::NotFound(doc))??;
+        Ok(history)
+    }
+
+    /// Makes `edit` on behalf of `who`, mapping a refused edit to a typed error.
+    async fn edit(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        edit: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), RecordError>
+            + Send
+            + 'static,
+    ) -> Result<(), StaffError> {
+        self.editable(who, doc)?;
+        let refused: Arc<Mutex<Option<RecordError>>> = Arc::default();
+        let slot = refused.clone();
+        let result = self
+            .hub
+            .change_as(
+                doc,
+                who.clone(),
+                Box::new(move |d: &mut Automerge| {
+                    d.transact(|tx| edit(tx)).map(|_| ()).map_err(|f| {
+                        let message = f.error.to_string();
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.error);
+                        message
+                    })
+                }),
+            )
+            .await;
+        match result {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(StaffError::NotFound(doc)),
+            Err(HubError::Edit(message)) => {
+                match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(RecordError::NoSuchEntry { .. }) => Err(StaffError::NoSuchEntry(message)),
+                    _ => Err(StaffError::Invalid(message)),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records a review; an approval is pinned to the heads the document has now.
+    pub async fn review(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        req: ReviewRequest,
+    ) -> Result<Detail, StaffError> {
+        let by = who.user.to_string();
+        let at = self.accounts.now().as_millis() as i64;
+        self.edit(who, doc, move |tx| {
+            let heads = tx.get_heads();
+            records::set_review(tx, req.state, &by, at, &heads, &req.comment)
+        })
+        .await?;
+        self.detail(who, doc).await
+    }
+
+    /// Creates a follow-up; returns its id.
+    pub async fn create_follow_up(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        req: FollowUpRequest,
+    ) -> Result<String, StaffError> {
+        self.check_owner(doc, &req.owner)?;
+        let id: Arc<Mutex<String>> = Arc::default();
+        let out = id.clone();
+        self.edit(who, doc, move |tx| {
+            let new = records::add_follow_up(
+                tx,
+                &records::NewFollowUp {
+                    matter: req.matter.filter(|m| !m.is_empty()),
+                    task: req.task,
+                    owner: req.owner,
+                    due_ms: req.due_ms,
+                },
+            )?;
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = new;
+            Ok(())
+        })
+        .await?;
+        let id = id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(id)
+    }
+
+    /// Reassigns, reschedules, closes or annotates a follow-up.
+    pub async fn update_follow_up(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        follow_up: String,
+        update: FollowUpUpdate,
+    ) -> Result<(), StaffError> {
+        if let Some(owner) = &update.owner {
+            self.check_owner(doc, owner)?;
+        }
+        self.edit(who, doc, move |tx| {
+            records::update_follow_up(tx, &follow_up, &update)
+        })
+        .await
+    }
+
+    /// Corrects a member's name, relation or phone.
+    pub async fn correct_member(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        member: String,
+        c: MemberCorrection,
+    ) -> Result<(), StaffError> {
+        self.edit(who, doc, move |tx| {
+            records::set_member_field(tx, &member, &c.field, &c.value)
+        })
+        .await
+    }
+
+    /// A follow-up's owner must be an officer of the household's village.
+    fn check_owner(&self, doc: DocumentId, owner: &str) -> Result<(), StaffError> {
+        let ok = self.accounts.with_directory(|d| {
+            let Some(h) = d.household(doc) else {
+                return false;
+            };
+            d.users().iter().any(|u| {
+                u.name.as_str() == owner
+                    && !u.disabled
+                    && u.station == h.station
+                    && u.villages.contains(&h.village)
+            })
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(StaffError::Invalid(format!(
+                "`{owner}` is not an active officer of this household's village; choose one from `fieldsync admin user list`"
+            )))
+        }
+    }
+}
