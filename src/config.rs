@@ -36,6 +36,16 @@ pub enum Command {
     /// Manage stations, villages, accounts and devices. Works while the server runs (through
     /// its admin socket, taking effect at once) and while it is stopped.
     Admin(AdminArgs),
+    /// Rebuild the staff projection (lists, counters, export rows) from the stored
+    /// documents. Run it with the server stopped; it shows progress.
+    Reindex(ReindexArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReindexArgs {
+    /// Data directory (as given to `serve`).
+    #[arg(long, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
+    pub data: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

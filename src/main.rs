@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         .and_then(|runtime| match cli.command {
             Command::Serve(args) => runtime.block_on(serve(args)),
             Command::Admin(args) => runtime.block_on(admin(args)),
+            Command::Reindex(args) => runtime.block_on(reindex(args)),
         });
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -70,6 +71,25 @@ async fn admin(args: fieldsync::config::AdminArgs) -> anyhow::Result<()> {
     let config = fieldsync::server::ServerConfig::new(data_dir);
     let output = fieldsync::server::admin(config, command, &operator).await?;
     println!("{output}");
+    Ok(())
+}
+
+async fn reindex(args: fieldsync::config::ReindexArgs) -> anyhow::Result<()> {
+    let config = fieldsync::server::ServerConfig::new(args.data);
+    let started = std::time::Instant::now();
+    let mut last_report = std::time::Instant::now();
+    let total = fieldsync::server::reindex(config, move |done, total| {
+        // Progress on stderr, at most a few lines a second, and always the last one.
+        if done == total || last_report.elapsed() >= std::time::Duration::from_millis(500) {
+            last_report = std::time::Instant::now();
+            eprintln!("reindexed {done}/{total} households");
+        }
+    })
+    .await?;
+    println!(
+        "projection rebuilt from {total} households in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

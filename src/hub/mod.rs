@@ -320,10 +320,18 @@ impl Hub {
         who: crate::auth::Principal,
         edit: LocalEdit,
     ) -> Result<Option<bool>, HubError> {
-        if self.inner.actor_for(doc, SyncKind::Request).await?.is_none() {
+        if self
+            .inner
+            .actor_for(doc, SyncKind::Request)
+            .await?
+            .is_none()
+        {
             return Ok(None);
         }
-        self.inner.change_local(doc, edit, Some(who)).await.map(Some)
+        self.inner
+            .change_local(doc, edit, Some(who))
+            .await
+            .map(Some)
     }
 
     /// Runs `read` on the document as it is now (loading it if needed), in its actor, off

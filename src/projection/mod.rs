@@ -19,7 +19,7 @@ use crate::accounts::{Accounts, ProvenanceRow};
 use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit};
 use crate::ids::{DocumentId, Timestamp};
 use crate::records::{summarise, Attribution, HouseholdSummary};
-use crate::storage::{Store, StorageError, Table, TableWrite};
+use crate::storage::{StorageError, Store, Table, TableWrite};
 pub use query::{Coverage, Cursor, Filter, HouseholdPage, CSV_HEADER};
 
 /// A stored key and value, as [`Projection::dump_blocking`] returns them.
@@ -76,11 +76,8 @@ impl VillageCounts {
                 self.open_matters.remove(kind);
             }
         }
-        self.follow_ups_todo += sign
-            * s.follow_ups
-                .iter()
-                .filter(|f| f.status == "todo")
-                .count() as i64;
+        self.follow_ups_todo +=
+            sign * s.follow_ups.iter().filter(|f| f.status == "todo").count() as i64;
         self.households_with_conflicts += sign * i64::from(s.conflicts > 0);
     }
 
@@ -186,7 +183,11 @@ impl Projection {
     }
 
     /// Brings the projection of `doc` up to date with `content`.
-    pub fn update_blocking(&self, doc: DocumentId, content: &Automerge) -> Result<(), StorageError> {
+    pub fn update_blocking(
+        &self,
+        doc: DocumentId,
+        content: &Automerge,
+    ) -> Result<(), StorageError> {
         let Some(row) = self.build_row(doc, content)? else {
             return Ok(());
         };

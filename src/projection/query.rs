@@ -68,7 +68,11 @@ impl Filter {
         if self.village.as_ref().is_some_and(|v| *v != row.village) {
             return false;
         }
-        if self.officer.as_ref().is_some_and(|o| !s.officers.contains(o)) {
+        if self
+            .officer
+            .as_ref()
+            .is_some_and(|o| !s.officers.contains(o))
+        {
             return false;
         }
         if self.matter_kind.is_some() || self.matter_status.is_some() {
@@ -290,9 +294,8 @@ impl Projection {
         rows.sort_by_key(Cursor::key);
         let total = rows.len();
         let start = match cursor {
-            Some(c) => rows.partition_point(|r| {
-                Cursor::key(r) <= (std::cmp::Reverse(c.updated_at_ms), c.id)
-            }),
+            Some(c) => rows
+                .partition_point(|r| Cursor::key(r) <= (std::cmp::Reverse(c.updated_at_ms), c.id)),
             None => 0,
         };
         let page: Vec<HouseholdRow> = rows.into_iter().skip(start).take(limit).collect();
@@ -417,7 +420,9 @@ impl Projection {
                             open_matters.clone(),
                             todo.to_string(),
                             visit.id.clone(),
-                            author.map(|a| a.user.clone()).unwrap_or(visit.officer.clone()),
+                            author
+                                .map(|a| a.user.clone())
+                                .unwrap_or(visit.officer.clone()),
                             author.and_then(|a| a.device.clone()).unwrap_or_default(),
                             time(author.map(|a| a.received_at_ms)),
                             time(visit.started_at_ms),
@@ -426,8 +431,14 @@ impl Projection {
                             visit.mode.clone(),
                             visit.people_met.join(";"),
                             visit.publicity.join(";"),
-                            visit.security_score.map(|s| s.to_string()).unwrap_or_default(),
-                            visit.satisfaction.map(|s| s.to_string()).unwrap_or_default(),
+                            visit
+                                .security_score
+                                .map(|s| s.to_string())
+                                .unwrap_or_default(),
+                            visit
+                                .satisfaction
+                                .map(|s| s.to_string())
+                                .unwrap_or_default(),
                             visit.notes.clone(),
                         ]
                         .into_iter(),

@@ -73,8 +73,7 @@ mod tests {
     #[test]
     fn each_value_maps_to_the_change_and_author_that_wrote_it() {
         let mut doc = Automerge::new();
-        doc.transact(|tx| tx.put(ROOT, "phone", "0911"))
-            .unwrap();
+        doc.transact(|tx| tx.put(ROOT, "phone", "0911")).unwrap();
         let first = doc.get_heads()[0];
         let mut other = doc.fork();
         other

@@ -221,7 +221,11 @@ fn prop_str(p: &Prop) -> String {
 
 /// The household's changes in `order` (server order), each with its author and the fields
 /// it touched.
-pub fn history(doc: &Automerge, attribution: &Attribution, order: &[ChangeHash]) -> Vec<HistoryEntry> {
+pub fn history(
+    doc: &Automerge,
+    attribution: &Attribution,
+    order: &[ChangeHash],
+) -> Vec<HistoryEntry> {
     order
         .iter()
         .filter_map(|hash| {

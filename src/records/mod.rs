@@ -18,8 +18,8 @@ pub mod schema;
 mod summary;
 mod write;
 
-pub use catalog::{create_catalog, read_catalog, upsert_catalog_entry, CatalogEntry, CatalogView};
 pub use attribution::{Attribution, Author};
+pub use catalog::{create_catalog, read_catalog, upsert_catalog_entry, CatalogEntry, CatalogView};
 pub use detail::{
     conflicts, history, household_detail, Conflict, ConflictValue, Entry, HistoryEntry,
     HouseholdDetail, Review,
@@ -32,9 +32,8 @@ pub use schema::{
 pub use summary::{summarise, FollowUpBrief, HouseholdSummary, MatterBrief, VisitRow};
 pub use write::{
     add_follow_up, add_matter, add_member, add_visit, create_household, edit_visit,
-    set_address_field, set_member_field, set_premises, set_review, update_follow_up,
-    update_matter, Address, FollowUpUpdate, NewFollowUp, NewHousehold, NewMatter, NewMember,
-    NewVisit, VisitEdit,
+    set_address_field, set_member_field, set_premises, set_review, update_follow_up, update_matter,
+    Address, FollowUpUpdate, NewFollowUp, NewHousehold, NewMatter, NewMember, NewVisit, VisitEdit,
 };
 
 /// The schema version written into `schema`.

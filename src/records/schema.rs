@@ -131,10 +131,18 @@ impl<R: ReadDoc> Validator<'_, R> {
         for key in ["station", "village"] {
             self.required_string(&ROOT, key, key);
         }
-        self.enum_field(&ROOT, "premises", "premises", Premises::parse, Premises::choices);
+        self.enum_field(
+            &ROOT,
+            "premises",
+            "premises",
+            Premises::parse,
+            Premises::choices,
+        );
         match map_at(doc, &ROOT, "address") {
             Some(a) => {
-                for k in ["township", "village", "group", "street", "house_no", "landmark"] {
+                for k in [
+                    "township", "village", "group", "street", "house_no", "landmark",
+                ] {
                     self.optional_string(&a, k, &format!("address.{k}"));
                 }
             }
@@ -150,28 +158,70 @@ impl<R: ReadDoc> Validator<'_, R> {
             v.required_string(m, "officer", &format!("{path}.officer"));
             v.timestamp(m, "started_at", &format!("{path}.started_at"), true);
             v.timestamp(m, "ended_at", &format!("{path}.ended_at"), false);
-            v.enum_field(m, "outcome", &format!("{path}.outcome"), VisitOutcome::parse, VisitOutcome::choices);
-            v.enum_field(m, "mode", &format!("{path}.mode"), VisitMode::parse, VisitMode::choices);
+            v.enum_field(
+                m,
+                "outcome",
+                &format!("{path}.outcome"),
+                VisitOutcome::parse,
+                VisitOutcome::choices,
+            );
+            v.enum_field(
+                m,
+                "mode",
+                &format!("{path}.mode"),
+                VisitMode::parse,
+                VisitMode::choices,
+            );
             v.optional_string(m, "notes", &format!("{path}.notes"));
             for k in ["security_score", "satisfaction"] {
                 v.score(m, k, &format!("{path}.{k}"));
             }
         });
         self.entries("matters", |v, path, m| {
-            v.enum_field(m, "kind", &format!("{path}.kind"), MatterKind::parse, MatterKind::choices);
-            v.enum_field(m, "status", &format!("{path}.status"), MatterStatus::parse, MatterStatus::choices);
+            v.enum_field(
+                m,
+                "kind",
+                &format!("{path}.kind"),
+                MatterKind::parse,
+                MatterKind::choices,
+            );
+            v.enum_field(
+                m,
+                "status",
+                &format!("{path}.status"),
+                MatterStatus::parse,
+                MatterStatus::choices,
+            );
             if v.doc.get(m, "risk").ok().flatten().is_some() {
-                v.enum_field(m, "risk", &format!("{path}.risk"), Risk::parse, Risk::choices);
+                v.enum_field(
+                    m,
+                    "risk",
+                    &format!("{path}.risk"),
+                    Risk::parse,
+                    Risk::choices,
+                );
             }
             v.optional_string(m, "description", &format!("{path}.description"));
         });
         self.entries("follow_ups", |v, path, m| {
             v.required_string(m, "task", &format!("{path}.task"));
-            v.enum_field(m, "status", &format!("{path}.status"), FollowUpStatus::parse, FollowUpStatus::choices);
+            v.enum_field(
+                m,
+                "status",
+                &format!("{path}.status"),
+                FollowUpStatus::parse,
+                FollowUpStatus::choices,
+            );
             v.timestamp(m, "due", &format!("{path}.due"), false);
         });
         match map_at(doc, &ROOT, "review") {
-            Some(r) => self.enum_field(&r, "state", "review.state", ReviewState::parse, ReviewState::choices),
+            Some(r) => self.enum_field(
+                &r,
+                "state",
+                "review.state",
+                ReviewState::parse,
+                ReviewState::choices,
+            ),
             None => self.fail("review", "must be a map"),
         }
     }
@@ -305,10 +355,21 @@ mod tests {
         })
         .unwrap();
         let reasons = validate(&doc);
-        assert!(reasons.iter().any(|r| r.starts_with("visits.v1.outcome: \"partyy\" is not one of met")), "{reasons:?}");
-        assert!(reasons.iter().any(|r| r.starts_with("visits.v1.started_at: is missing")));
-        assert!(reasons.iter().any(|r| r.starts_with("visits.v1.security_score")));
-        assert!(reasons.iter().any(|r| r.starts_with("premises: must be a string")));
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("visits.v1.outcome: \"partyy\" is not one of met")),
+            "{reasons:?}"
+        );
+        assert!(reasons
+            .iter()
+            .any(|r| r.starts_with("visits.v1.started_at: is missing")));
+        assert!(reasons
+            .iter()
+            .any(|r| r.starts_with("visits.v1.security_score")));
+        assert!(reasons
+            .iter()
+            .any(|r| r.starts_with("premises: must be a string")));
     }
 
     #[test]

@@ -299,7 +299,11 @@ pub fn update_matter<T: Transactable>(
     if !action.is_empty() {
         let actions = match tx.get(&obj, "actions")? {
             Some((automerge::Value::Object(ObjType::List), id)) => id,
-            _ => return Err(RecordError::NotAHousehold("a matter without `actions`".into())),
+            _ => {
+                return Err(RecordError::NotAHousehold(
+                    "a matter without `actions`".into(),
+                ))
+            }
         };
         let at = tx.length(&actions);
         let item = tx.insert_object(&actions, at, ObjType::Map)?;
@@ -321,10 +325,7 @@ pub struct NewFollowUp {
     pub due_ms: i64,
 }
 
-pub fn add_follow_up<T: Transactable>(
-    tx: &mut T,
-    f: &NewFollowUp,
-) -> Result<String, RecordError> {
+pub fn add_follow_up<T: Transactable>(tx: &mut T, f: &NewFollowUp) -> Result<String, RecordError> {
     if f.task.trim().is_empty() {
         return Err(RecordError::Invalid {
             field: "task",

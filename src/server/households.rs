@@ -206,7 +206,9 @@ fn detail(services: &Services, desk: &StaffDesk) -> Route {
 fn history(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::get()
-        .and(warp::path!("api" / "v1" / "households" / String / "history"))
+        .and(warp::path!(
+            "api" / "v1" / "households" / String / "history"
+        ))
         .and(auth::caller(services))
         .then(move |id: String, who: Result<Authenticated, ApiError>| {
             let desk = desk.clone();
@@ -245,20 +247,22 @@ fn review(services: &Services, desk: &StaffDesk) -> Route {
     warp::post()
         .and(warp::path!("api" / "v1" / "households" / String / "review"))
         .and(write_ctx(services))
-        .then(move |id: String, who: Result<Authenticated, ApiError>, body: Bytes| {
-            let desk = desk.clone();
-            async move {
-                respond(
-                    async {
-                        let who = who?;
-                        let req: ReviewRequest = parse(&body)?;
-                        let d = desk.review(who.principal(), doc_id(&id)?, req).await?;
-                        Ok(json(&d))
-                    }
-                    .await,
-                )
-            }
-        })
+        .then(
+            move |id: String, who: Result<Authenticated, ApiError>, body: Bytes| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let req: ReviewRequest = parse(&body)?;
+                            let d = desk.review(who.principal(), doc_id(&id)?, req).await?;
+                            Ok(json(&d))
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
         .boxed()
 }
 
@@ -266,27 +270,31 @@ fn review(services: &Services, desk: &StaffDesk) -> Route {
 fn create_follow_up(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::post()
-        .and(warp::path!("api" / "v1" / "households" / String / "follow-ups"))
+        .and(warp::path!(
+            "api" / "v1" / "households" / String / "follow-ups"
+        ))
         .and(write_ctx(services))
-        .then(move |id: String, who: Result<Authenticated, ApiError>, body: Bytes| {
-            let desk = desk.clone();
-            async move {
-                respond(
-                    async {
-                        let who = who?;
-                        let req: FollowUpRequest = parse(&body)?;
-                        let new = desk
-                            .create_follow_up(who.principal(), doc_id(&id)?, req)
-                            .await?;
-                        Ok(Box::new(warp::reply::with_status(
-                            warp::reply::json(&serde_json::json!({ "id": new })),
-                            StatusCode::CREATED,
-                        )) as Box<dyn Reply>)
-                    }
-                    .await,
-                )
-            }
-        })
+        .then(
+            move |id: String, who: Result<Authenticated, ApiError>, body: Bytes| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let req: FollowUpRequest = parse(&body)?;
+                            let new = desk
+                                .create_follow_up(who.principal(), doc_id(&id)?, req)
+                                .await?;
+                            Ok(Box::new(warp::reply::with_status(
+                                warp::reply::json(&serde_json::json!({ "id": new })),
+                                StatusCode::CREATED,
+                            )) as Box<dyn Reply>)
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
         .boxed()
 }
 
@@ -294,7 +302,9 @@ fn create_follow_up(services: &Services, desk: &StaffDesk) -> Route {
 fn update_follow_up(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::patch()
-        .and(warp::path!("api" / "v1" / "households" / String / "follow-ups" / String))
+        .and(warp::path!(
+            "api" / "v1" / "households" / String / "follow-ups" / String
+        ))
         .and(write_ctx(services))
         .then(
             move |id: String, fid: String, who: Result<Authenticated, ApiError>, body: Bytes| {
@@ -320,7 +330,9 @@ fn update_follow_up(services: &Services, desk: &StaffDesk) -> Route {
 fn correct_member(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::patch()
-        .and(warp::path!("api" / "v1" / "households" / String / "members" / String))
+        .and(warp::path!(
+            "api" / "v1" / "households" / String / "members" / String
+        ))
         .and(write_ctx(services))
         .then(
             move |id: String, mid: String, who: Result<Authenticated, ApiError>, body: Bytes| {
@@ -356,11 +368,14 @@ fn changes(services: &Services, desk: &StaffDesk) -> Route {
                     async {
                         let who = who?;
                         let pairs = query_pairs(&raw, &["after", "limit"])?;
-                        let after = param::<u64>(&pairs, "after", "a sequence number")?.unwrap_or(0);
+                        let after =
+                            param::<u64>(&pairs, "after", "a sequence number")?.unwrap_or(0);
                         let limit = param::<usize>(&pairs, "limit", "a number from 1 to 1000")?
                             .unwrap_or(100);
                         if !(1..=1000).contains(&limit) {
-                            return Err(ApiError::bad_request("`limit` must be a number from 1 to 1000"));
+                            return Err(ApiError::bad_request(
+                                "`limit` must be a number from 1 to 1000",
+                            ));
                         }
                         let page = desk.changes(who.principal(), after, limit).await?;
                         Ok(json(&page))
@@ -448,10 +463,14 @@ fn coverage(services: &Services, desk: &StaffDesk) -> Route {
                         let days = param::<u32>(&pairs, "days", "a number of days from 1 to 3650")?
                             .unwrap_or(30);
                         if !(1..=3650).contains(&days) {
-                            return Err(ApiError::bad_request("`days` must be a number of days from 1 to 3650"));
+                            return Err(ApiError::bad_request(
+                                "`days` must be a number of days from 1 to 3650",
+                            ));
                         }
                         let villages = desk.coverage(who.principal(), days).await?;
-                        Ok(json(&serde_json::json!({ "days": days, "villages": villages })))
+                        Ok(json(
+                            &serde_json::json!({ "days": days, "villages": villages }),
+                        ))
                     }
                     .await,
                 )

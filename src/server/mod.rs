@@ -193,6 +193,34 @@ pub async fn admin(
     }
 }
 
+/// Rebuilds the projection from the stored documents (`fieldsync reindex`). The store must
+/// not be in use by a running server.
+pub async fn reindex(
+    config: ServerConfig,
+    progress: impl FnMut(usize, usize) + Send + 'static,
+) -> Result<usize, crate::Error> {
+    let dir = config.data_dir.clone();
+    if !dir.exists() {
+        return Err(crate::Error::Config(format!(
+            "no data directory {}; pass the one the server uses with --data",
+            dir.display()
+        )));
+    }
+    let services = Services::open(config).await.map_err(|e| match e {
+        crate::Error::Storage(crate::storage::StorageError::Io(m)) if m.contains("in use") => {
+            crate::Error::Config(format!(
+                "a fieldsync server is using {}; stop it, run reindex, then start it again",
+                dir.display()
+            ))
+        }
+        other => other,
+    })?;
+    let projection = services.projection.clone();
+    let total = crate::storage::blocking(move || projection.reindex_blocking(progress)).await?;
+    services.close().await?;
+    Ok(total)
+}
+
 /// Serves until `shutdown` completes, then closes every WebSocket with 1001, stops the hub
 /// and flushes the store.
 pub async fn run(

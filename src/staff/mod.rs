@@ -19,7 +19,9 @@ use crate::auth::{Access, Principal, ReadingScope};
 use crate::hub::{Hub, HubError};
 use crate::ids::DocumentId;
 use crate::projection::{Coverage, Cursor, Filter, HouseholdPage, Projection};
-use crate::records::{self, FollowUpUpdate, HistoryEntry, HouseholdDetail, RecordError, ReviewState};
+use crate::records::{
+    self, FollowUpUpdate, HistoryEntry, HouseholdDetail, RecordError, ReviewState,
+};
 use crate::storage::{blocking, StorageError};
 
 #[derive(Debug, thiserror::Error)]

@@ -11,5 +11,6 @@ mod devices;
 mod examples;
 mod fixtures;
 mod js_client;
+mod records;
 mod relay;
 mod shutdown;

@@ -544,3 +544,90 @@ pub fn js_dir() -> PathBuf {
     );
     dir
 }
+
+/// A signed-in staff browser session: the cookie and the CSRF token it echoes.
+pub struct StaffSession {
+    pub http: String,
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl StaffSession {
+    pub async fn sign_in(http_base: &str, user: &str, password: &str) -> StaffSession {
+        let (status, body, cookie) = http(
+            "POST",
+            &format!("{http_base}/api/v1/session"),
+            Some(serde_json::json!({"name": user, "password": password})),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "sign-in failed: {body}");
+        let cookie = cookie.unwrap();
+        StaffSession {
+            http: http_base.to_string(),
+            cookie: cookie.split(';').next().unwrap().to_string(),
+            csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// GET `path` (under `/api/v1`) with the session cookie.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let url = format!("{}/api/v1{path}", self.http);
+        let (status, body, _) = http("GET", &url, None, &[("cookie", &self.cookie)]).await;
+        (status, body)
+    }
+
+    /// GET `path` and expect 200.
+    pub async fn get_ok(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// A state-changing request with the cookie and the CSRF header.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("{}/api/v1{path}", self.http);
+        let (status, body, _) = http(
+            method,
+            &url,
+            Some(body),
+            &[("cookie", &self.cookie), ("x-csrf-token", &self.csrf)],
+        )
+        .await;
+        (status, body)
+    }
+
+    /// The raw text of a GET (the CSV export) and its content type.
+    pub async fn get_text(&self, path: &str) -> (u16, String, String) {
+        let url = format!("{}/api/v1{path}", self.http);
+        let cookie = self.cookie.clone();
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(WAIT))
+                .build()
+                .into();
+            let mut resp = agent.get(&url).header("cookie", &cookie).call().unwrap();
+            let kind = resp
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let status = resp.status().as_u16();
+            let text = resp
+                .body_mut()
+                .with_config()
+                .limit(256 * 1024 * 1024)
+                .read_to_string()
+                .unwrap();
+            (status, text, kind)
+        })
+        .await
+        .unwrap()
+    }
+}

@@ -1,0 +1,656 @@
+//! The staff API over merged records, with real devices syncing over loopback and a staff
+//! member signed in with a password: merged visits and conflicting values with their
+//! authors, reviews that notice later changes, follow-ups that travel to a device and back,
+//! quarantine, filters, paging, history, the change feed, coverage and the CSV export.
+
+use fieldsync::client::Device;
+use fieldsync::ids::DocumentId;
+use fieldsync::records::{self, FollowUpStatus, MatterKind, Premises, Risk};
+use serde_json::{json, Value};
+
+use crate::common::world::{AMY, BEN, CAT, SUE, SUE_PASSWORD};
+use crate::common::{household, http, visit, StaffSession, TestServer};
+
+/// A household with one member (phone `0911-000-111`), created on `device` and synced.
+/// Returns the household and member ids.
+async fn household_with_member(device: &Device, url: &str, house_no: &str) -> (DocumentId, String) {
+    let id = device.create_household(&household(house_no)).await.unwrap();
+    let member = device
+        .change(id, |tx| {
+            records::add_member(
+                tx,
+                &records::NewMember {
+                    name: "Chen Mei-ling".into(),
+                    relation: "head".into(),
+                    birth_year: Some(1961),
+                    phone: "0911-000-111".into(),
+                },
+            )
+        })
+        .await
+        .unwrap();
+    assert!(device.sync(url).await.unwrap().all_held());
+    (id, member)
+}
+
+/// A device of `user` that has fetched `id`.
+async fn fetching_device(dir: &std::path::Path, url: &str, id: DocumentId) -> Device {
+    let d = Device::open(dir).await.unwrap();
+    d.track(id).await.unwrap();
+    assert!(d.sync(url).await.unwrap().all_held());
+    d
+}
+
+fn users(values: &Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = values
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["value"].as_str().unwrap_or_default().to_string(),
+                v["author"]["user"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_officers_offline_and_a_staff_correction_merge_with_every_author() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let (id, member) = household_with_member(&amy, &server.url, "12").await;
+    let ben_url = server.url_for(BEN).await;
+    let ben = fetching_device(&dir.path().join("ben"), &ben_url, id).await;
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+
+    // Offline: amy records a visit and a complaint; ben a visit and a new phone number;
+    // meanwhile staff correct the phone to a third number through the API.
+    amy.change(id, |tx| {
+        let v = records::add_visit(tx, &visit(AMY, "Complains about scooters racing at night."))?;
+        records::add_matter(
+            tx,
+            &records::NewMatter {
+                visit: v,
+                kind: MatterKind::Complaint,
+                description: "Scooters race on Linsen S. Rd after midnight.".into(),
+                risk: Risk::Yellow,
+                confidential: false,
+            },
+        )
+    })
+    .await
+    .unwrap();
+    ben.change(id, {
+        let member = member.clone();
+        move |tx| {
+            records::add_visit(tx, &visit(BEN, "Daughter moved in; new mobile number."))?;
+            records::set_member_field(tx, &member, "phone", "0922-222-333")
+        }
+    })
+    .await
+    .unwrap();
+    let (status, body) = sue
+        .send(
+            "PATCH",
+            &format!("/households/{id}/members/{member}"),
+            json!({"field": "phone", "value": "0933-333-444"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+
+    let d = sue.get_ok(&format!("/households/{id}")).await;
+    // Both visits, each attributed to the account whose device delivered it.
+    let mut visit_authors: Vec<&str> = d["visits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["created_by"]["user"].as_str().unwrap())
+        .collect();
+    visit_authors.sort();
+    assert_eq!(visit_authors, vec![AMY, BEN]);
+    for v in d["visits"].as_array().unwrap() {
+        assert!(v["created_by"]["device"]
+            .as_str()
+            .unwrap()
+            .starts_with("dev-"));
+        assert!(v["created_by"]["received_at_ms"].as_i64().unwrap() > 0);
+        assert!(
+            v["value"]["started_at"].as_i64().is_some(),
+            "device time kept: {v}"
+        );
+    }
+    // The complaint.
+    let matters = d["matters"].as_array().unwrap();
+    assert_eq!(matters.len(), 1);
+    assert_eq!(matters[0]["value"]["kind"], "complaint");
+    assert_eq!(
+        matters[0]["value"]["description"],
+        "Scooters race on Linsen S. Rd after midnight."
+    );
+    assert_eq!(matters[0]["created_by"]["user"], AMY);
+    // The phone: both concurrent values, each with its author (staff edits have no device).
+    let path = format!("members.{member}.phone");
+    let conflict = d["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == path.as_str())
+        .unwrap_or_else(|| panic!("no conflict at {path}: {}", d["conflicts"]));
+    assert_eq!(
+        users(&conflict["values"]),
+        vec![
+            ("0922-222-333".to_string(), BEN.to_string()),
+            ("0933-333-444".to_string(), SUE.to_string()),
+        ]
+    );
+    let by_sue = conflict["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["author"]["user"] == SUE)
+        .unwrap();
+    assert_eq!(by_sue["author"]["device"], Value::Null);
+
+    // The list shows the household with its counts; the history names each change's author.
+    let list = sue.get_ok("/households").await;
+    let row = &list["households"][0];
+    assert_eq!(row["id"], id.to_string());
+    assert_eq!(row["visit_count"], 2);
+    assert_eq!(row["open_matters"]["complaint"], 1);
+    assert_eq!(row["conflicts"], 1);
+    let history = sue.get_ok(&format!("/households/{id}/history")).await;
+    let changes = history["changes"].as_array().unwrap();
+    assert!(changes.iter().any(|c| c["author"]["user"] == SUE
+        && c["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| *f == path.as_str())));
+    assert!(changes.iter().any(|c| c["author"]["user"] == BEN
+        && c["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| *f == path.as_str())));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_arriving_after_approval_is_flagged_with_its_fields() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let (id, _) = household_with_member(&amy, &server.url, "7").await;
+    let ben_url = server.url_for(BEN).await;
+    let ben = fetching_device(&dir.path().join("ben"), &ben_url, id).await;
+    // Ben edits offline before the approval...
+    ben.change(id, |tx| records::set_premises(tx, Premises::Shop))
+        .await
+        .unwrap();
+
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let (status, d) = sue
+        .send(
+            "POST",
+            &format!("/households/{id}/review"),
+            json!({"state": "approved", "comment": "Checked with the neighbourhood chief."}),
+        )
+        .await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["review"]["state"], "approved");
+    assert_eq!(d["review"]["by"], SUE);
+    assert_eq!(d["review"]["changed_since_approval"], false);
+    assert_eq!(
+        d["review"]["comments"][0]["text"],
+        "Checked with the neighbourhood chief."
+    );
+    let approved = sue.get_ok("/households?review=approved").await;
+    assert_eq!(approved["total"], 1);
+
+    // ...and it arrives after it.
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    let d = sue.get_ok(&format!("/households/{id}")).await;
+    assert_eq!(d["review"]["state"], "approved");
+    assert_eq!(
+        d["review"]["changed_since_approval"], true,
+        "{}",
+        d["review"]
+    );
+    assert_eq!(d["review"]["changed_fields"], json!(["premises"]));
+    let stale = sue
+        .get_ok("/households?review=changed_since_approval")
+        .await;
+    assert_eq!(stale["households"][0]["id"], id.to_string());
+    assert_eq!(stale["households"][0]["changed_since_approval"], true);
+
+    // The review reached the officers' devices like any change.
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let state = amy
+        .read(id, |doc| {
+            use automerge::ReadDoc;
+            let (_, review) = doc.get(automerge::ROOT, "review").unwrap().unwrap();
+            doc.get(&review, "state").unwrap().unwrap().0.to_string()
+        })
+        .await
+        .unwrap();
+    assert_eq!(state, "\"approved\"");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staff_follow_up_reaches_the_officer_who_closes_it_offline() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let (id, _) = household_with_member(&amy, &server.url, "3").await;
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+
+    // Owners must be officers of the household's village.
+    let (status, body) = sue
+        .send(
+            "POST",
+            &format!("/households/{id}/follow-ups"),
+            json!({"task": "Check the street light", "owner": CAT, "due_ms": 1}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not an active officer"));
+
+    let due = fieldsync::ids::Timestamp::now().as_millis() as i64 + 3 * 86_400_000;
+    let (status, body) = sue
+        .send(
+            "POST",
+            &format!("/households/{id}/follow-ups"),
+            json!({"task": "Bring the anti-fraud leaflet to the grandmother", "owner": AMY, "due_ms": due}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let fid = body["id"].as_str().unwrap().to_string();
+
+    // It reaches amy's phone at the next sync; she closes it offline, then syncs.
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let on_phone = amy
+        .read(id, {
+            let fid = fid.clone();
+            move |doc| {
+                use automerge::ReadDoc;
+                let (_, fus) = doc.get(automerge::ROOT, "follow_ups").unwrap().unwrap();
+                let (_, fu) = doc.get(&fus, fid.as_str()).unwrap().unwrap();
+                let task = doc.get(&fu, "task").unwrap().unwrap().0.to_string();
+                let owner = doc.get(&fu, "owner").unwrap().unwrap().0.to_string();
+                (task, owner)
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        on_phone,
+        (
+            "\"Bring the anti-fraud leaflet to the grandmother\"".to_string(),
+            format!("\"{AMY}\"")
+        )
+    );
+    let todo = sue.get_ok("/households?follow_up_status=todo").await;
+    assert_eq!(todo["total"], 1);
+    amy.change(id, {
+        let fid = fid.clone();
+        move |tx| {
+            records::update_follow_up(
+                tx,
+                &fid,
+                &records::FollowUpUpdate {
+                    status: Some(FollowUpStatus::Done),
+                    note: Some("Delivered; she will call 165 if in doubt.".into()),
+                    ..Default::default()
+                },
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+
+    let d = sue.get_ok(&format!("/households/{id}")).await;
+    let fu = &d["follow_ups"][0];
+    assert_eq!(fu["id"], fid.as_str());
+    assert_eq!(fu["value"]["status"], "done");
+    assert_eq!(fu["set_by"]["status"]["user"], AMY, "{fu}");
+    assert!(fu["set_by"]["status"]["device"]
+        .as_str()
+        .unwrap()
+        .starts_with("dev-"));
+    assert_eq!(fu["created_by"]["user"], SUE);
+    assert_eq!(
+        sue.get_ok("/households?follow_up_status=todo").await["total"],
+        0
+    );
+    assert_eq!(
+        sue.get_ok("/households?follow_up_status=done").await["total"],
+        1
+    );
+
+    // Staff can reschedule and reassign too; a follow-up that does not exist is a 404.
+    let (status, _) = sue
+        .send(
+            "PATCH",
+            &format!("/households/{id}/follow-ups/{fid}"),
+            json!({"status": "todo", "due_ms": due + 86_400_000}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = sue
+        .send(
+            "PATCH",
+            &format!("/households/{id}/follow-ups/no-such-id"),
+            json!({"status": "done"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_household_that_breaks_the_schema_is_kept_but_quarantined() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let (good, _) = household_with_member(&amy, &server.url, "1").await;
+    // A buggy app writes a visit with an unknown outcome and a score of 9.
+    let bad = amy.create_household(&household("2")).await.unwrap();
+    amy.edit(bad, |doc| {
+        use automerge::transaction::Transactable;
+        use automerge::ReadDoc;
+        doc.transact(|tx| {
+            let (_, visits) = tx.get(automerge::ROOT, "visits")?.unwrap();
+            let v = tx.put_object(&visits, "v-1", automerge::ObjType::Map)?;
+            tx.put(&v, "officer", AMY)?;
+            tx.put(
+                &v,
+                "started_at",
+                automerge::ScalarValue::Timestamp(1_790_000_000_000),
+            )?;
+            tx.put(&v, "outcome", "partyy")?;
+            tx.put(&v, "mode", "in_home")?;
+            tx.put(&v, "notes", "The resident's words must survive the bug.")?;
+            tx.put(&v, "security_score", 9)?;
+            Ok::<_, automerge::AutomergeError>(())
+        })
+        .map_err(|f| fieldsync::client::ClientError::Record(f.error.into()))?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let list = sue.get_ok("/households").await;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["households"][0]["id"], good.to_string());
+    let q = sue.get_ok("/households?quarantined=true").await;
+    assert_eq!(q["total"], 1);
+    assert_eq!(q["households"][0]["id"], bad.to_string());
+    let reasons: Vec<&str> = q["households"][0]["quarantine"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("visits.v-1.outcome: \"partyy\" is not one of met")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("visits.v-1.security_score")),
+        "{reasons:?}"
+    );
+    // Counted apart, and its words are all there.
+    let cov = sue.get_ok("/coverage").await;
+    let linsen = cov["villages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["village"] == "Linsen")
+        .unwrap();
+    assert_eq!(
+        (
+            linsen["households"].as_i64(),
+            linsen["quarantined"].as_i64()
+        ),
+        (Some(1), Some(1))
+    );
+    let d = sue.get_ok(&format!("/households/{bad}")).await;
+    assert_eq!(
+        d["value"]["visits"]["v-1"]["notes"],
+        "The resident's words must survive the bug."
+    );
+    assert!(!d["quarantine"].as_array().unwrap().is_empty());
+    let csv = sue.get_text("/export.csv").await.1;
+    assert!(
+        !csv.contains("survive the bug"),
+        "quarantined households stay out of exports"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_filter_page_and_export_only_what_the_caller_may_see() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        let id = amy
+            .create_household(&household(&n.to_string()))
+            .await
+            .unwrap();
+        amy.change(id, move |tx| {
+            let notes = if n == 3 {
+                "Resident asks about <b>fraud</b> calls, \"urgent\"; =HYPERLINK()".to_string()
+            } else {
+                format!("Routine visit {n}.")
+            };
+            let v = records::add_visit(tx, &visit(AMY, &notes))?;
+            if n % 2 == 1 {
+                records::add_matter(
+                    tx,
+                    &records::NewMatter {
+                        visit: v,
+                        kind: if n == 1 {
+                            MatterKind::Tip
+                        } else {
+                            MatterKind::Dispute
+                        },
+                        description: "Parking dispute".into(),
+                        risk: Risk::Blue,
+                        confidential: n == 1,
+                    },
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+
+    // Filters.
+    assert_eq!(
+        sue.get_ok("/households?matter_kind=dispute").await["total"],
+        2
+    );
+    assert_eq!(sue.get_ok("/households?matter_kind=tip").await["total"], 1);
+    assert_eq!(
+        sue.get_ok("/households?q=FRAUD").await["households"][0]["id"],
+        ids[2].to_string()
+    );
+    assert_eq!(sue.get_ok("/households?village=Dongmen").await["total"], 0);
+    assert_eq!(
+        sue.get_ok(&format!("/households?officer={AMY}")).await["total"],
+        5
+    );
+    assert_eq!(sue.get_ok("/households?overdue=true").await["total"], 0);
+    let (status, body) = sue.get("/households?matter_kind=robbery").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("consultation | complaint"),
+        "{body}"
+    );
+    let (status, body) = sue.get("/households?vilage=Linsen").await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown query parameter `vilage`"));
+
+    // Paging: newest first, every household once.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = sue.get_ok(&format!("/households?limit=2{cursor}")).await;
+        assert_eq!(page["total"], 5);
+        for h in page["households"].as_array().unwrap() {
+            seen.push(h["id"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    seen.sort();
+    expected.sort();
+    assert_eq!(seen, expected);
+
+    // The export: BOM, header, one row per visit, quoting, formulas defused, no tip text.
+    let (status, csv, kind) = sue.get_text("/export.csv?matter_status=open").await;
+    assert_eq!(status, 200);
+    assert_eq!(kind, "text/csv; charset=utf-8");
+    assert!(csv.starts_with("\u{feff}household_id,village,address,"));
+    let lines: Vec<&str> = csv.trim_end().split("\r\n").collect();
+    assert_eq!(lines.len(), 1 + 3, "{csv}");
+    assert!(
+        csv.contains("\"Resident asks about <b>fraud</b> calls, \"\"urgent\"\"; =HYPERLINK()\"")
+    );
+    let all = sue.get_text("/export.csv").await.1;
+    assert_eq!(all.trim_end().split("\r\n").count(), 1 + 5);
+    assert!(
+        all.contains("\"Resident asks about <b>fraud</b> calls, \"\"urgent\"\"; =HYPERLINK()\"")
+    );
+
+    // The change feed pages through every change in server order.
+    let feed = sue.get_ok("/changes?after=0&limit=3").await;
+    let first = feed["changes"].as_array().unwrap();
+    assert_eq!(first.len(), 3);
+    assert_eq!(first[0]["officer"], AMY);
+    assert!(first[0]["device"].as_str().unwrap().starts_with("dev-"));
+    let next = feed["next"].as_u64().unwrap();
+    let rest = sue
+        .get_ok(&format!("/changes?after={next}&limit=1000"))
+        .await;
+    let total = 3 + rest["changes"].as_array().unwrap().len();
+    assert_eq!(total, 10, "two changes per household (create, visit)");
+    assert!(rest["changes"][0]["seq"].as_u64().unwrap() > next);
+
+    // Coverage: Linsen has 5 households, all visited recently.
+    let cov = sue.get_ok("/coverage?days=30").await;
+    let linsen = cov["villages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["village"] == "Linsen")
+        .unwrap()
+        .clone();
+    assert_eq!(linsen["households"], 5);
+    assert_eq!(linsen["visited_recently"], 5);
+    assert_eq!(linsen["never_visited"], 0);
+    assert_eq!(linsen["open_matters"], json!({"dispute": 2, "tip": 1}));
+
+    // Officers see their villages through a device token and may not edit through the API;
+    // an officer of another village, and anyone without credentials, see nothing.
+    let amy_token = server.enrol(AMY).await;
+    let bearer = format!("Bearer {amy_token}");
+    let (status, body, _) = http(
+        "GET",
+        &format!("{}/api/v1/households", server.http),
+        None,
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!((status, body["total"].as_u64()), (200, Some(5)));
+    let (status, _, _) = http(
+        "POST",
+        &format!("{}/api/v1/households/{}/review", server.http, ids[0]),
+        Some(json!({"state": "approved"})),
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let cat = format!("Bearer {}", server.enrol(CAT).await);
+    let (status, body, _) = http(
+        "GET",
+        &format!("{}/api/v1/households", server.http),
+        None,
+        &[("authorization", &cat)],
+    )
+    .await;
+    assert_eq!((status, body["total"].as_u64()), (200, Some(0)));
+    let (status, body, _) = http(
+        "GET",
+        &format!("{}/api/v1/households/{}", server.http, ids[0]),
+        None,
+        &[("authorization", &cat)],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, _, _) = http(
+        "GET",
+        &format!("{}/api/v1/export.csv", server.http),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // A browser request without the CSRF token is refused and changes nothing.
+    let (status, body, _) = http(
+        "POST",
+        &format!("{}/api/v1/households/{}/review", server.http, ids[0]),
+        Some(json!({"state": "approved"})),
+        &[("cookie", &sue.cookie)],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    assert_eq!(
+        sue.get_ok(&format!("/households/{}", ids[0])).await["review"]["state"],
+        "received"
+    );
+    server.stop().await;
+}
