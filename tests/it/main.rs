@@ -11,6 +11,7 @@ mod devices;
 mod examples;
 mod fixtures;
 mod js_client;
+mod projection;
 mod records;
 mod relay;
 mod shutdown;
