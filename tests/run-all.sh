@@ -20,6 +20,8 @@ echo "==> npm install (tests/js: @automerge/automerge-repo and its websocket ada
 # optional platform packages; the direct dependencies are pinned exactly in package.json and
 # the lock file is honoured.
 npm install --prefix tests/js --no-audit --no-fund --loglevel=error
+echo "==> npm install (examples/js: the JS example the suite runs, same pinned packages)"
+npm install --prefix examples/js --no-audit --no-fund --loglevel=error
 
 echo "==> sans-IO check: src/protocol, src/records, src/auth must not use tokio, warp or sled"
 if grep -rnE '^\s*use (tokio|warp|sled)\b|(tokio|warp|sled)::' src/protocol src/records src/auth; then

@@ -36,7 +36,8 @@ pub struct Entry {
     pub value: Json,
     /// Who delivered the change that created the entry.
     pub created_by: Option<Author>,
-    /// For each field, who set its current value.
+    /// Fields whose current value someone other than the creator set (or the creator in a
+    /// later change): who set it.
     pub set_by: BTreeMap<String, Author>,
 }
 
@@ -90,9 +91,13 @@ pub fn household_detail(doc: &Automerge, attribution: &Attribution) -> Household
         let mut out: Vec<Entry> = entries(doc, key)
             .into_iter()
             .map(|(id, obj)| {
+                let created_in = attribution.change_of(&obj);
                 let mut set_by = BTreeMap::new();
                 for field in doc.keys(&obj) {
                     if let Some((_, vid)) = doc.get(&obj, field.as_str()).ok().flatten() {
+                        if attribution.change_of(&vid) == created_in {
+                            continue;
+                        }
                         if let Some(a) = attribution.author_of(&vid) {
                             set_by.insert(field, a.clone());
                         }
@@ -209,7 +214,17 @@ fn touched(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHash]) -> Vec<
         }
         out.insert(path.join("."));
     }
-    out.into_iter().collect()
+    // A new entry is one field: "visits.<id>", not each of its fields.
+    let mut minimal: Vec<String> = Vec::new();
+    for p in out {
+        if !minimal
+            .last()
+            .is_some_and(|m| p.starts_with(m.as_str()) && p[m.len()..].starts_with('.'))
+        {
+            minimal.push(p);
+        }
+    }
+    minimal
 }
 
 fn prop_str(p: &Prop) -> String {

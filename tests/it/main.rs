@@ -4,6 +4,7 @@
 mod common;
 
 mod access;
+mod api_docs;
 mod bad_input;
 mod cache;
 mod crash;

@@ -15,14 +15,38 @@ use crate::common::{household, visit, StaffSession, TestServer};
 #[derive(Clone, Debug)]
 enum Op {
     /// Officer `who` creates a household, syncs it, and the other officer fetches it.
-    Create { who: usize },
-    Visit { who: usize, hh: usize, bad: bool },
-    Matter { who: usize, hh: usize, kind: usize },
-    Premises { who: usize, hh: usize, which: usize },
-    CloseFollowUps { who: usize, hh: usize },
-    Sync { who: usize },
-    StaffFollowUp { hh: usize, overdue: bool },
-    StaffApprove { hh: usize },
+    Create {
+        who: usize,
+    },
+    Visit {
+        who: usize,
+        hh: usize,
+        bad: bool,
+    },
+    Matter {
+        who: usize,
+        hh: usize,
+        kind: usize,
+    },
+    Premises {
+        who: usize,
+        hh: usize,
+        which: usize,
+    },
+    CloseFollowUps {
+        who: usize,
+        hh: usize,
+    },
+    Sync {
+        who: usize,
+    },
+    StaffFollowUp {
+        hh: usize,
+        overdue: bool,
+    },
+    StaffApprove {
+        hh: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -95,7 +119,8 @@ impl World {
                 let name = officer(who);
                 self.devices[who]
                     .change(id, move |tx| {
-                        let v = records::add_visit(tx, &visit(name, "Talked about the new bus stop."))?;
+                        let v =
+                            records::add_visit(tx, &visit(name, "Talked about the new bus stop."))?;
                         if bad {
                             // A buggy app: the household becomes quarantined.
                             use automerge::transaction::Transactable;
@@ -114,7 +139,8 @@ impl World {
                 let name = officer(who);
                 self.devices[who]
                     .change(id, move |tx| {
-                        let v = records::add_visit(tx, &visit(name, "A resident raised something."))?;
+                        let v =
+                            records::add_visit(tx, &visit(name, "A resident raised something."))?;
                         records::add_matter(
                             tx,
                             &records::NewMatter {
@@ -133,7 +159,9 @@ impl World {
             Op::Premises { who, hh, which } => {
                 let Some(id) = self.pick(hh) else { return };
                 self.devices[who]
-                    .change(id, move |tx| records::set_premises(tx, Premises::ALL[which]))
+                    .change(id, move |tx| {
+                        records::set_premises(tx, Premises::ALL[which])
+                    })
                     .await
                     .unwrap();
             }
@@ -171,7 +199,11 @@ impl World {
             Op::StaffFollowUp { hh, overdue } => {
                 let Some(id) = self.pick(hh) else { return };
                 let now = fieldsync::ids::Timestamp::now().as_millis() as i64;
-                let due = if overdue { now - 86_400_000 } else { now + 86_400_000 };
+                let due = if overdue {
+                    now - 86_400_000
+                } else {
+                    now + 86_400_000
+                };
                 let (status, body) = self
                     .sue
                     .send(
@@ -186,7 +218,11 @@ impl World {
                 let Some(id) = self.pick(hh) else { return };
                 let (status, body) = self
                     .sue
-                    .send("POST", &format!("/households/{id}/review"), json!({"state": "approved"}))
+                    .send(
+                        "POST",
+                        &format!("/households/{id}/review"),
+                        json!({"state": "approved"}),
+                    )
                     .await;
                 assert_eq!(status, 200, "{body}");
             }
@@ -231,7 +267,13 @@ fn the_projection_equals_a_rebuild_after_random_syncs_and_edits() {
             world.server.stop().await;
             let show = |rows: &[(Vec<u8>, Vec<u8>)]| {
                 rows.iter()
-                    .map(|(k, v)| format!("{}: {}", String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
+                    .map(|(k, v)| {
+                        format!(
+                            "{}: {}",
+                            String::from_utf8_lossy(k),
+                            String::from_utf8_lossy(v)
+                        )
+                    })
                     .collect::<Vec<_>>()
             };
             prop_assert_eq!(show(&incremental), show(&rebuilt));
