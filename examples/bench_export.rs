@@ -157,7 +157,11 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let token = services
             .accounts
-            .enroll(code.lines().last().unwrap_or_default(), "bench phone", "bench")
+            .enroll(
+                code.lines().last().unwrap_or_default(),
+                "bench phone",
+                "bench",
+            )
             .await?
             .token;
         let device = Device::open(&dir.path().join(&officer)).await?;

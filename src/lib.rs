@@ -14,7 +14,12 @@
 //!                           hub::Hub ── one actor per loaded document ── storage::Store (sled)
 //!                              ▲            apply → write → group-commit flush → answer
 //!                              └── accounts (auth::Authorizer per document; ChangeObserver:
-//!                                  provenance rows, village catalogs)
+//!                                  provenance rows, village catalogs) ─▶ projection (rows
+//!                                  per household and visit, village counters)
+//!
+//!   staff tool ──http──▶ server::households ──▶ staff::StaffDesk ──▶ projection (lists,
+//!                                               coverage, export) / hub (detail, history,
+//!                                               edits on behalf of staff)
 //! ```
 //!
 //! - [`protocol`]: messages, CBOR codec, per-connection state machine. No I/O.
@@ -25,7 +30,12 @@
 //! - [`auth`]: stations, villages, users, devices, secrets and every access decision (pure).
 //! - [`accounts`]: the live directory: admin commands, enrolment, sign-in, provenance,
 //!   catalogs; the hub's `Authorizer` and `ChangeObserver`.
-//! - [`records`]: the household schema on Automerge (typed writes and reads).
+//! - [`records`]: the household schema on Automerge: vocabulary, validation, typed writes
+//!   and reads, summaries, the staff detail with conflicts and authors. No I/O.
+//! - [`projection`]: the staff projection in sled, kept per accepted change; reindex; lists,
+//!   coverage, the streamed export.
+//! - [`staff`]: what staff may ask and do through the API (detail, history, reviews,
+//!   follow-ups), as changes made through the hub on their behalf.
 //! - [`client`]: the device-side library: local store, offline edits, sync.
 //!
 //! The rule that shapes the hub: **durable before advertised**. A change is written and

@@ -284,28 +284,35 @@ impl Projection {
         now: Timestamp,
     ) -> Result<HouseholdPage, StorageError> {
         let now_ms = now.as_millis() as i64;
-        let mut rows = Vec::new();
+        // Only the sort keys of the matches are kept (a few bytes each), then the page's rows
+        // are read again: memory stays small however many households match.
+        let mut keys = Vec::new();
         self.for_each_row(scope, |row| {
             if filter.matches(&row, now_ms) {
-                rows.push(row);
+                keys.push(Cursor::key(&row));
             }
             true
         })?;
-        rows.sort_by_key(Cursor::key);
-        let total = rows.len();
+        keys.sort_unstable();
+        let total = keys.len();
         let start = match cursor {
-            Some(c) => rows
-                .partition_point(|r| Cursor::key(r) <= (std::cmp::Reverse(c.updated_at_ms), c.id)),
+            Some(c) => keys.partition_point(|k| *k <= (std::cmp::Reverse(c.updated_at_ms), c.id)),
             None => 0,
         };
-        let page: Vec<HouseholdRow> = rows.into_iter().skip(start).take(limit).collect();
-        let next_cursor = (start + page.len() < total)
-            .then(|| page.last())
+        let mut page = Vec::new();
+        for (_, id) in keys.iter().skip(start).take(limit) {
+            // A row changed or vanished since the scan is shown as it is now, or skipped.
+            if let Some(row) = self.household_blocking(scope.station.as_str(), *id)? {
+                page.push(row);
+            }
+        }
+        let next_cursor = (start + limit < total)
+            .then(|| keys.get(start + limit - 1))
             .flatten()
-            .map(|r| {
+            .map(|(t, id)| {
                 Cursor {
-                    updated_at_ms: r.updated_at_ms,
-                    id: r.id,
+                    updated_at_ms: t.0,
+                    id: *id,
                 }
                 .encode()
             });
