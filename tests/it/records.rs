@@ -654,3 +654,76 @@ async fn lists_filter_page_and_export_only_what_the_caller_may_see() {
     );
     server.stop().await;
 }
+
+/// `fieldsync reindex` on the real binary: refused with advice while a server holds the
+/// data directory; after the server was SIGKILLed, it rebuilds the projection with progress,
+/// and the restarted server lists the same households with the same counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reindex_command_rebuilds_the_projection_after_a_crash() {
+    use crate::common::{world_via_cli, ServerProcess, WAIT};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    world_via_cli(&data).await;
+    let server = ServerProcess::start(&data).await;
+    let device = Device::open(&dir.path().join("amy")).await.unwrap();
+    let url = server.url_with(&server.enrol(AMY).await);
+    for n in 1..=3 {
+        let id = device
+            .create_household(&household(&n.to_string()))
+            .await
+            .unwrap();
+        device
+            .change(id, move |tx| {
+                records::add_visit(tx, &visit(AMY, &format!("Visit {n}"))).map(|_| ())
+            })
+            .await
+            .unwrap();
+    }
+    assert!(device.sync(&url).await.unwrap().all_held());
+    let sue = StaffSession::sign_in(&server.http(), SUE, SUE_PASSWORD).await;
+    let before = sue.get_ok("/households").await;
+    let coverage_before = sue.get_ok("/coverage").await;
+    assert_eq!(before["total"], 3);
+
+    let reindex = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
+            .args(["reindex", "--data"])
+            .arg(&data)
+            .env("FIELDSYNC_LOG", "warn")
+            .kill_on_drop(true)
+            .output()
+    };
+    let busy = tokio::time::timeout(WAIT, reindex())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        err.contains("stop it, run reindex, then start it again"),
+        "{err}"
+    );
+
+    server.kill().await;
+    let done = tokio::time::timeout(WAIT, reindex())
+        .await
+        .unwrap()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr),
+    );
+    assert!(done.status.success(), "{err}");
+    assert!(err.contains("reindexed 3/3 households"), "progress: {err}");
+    assert!(
+        out.contains("projection rebuilt from 3 households"),
+        "{out}"
+    );
+
+    let server = ServerProcess::start(&data).await;
+    let sue = StaffSession::sign_in(&server.http(), SUE, SUE_PASSWORD).await;
+    let after = sue.get_ok("/households").await;
+    assert_eq!(after, before);
+    assert_eq!(sue.get_ok("/coverage").await, coverage_before);
+    server.kill().await;
+}
