@@ -114,6 +114,15 @@ pub struct Me {
     pub station: StationId,
     pub villages: Vec<VillageInfo>,
     pub device: Option<DeviceInfo>,
+    /// For staff and admins: the station's active officers and their villages (whom a
+    /// follow-up can be assigned to). Empty for officers.
+    pub officers: Vec<OfficerInfo>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct OfficerInfo {
+    pub name: UserName,
+    pub villages: Vec<VillageName>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -525,12 +534,25 @@ impl Accounts {
                 id: d.id.clone(),
                 name: d.name.clone(),
             });
+        let officers = if user.role == Role::Officer {
+            Vec::new()
+        } else {
+            dir.users()
+                .into_iter()
+                .filter(|u| u.role == Role::Officer && !u.disabled && u.station == user.station)
+                .map(|u| OfficerInfo {
+                    name: u.name.clone(),
+                    villages: u.villages.iter().cloned().collect(),
+                })
+                .collect()
+        };
         Ok(Me {
             user: user.name.clone(),
             role: user.role,
             station: user.station.clone(),
             villages: villages_of(&dir, user.role, &user.station, &user.villages),
             device,
+            officers,
         })
     }
 }

@@ -163,7 +163,8 @@ fn sign_out(services: &Services) -> Route {
         .boxed()
 }
 
-/// `GET /api/v1/me`: the caller's account, station, villages and catalog URLs.
+/// `GET /api/v1/me`: the caller's account, station, villages and catalog URLs (and, for a
+/// browser session, its CSRF token).
 fn me(services: &Services) -> Route {
     let accounts = services.accounts.clone();
     warp::get()
@@ -173,7 +174,12 @@ fn me(services: &Services) -> Route {
             respond((|| {
                 let who = who?;
                 let me = accounts.me(who.principal())?;
-                Ok(Box::new(warp::reply::json(&me)) as Box<dyn Reply>)
+                let mut body = serde_json::to_value(&me).unwrap_or_default();
+                // A page reloaded in the browser learns its CSRF token again here.
+                if let Authenticated::Session { csrf, .. } = &who {
+                    body["csrf_token"] = serde_json::Value::String(csrf.clone());
+                }
+                Ok(Box::new(warp::reply::json(&body)) as Box<dyn Reply>)
             })())
         })
         .boxed()

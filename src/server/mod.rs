@@ -14,6 +14,7 @@ mod api;
 mod auth;
 mod errors;
 mod households;
+mod web;
 mod ws;
 
 use std::future::Future;
@@ -299,6 +300,8 @@ fn routes(
         .boxed();
     let api = api::routes(&services)
         .or(households::routes(&services))
+        .unify()
+        .or(web::routes())
         .unify()
         .boxed();
     let sync = ws::route(services, sockets, closing);

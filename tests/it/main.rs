@@ -16,3 +16,4 @@ mod projection;
 mod records;
 mod relay;
 mod shutdown;
+mod web;
