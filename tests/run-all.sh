@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean checkout (the README's test command; .ci/run calls it).
-# Installs what the tests need (the official automerge-repo JS client from npm), then checks
+# Installs what the tests need (the official automerge-repo JS client from npm, Debian's
+# chromium for the staff page), then checks
 # formatting, lints, keeps the sans-IO layers free of I/O crates, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,16 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     apt-get update -qq && apt-get install -y -qq nodejs npm
   else
     echo "error: node and npm are missing; install them (Debian: sudo apt-get install nodejs npm) and re-run" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v chromium >/dev/null; then
+  echo "==> installing Debian's chromium (the staff page is tested in a real headless browser)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "error: chromium is missing; install it (Debian: sudo apt-get install chromium) and re-run" >&2
     exit 1
   fi
 fi

@@ -196,7 +196,8 @@ async fn staff_review_records_in_a_real_browser() {
     b.eval("window.dispatchEvent(new HashChangeEvent('hashchange'))").await;
     b.wait_for("document.querySelector('#main').dataset.view === 'detail' && document.querySelector('#changed-since')")
         .await;
-    assert_eq!(b.eval("document.querySelector('#changed-fields').textContent").await, "premises");
+    assert_eq!(b.eval("document.querySelector('#changed-fields').dataset.paths").await, "premises");
+    assert_eq!(b.eval("document.querySelector('#changed-fields').textContent").await, "用途");
 
     // A follow-up created on the page reaches amy's phone at its next sync.
     b.fill("#new-follow-up input[name=task]", "Bring the anti-fraud leaflet").await;

@@ -33,7 +33,8 @@ const T = {
     resolved: "已解決", closed: "已結案", consultation: "諮詢", complaint: "陳情", tip: "線報",
     dispute: "糾紛", help: "求助", suggestion: "建議", hazard: "危害", met: "已晤談",
     nobody_home: "無人在家", refused: "拒訪", moved: "已遷出", vacant: "空屋",
-    saved: "已儲存", failed: "失敗",
+    saved: "已儲存", failed: "失敗", mode_in_home: "入戶", mode_doorstep: "門口", mode_phone: "電話",
+    visitBy: "訪視", premises: "用途",
   },
   en: {
     dashboard: "Coverage", households: "Households", signin: "Sign in", signout: "Sign out", lang: "中文",
@@ -59,7 +60,8 @@ const T = {
     resolved: "Resolved", closed: "Closed", consultation: "Consultation", complaint: "Complaint", tip: "Tip",
     dispute: "Dispute", help: "Help", suggestion: "Suggestion", hazard: "Hazard", met: "Met",
     nobody_home: "Nobody home", refused: "Refused", moved: "Moved", vacant: "Vacant",
-    saved: "Saved", failed: "Failed",
+    saved: "Saved", failed: "Failed", mode_in_home: "in home", mode_doorstep: "at the door", mode_phone: "by phone",
+    visitBy: "visit", premises: "Premises",
   },
 };
 
@@ -80,6 +82,17 @@ function el(tag, attrs, ...children) {
     node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
   return node;
+}
+
+// "members.<id>.phone" -> "Chen Mei-ling · 電話": field paths in words staff recognise.
+function fieldLabel(path, d) {
+  const [map, id, ...rest] = path.split(".");
+  const field = rest.join(".");
+  const entry = Array.isArray(d[map]) ? d[map].find(e => e.id === id) : undefined;
+  if (map === "members" && entry) return `${entry.value.name} · ${t(field) || field}`;
+  if (map === "visits" && entry) return `${t("visitBy")} ${who(entry.created_by)}${field ? " · " + field : ""}`;
+  if (path === "premises") return t("premises");
+  return path;
 }
 
 const fmtTime = ms => (ms ? new Date(ms).toLocaleString(state.lang === "zh" ? "zh-TW" : "en-GB") : "—");
@@ -308,7 +321,7 @@ async function detailView(id) {
       el(
         "li",
         { dataset: { officer: x.created_by?.user || "" } },
-        el("strong", {}, `${t(x.value.outcome)} · ${x.value.mode || ""}`),
+        el("strong", {}, `${t(x.value.outcome)} · ${t("mode_" + x.value.mode)}`),
         el(
           "div",
           { class: "meta" },
@@ -406,7 +419,7 @@ async function detailView(id) {
               el(
                 "tr",
                 { dataset: { path: c.path } },
-                el("td", {}, i === 0 ? c.path : ""),
+                el("td", { title: c.path }, i === 0 ? fieldLabel(c.path, d) : ""),
                 el("td", { class: "value" }, typeof x.value === "string" ? x.value : JSON.stringify(x.value)),
                 el("td", { class: "author" }, who(x.author)),
                 el("td", {}, fmtTime(x.author?.received_at_ms)),
@@ -443,7 +456,7 @@ async function detailView(id) {
     { class: "panel", id: "review" },
     el("h2", {}, t("review")),
     r.changed_since_approval
-      ? el("div", { class: "banner warn", id: "changed-since" }, el("strong", {}, t("changedSince")), el("div", {}, `${t("changedFields")}: `, el("span", { id: "changed-fields" }, r.changed_fields.join(", "))))
+      ? el("div", { class: "banner warn", id: "changed-since" }, el("strong", {}, t("changedSince")), el("div", {}, `${t("changedFields")}: `, el("span", { id: "changed-fields", dataset: { paths: r.changed_fields.join(",") } }, r.changed_fields.map(f => fieldLabel(f, d)).join(", "))))
       : "",
     el("p", {}, `${t("reviewState")}: `, el("strong", { id: "review-state" }, t(r.state)), r.by ? ` · ${t("reviewedBy")} ${r.by} · ${fmtTime(r.at_ms)}` : ""),
     el("ul", {}, (r.comments || []).map(c => el("li", {}, `${fmtTime(c.at)} ${c.by}: `, c.text))),
