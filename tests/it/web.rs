@@ -14,7 +14,8 @@ use crate::common::browser::Browser;
 use crate::common::world::{self, AMY, BEN, CAT, DAN, SUE, SUE_PASSWORD};
 use crate::common::{household, visit, TestServer};
 
-const HOSTILE: &str = "Resident said: <img src=x onerror=alert(1)> and <script>alert(2)</script> — keep it as text.";
+const HOSTILE: &str =
+    "Resident said: <img src=x onerror=alert(1)> and <script>alert(2)</script> — keep it as text.";
 
 fn in_village(house_no: &str, station: &str, village: &str) -> NewHousehold {
     let mut h = household(house_no);
@@ -87,13 +88,21 @@ async fn staff_review_records_in_a_real_browser() {
     cat.create_household(&in_village("3", world::STATION, world::OTHER_VILLAGE))
         .await
         .unwrap();
-    assert!(cat.sync(&server.url_for(CAT).await).await.unwrap().all_held());
+    assert!(cat
+        .sync(&server.url_for(CAT).await)
+        .await
+        .unwrap()
+        .all_held());
     let dan = Device::open(&dir.path().join("dan")).await.unwrap();
     let foreign = dan
         .create_household(&in_village("9", world::OTHER_STATION, world::VILLAGE))
         .await
         .unwrap();
-    assert!(dan.sync(&server.url_for(DAN).await).await.unwrap().all_held());
+    assert!(dan
+        .sync(&server.url_for(DAN).await)
+        .await
+        .unwrap()
+        .all_held());
 
     let mut b = Browser::launch().await;
     b.goto(&format!("{}/", server.http)).await;
@@ -102,7 +111,8 @@ async fn staff_review_records_in_a_real_browser() {
     b.wait_for("document.querySelector('#signin')").await;
     assert_eq!(b.eval("document.documentElement.lang").await, "zh-Hant");
     b.fill("#signin input[name=name]", SUE).await;
-    b.fill("#signin input[name=password]", "wrong password").await;
+    b.fill("#signin input[name=password]", "wrong password")
+        .await;
     b.click("#signin button[type=submit]").await;
     b.wait_for("document.querySelector('#signin-error').textContent === '帳號或密碼錯誤'")
         .await;
@@ -110,7 +120,9 @@ async fn staff_review_records_in_a_real_browser() {
     b.click("#signin button[type=submit]").await;
     b.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
         .await;
-    let cookie_visible = b.eval("document.cookie.includes('fieldsync_session')").await;
+    let cookie_visible = b
+        .eval("document.cookie.includes('fieldsync_session')")
+        .await;
     assert_eq!(cookie_visible, false, "the session cookie is HttpOnly");
 
     // The dashboard: both villages with the right counts; Dongmen is behind its goal.
@@ -132,9 +144,8 @@ async fn staff_review_records_in_a_real_browser() {
             {"village": "Linsen", "households": "1", "visited": "1 (100%)", "never": "0", "matters": "陳情 1", "behind": false},
         ])
     );
-    let shots = std::env::var_os("FIELDSYNC_WRITE_SCREENSHOTS").map(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
-    });
+    let shots = std::env::var_os("FIELDSYNC_WRITE_SCREENSHOTS")
+        .map(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots"));
     if let Some(dir) = &shots {
         b.screenshot(&dir.join("dashboard.png")).await;
     }
@@ -151,7 +162,9 @@ async fn staff_review_records_in_a_real_browser() {
         .eval("document.querySelector('#households tbody tr').dataset.id")
         .await;
     assert_eq!(row, id.to_string());
-    let export = b.eval("document.querySelector('#export').getAttribute('href')").await;
+    let export = b
+        .eval("document.querySelector('#export').getAttribute('href')")
+        .await;
     assert_eq!(export, "/api/v1/export.csv?q=s.+rd+no.+12");
     b.click("#households tbody tr a").await;
     b.wait_for("document.querySelector('#main').dataset.view === 'detail'")
@@ -168,7 +181,10 @@ async fn staff_review_records_in_a_real_browser() {
             "[...document.querySelectorAll('#conflicts tr[data-path=\"members.{member}.phone\"]')].map(r => [r.querySelector('.value').textContent, r.querySelector('.author').textContent]).sort()"
         ))
         .await;
-    assert_eq!(conflict, json!([["0911-999-999", AMY], ["0922-222-333", BEN]]));
+    assert_eq!(
+        conflict,
+        json!([["0911-999-999", AMY], ["0922-222-333", BEN]])
+    );
     let note_shown = b
         .eval(&format!(
             "[...document.querySelectorAll('#visits .notes')].some(n => n.textContent === {})",
@@ -176,31 +192,55 @@ async fn staff_review_records_in_a_real_browser() {
         ))
         .await;
     assert_eq!(note_shown, true);
-    assert_eq!(b.eval("document.querySelectorAll('#main img, #main script').length").await, 0);
+    assert_eq!(
+        b.eval("document.querySelectorAll('#main img, #main script').length")
+            .await,
+        0
+    );
     assert_eq!(b.eval("window.__alerts.length").await, 0);
     if let Some(dir) = &shots {
         b.screenshot(&dir.join("household.png")).await;
     }
 
     // Approve; then a late offline edit arrives and the page says what changed.
-    b.fill("#review textarea[name=comment]", "Checked with the village chief.").await;
+    b.fill(
+        "#review textarea[name=comment]",
+        "Checked with the village chief.",
+    )
+    .await;
     b.click("#approve").await;
     b.wait_for("document.querySelector('#review-state') && document.querySelector('#review-state').textContent === '已核准'")
         .await;
-    assert_eq!(b.eval("!!document.querySelector('#changed-since')").await, false);
+    assert_eq!(
+        b.eval("!!document.querySelector('#changed-since')").await,
+        false
+    );
     ben.change(id, |tx| records::set_premises(tx, Premises::Shop))
         .await
         .unwrap();
     assert!(ben.sync(&ben_url).await.unwrap().all_held());
     // The page fetches the record again (as on any navigation).
-    b.eval("window.dispatchEvent(new HashChangeEvent('hashchange'))").await;
+    b.eval("window.dispatchEvent(new HashChangeEvent('hashchange'))")
+        .await;
     b.wait_for("document.querySelector('#main').dataset.view === 'detail' && document.querySelector('#changed-since')")
         .await;
-    assert_eq!(b.eval("document.querySelector('#changed-fields').dataset.paths").await, "premises");
-    assert_eq!(b.eval("document.querySelector('#changed-fields').textContent").await, "用途");
+    assert_eq!(
+        b.eval("document.querySelector('#changed-fields').dataset.paths")
+            .await,
+        "premises"
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#changed-fields').textContent")
+            .await,
+        "用途"
+    );
 
     // A follow-up created on the page reaches amy's phone at its next sync.
-    b.fill("#new-follow-up input[name=task]", "Bring the anti-fraud leaflet").await;
+    b.fill(
+        "#new-follow-up input[name=task]",
+        "Bring the anti-fraud leaflet",
+    )
+    .await;
     b.fill("#new-follow-up select[name=owner]", AMY).await;
     b.fill("#new-follow-up input[name=due]", "2027-01-15").await;
     b.click("#new-follow-up button[type=submit]").await;
@@ -220,7 +260,13 @@ async fn staff_review_records_in_a_real_browser() {
         })
         .await
         .unwrap();
-    assert_eq!(on_phone, ("\"Bring the anti-fraud leaflet\"".to_string(), format!("\"{AMY}\"")));
+    assert_eq!(
+        on_phone,
+        (
+            "\"Bring the anti-fraud leaflet\"".to_string(),
+            format!("\"{AMY}\"")
+        )
+    );
 
     // Without the CSRF token, and for another station's record, the API refuses.
     let refused = b
@@ -232,7 +278,8 @@ async fn staff_review_records_in_a_real_browser() {
         ))
         .await;
     assert_eq!(refused, json!([403, 404]));
-    b.goto(&format!("{}/#/household/{foreign}", server.http)).await;
+    b.goto(&format!("{}/#/household/{foreign}", server.http))
+        .await;
     b.wait_for("document.querySelector('#not-found')").await;
 
     // English on request.
@@ -245,7 +292,8 @@ async fn staff_review_records_in_a_real_browser() {
     b.click("#signout").await;
     b.wait_for("document.querySelector('#signin')").await;
     assert_eq!(
-        b.eval("fetch('/api/v1/households').then(r => r.status)").await,
+        b.eval("fetch('/api/v1/households').then(r => r.status)")
+            .await,
         401
     );
     server.stop().await;

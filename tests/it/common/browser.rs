@@ -15,7 +15,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::WAIT;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub struct Browser {
     _child: tokio::process::Child,
@@ -67,7 +68,9 @@ impl Browser {
         .expect("chromium prints its DevTools address");
         // Keep draining its stderr so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
         let mut browser = Browser {
             _child: child,
             ws,
@@ -118,7 +121,9 @@ impl Browser {
         let answer = tokio::time::timeout(WAIT, async {
             loop {
                 let frame = self.ws.next().await.expect("chromium closed").unwrap();
-                let WsMessage::Text(text) = frame else { continue };
+                let WsMessage::Text(text) = frame else {
+                    continue;
+                };
                 let v: Value = serde_json::from_str(&text).unwrap();
                 if v["id"] == json!(id) {
                     return v;
@@ -144,7 +149,9 @@ impl Browser {
         if let Some(e) = r.get("exceptionDetails") {
             panic!(
                 "script failed: {}\n{expression}",
-                e["exception"]["description"].as_str().unwrap_or(&e.to_string())
+                e["exception"]["description"]
+                    .as_str()
+                    .unwrap_or(&e.to_string())
             );
         }
         r["result"]["value"].clone()
