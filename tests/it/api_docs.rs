@@ -12,7 +12,7 @@ use fieldsync::records::{self, MatterKind, Risk};
 use serde_json::{json, Value};
 
 use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
-use crate::common::{household, visit, StaffSession, TestServer};
+use crate::common::{fetching_device, household_with_member, visit, StaffSession, TestServer};
 
 /// The keys at every level; arrays contribute the union of their elements' keys.
 fn shape(v: &Value) -> Value {
@@ -67,26 +67,9 @@ async fn responses() -> BTreeMap<&'static str, Value> {
     let server = TestServer::spawn().await;
     let dir = tempfile::tempdir().unwrap();
     let amy = Device::open(&dir.path().join("amy")).await.unwrap();
-    let id = amy.create_household(&household("12")).await.unwrap();
-    let member = amy
-        .change(id, |tx| {
-            records::add_member(
-                tx,
-                &records::NewMember {
-                    name: "Chen Mei-ling".into(),
-                    relation: "head".into(),
-                    birth_year: Some(1961),
-                    phone: "0911-000-111".into(),
-                },
-            )
-        })
-        .await
-        .unwrap();
-    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let (id, member) = household_with_member(&amy, &server.url, "12").await;
     let ben_url = server.url_for(BEN).await;
-    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
-    ben.track(id).await.unwrap();
-    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    let ben = fetching_device(&dir.path().join("ben"), &ben_url, id).await;
     let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
 
     amy.change(id, |tx| {

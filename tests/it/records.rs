@@ -4,42 +4,13 @@
 //! quarantine, filters, paging, history, the change feed, coverage and the CSV export.
 
 use fieldsync::client::Device;
-use fieldsync::ids::DocumentId;
 use fieldsync::records::{self, FollowUpStatus, MatterKind, Premises, Risk};
 use serde_json::{json, Value};
 
 use crate::common::world::{AMY, BEN, CAT, SUE, SUE_PASSWORD};
-use crate::common::{household, http, visit, StaffSession, TestServer};
-
-/// A household with one member (phone `0911-000-111`), created on `device` and synced.
-/// Returns the household and member ids.
-async fn household_with_member(device: &Device, url: &str, house_no: &str) -> (DocumentId, String) {
-    let id = device.create_household(&household(house_no)).await.unwrap();
-    let member = device
-        .change(id, |tx| {
-            records::add_member(
-                tx,
-                &records::NewMember {
-                    name: "Chen Mei-ling".into(),
-                    relation: "head".into(),
-                    birth_year: Some(1961),
-                    phone: "0911-000-111".into(),
-                },
-            )
-        })
-        .await
-        .unwrap();
-    assert!(device.sync(url).await.unwrap().all_held());
-    (id, member)
-}
-
-/// A device of `user` that has fetched `id`.
-async fn fetching_device(dir: &std::path::Path, url: &str, id: DocumentId) -> Device {
-    let d = Device::open(dir).await.unwrap();
-    d.track(id).await.unwrap();
-    assert!(d.sync(url).await.unwrap().all_held());
-    d
-}
+use crate::common::{
+    fetching_device, household, household_with_member, http, visit, StaffSession, TestServer,
+};
 
 fn users(values: &Value) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = values

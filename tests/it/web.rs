@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::common::browser::Browser;
 use crate::common::world::{self, AMY, BEN, CAT, DAN, SUE, SUE_PASSWORD};
-use crate::common::{household, visit, TestServer};
+use crate::common::{fetching_device, household, household_with_member, visit, TestServer};
 
 const HOSTILE: &str =
     "Resident said: <img src=x onerror=alert(1)> and <script>alert(2)</script> — keep it as text.";
@@ -32,26 +32,9 @@ async fn staff_review_records_in_a_real_browser() {
 
     // Linsen: one household, visited by amy and ben offline, each with another phone number.
     let amy = Device::open(&dir.path().join("amy")).await.unwrap();
-    let id = amy.create_household(&household("12")).await.unwrap();
-    let member = amy
-        .change(id, |tx| {
-            records::add_member(
-                tx,
-                &records::NewMember {
-                    name: "Chen Mei-ling".into(),
-                    relation: "head".into(),
-                    birth_year: Some(1961),
-                    phone: "0911-000-111".into(),
-                },
-            )
-        })
-        .await
-        .unwrap();
-    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let (id, member) = household_with_member(&amy, &server.url, "12").await;
     let ben_url = server.url_for(BEN).await;
-    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
-    ben.track(id).await.unwrap();
-    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    let ben = fetching_device(&dir.path().join("ben"), &ben_url, id).await;
     amy.change(id, {
         let member = member.clone();
         move |tx| {

@@ -431,6 +431,40 @@ impl ServerProcess {
 
 pub use fieldsync::records::samples::{household, visit};
 
+/// A household with one member (Chen Mei-ling, phone `0911-000-111`), created on `device`
+/// and synced to `url`. Returns the household and member ids.
+pub async fn household_with_member(
+    device: &fieldsync::client::Device,
+    url: &str,
+    house_no: &str,
+) -> (DocumentId, String) {
+    let id = device.create_household(&household(house_no)).await.unwrap();
+    let member = device
+        .change(id, |tx| {
+            fieldsync::records::add_member(
+                tx,
+                &fieldsync::records::NewMember {
+                    name: "Chen Mei-ling".into(),
+                    relation: "head".into(),
+                    birth_year: Some(1961),
+                    phone: "0911-000-111".into(),
+                },
+            )
+        })
+        .await
+        .unwrap();
+    assert!(device.sync(url).await.unwrap().all_held());
+    (id, member)
+}
+
+/// A device (its store in `dir`) that has fetched `id` from `url`.
+pub async fn fetching_device(dir: &Path, url: &str, id: DocumentId) -> fieldsync::client::Device {
+    let d = fieldsync::client::Device::open(dir).await.unwrap();
+    d.track(id).await.unwrap();
+    assert!(d.sync(url).await.unwrap().all_held());
+    d
+}
+
 /// A protocol peer that sends exactly what a test tells it to.
 pub struct RawPeer {
     ws: tokio_tungstenite::WebSocketStream<
