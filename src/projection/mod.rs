@@ -149,10 +149,6 @@ impl Projection {
         }
     }
 
-    pub fn accounts(&self) -> &Accounts {
-        &self.inner.accounts
-    }
-
     /// The row of a household computed from its document and provenance rows.
     fn build_row(
         &self,
