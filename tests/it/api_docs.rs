@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use fieldsync::client::Device;
-use fieldsync::records::{self, MatterKind, Risk};
 use serde_json::{json, Value};
 
 use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
-use crate::common::{fetching_device, household_with_member, visit, StaffSession, TestServer};
+use crate::common::{
+    fetching_device, household_with_member, visit_with_complaint, visit_with_new_phone,
+    StaffSession, TestServer,
+};
 
 /// The keys at every level; arrays contribute the union of their elements' keys.
 fn shape(v: &Value) -> Value {
@@ -73,29 +75,11 @@ async fn responses() -> BTreeMap<&'static str, Value> {
     let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
 
     amy.change(id, |tx| {
-        let v = records::add_visit(tx, &visit(AMY, "Complains about scooters racing at night."))?;
-        records::add_matter(
-            tx,
-            &records::NewMatter {
-                visit: v,
-                kind: MatterKind::Complaint,
-                description: "Scooters race on Linsen S. Rd after midnight.".into(),
-                risk: Risk::Yellow,
-                confidential: false,
-            },
-        )
+        visit_with_complaint(tx, AMY, "Complains about scooters racing at night.")
     })
     .await
     .unwrap();
-    ben.change(id, {
-        let member = member.clone();
-        move |tx| {
-            records::add_visit(tx, &visit(BEN, "Daughter moved in; new mobile number."))?;
-            records::set_member_field(tx, &member, "phone", "0922-222-333")
-        }
-    })
-    .await
-    .unwrap();
+    visit_with_new_phone(&ben, id, &member, BEN, "0922-222-333").await;
     let (_, correction) = sue
         .send(
             "PATCH",

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use crate::common::world::{AMY, BEN, CAT, SUE, SUE_PASSWORD};
 use crate::common::{
-    fetching_device, household, household_with_member, http, visit, StaffSession, TestServer,
+    fetching_device, household, household_with_member, http, visit, visit_with_complaint,
+    visit_with_new_phone, StaffSession, TestServer,
 };
 
 fn users(values: &Value) -> Vec<(String, String)> {
@@ -41,29 +42,11 @@ async fn two_officers_offline_and_a_staff_correction_merge_with_every_author() {
     // Offline: amy records a visit and a complaint; ben a visit and a new phone number;
     // meanwhile staff correct the phone to a third number through the API.
     amy.change(id, |tx| {
-        let v = records::add_visit(tx, &visit(AMY, "Complains about scooters racing at night."))?;
-        records::add_matter(
-            tx,
-            &records::NewMatter {
-                visit: v,
-                kind: MatterKind::Complaint,
-                description: "Scooters race on Linsen S. Rd after midnight.".into(),
-                risk: Risk::Yellow,
-                confidential: false,
-            },
-        )
+        visit_with_complaint(tx, AMY, "Complains about scooters racing at night.")
     })
     .await
     .unwrap();
-    ben.change(id, {
-        let member = member.clone();
-        move |tx| {
-            records::add_visit(tx, &visit(BEN, "Daughter moved in; new mobile number."))?;
-            records::set_member_field(tx, &member, "phone", "0922-222-333")
-        }
-    })
-    .await
-    .unwrap();
+    visit_with_new_phone(&ben, id, &member, BEN, "0922-222-333").await;
     let (status, body) = sue
         .send(
             "PATCH",

@@ -7,12 +7,15 @@
 use std::path::PathBuf;
 
 use fieldsync::client::Device;
-use fieldsync::records::{self, MatterKind, NewHousehold, Premises, Risk};
+use fieldsync::records::{self, NewHousehold, Premises};
 use serde_json::json;
 
 use crate::common::browser::Browser;
 use crate::common::world::{self, AMY, BEN, CAT, DAN, SUE, SUE_PASSWORD};
-use crate::common::{fetching_device, household, household_with_member, visit, TestServer};
+use crate::common::{
+    fetching_device, household, household_with_member, visit_with_complaint, visit_with_new_phone,
+    TestServer,
+};
 
 const HOSTILE: &str =
     "Resident said: <img src=x onerror=alert(1)> and <script>alert(2)</script> — keep it as text.";
@@ -38,31 +41,13 @@ async fn staff_review_records_in_a_real_browser() {
     amy.change(id, {
         let member = member.clone();
         move |tx| {
-            let v = records::add_visit(tx, &visit(AMY, HOSTILE))?;
-            records::add_matter(
-                tx,
-                &records::NewMatter {
-                    visit: v,
-                    kind: MatterKind::Complaint,
-                    description: "Scooters race after midnight.".into(),
-                    risk: Risk::Yellow,
-                    confidential: false,
-                },
-            )?;
+            visit_with_complaint(tx, AMY, HOSTILE)?;
             records::set_member_field(tx, &member, "phone", "0911-999-999")
         }
     })
     .await
     .unwrap();
-    ben.change(id, {
-        let member = member.clone();
-        move |tx| {
-            records::add_visit(tx, &visit(BEN, "Daughter moved in; new mobile number."))?;
-            records::set_member_field(tx, &member, "phone", "0922-222-333")
-        }
-    })
-    .await
-    .unwrap();
+    visit_with_new_phone(&ben, id, &member, BEN, "0922-222-333").await;
     assert!(amy.sync(&server.url).await.unwrap().all_held());
     assert!(ben.sync(&ben_url).await.unwrap().all_held());
 

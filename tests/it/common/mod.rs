@@ -457,6 +457,47 @@ pub async fn household_with_member(
     (id, member)
 }
 
+/// In one change: a visit by `officer` with `notes`, and a complaint raised in it.
+pub fn visit_with_complaint(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    officer: &str,
+    notes: &str,
+) -> Result<String, fieldsync::records::RecordError> {
+    use fieldsync::records::{self, MatterKind, Risk};
+    let v = records::add_visit(tx, &visit(officer, notes))?;
+    records::add_matter(
+        tx,
+        &records::NewMatter {
+            visit: v,
+            kind: MatterKind::Complaint,
+            description: "Scooters race on Linsen S. Rd after midnight.".into(),
+            risk: Risk::Yellow,
+            confidential: false,
+        },
+    )
+}
+
+/// Offline on `device`: a visit by `officer` who also writes a new `phone` for `member`.
+pub async fn visit_with_new_phone(
+    device: &fieldsync::client::Device,
+    id: DocumentId,
+    member: &str,
+    officer: &str,
+    phone: &str,
+) {
+    let (member, officer, phone) = (member.to_string(), officer.to_string(), phone.to_string());
+    device
+        .change(id, move |tx| {
+            fieldsync::records::add_visit(
+                tx,
+                &visit(&officer, "Daughter moved in; new mobile number."),
+            )?;
+            fieldsync::records::set_member_field(tx, &member, "phone", &phone)
+        })
+        .await
+        .unwrap();
+}
+
 /// A device (its store in `dir`) that has fetched `id` from `url`.
 pub async fn fetching_device(dir: &Path, url: &str, id: DocumentId) -> fieldsync::client::Device {
     let d = fieldsync::client::Device::open(dir).await.unwrap();
