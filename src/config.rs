@@ -204,6 +204,48 @@ pub struct ServeArgs {
     /// Seconds between pings; a peer silent for 2.5 intervals is dropped.
     #[arg(long, env = "FIELDSYNC_PING_INTERVAL_SECS", default_value_t = 20)]
     pub ping_interval_secs: u64,
+    /// Open TCP connections at most (HTTP and WebSocket); more are closed on accept. Lowered
+    /// at start to fit the open-files limit, keeping descriptors for storage and the admin
+    /// socket.
+    #[arg(long, env = "FIELDSYNC_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's header (and the longest idle keep-alive).
+    #[arg(long, env = "FIELDSYNC_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a WebSocket may take to send `join` after connecting.
+    #[arg(long, env = "FIELDSYNC_JOIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub join_timeout_secs: u64,
+    /// Address of a reverse proxy whose X-Forwarded-For is believed (repeat for several).
+    /// Without it, the socket's peer is the client (throttles key on it).
+    #[arg(
+        long = "trusted-proxy",
+        env = "FIELDSYNC_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Mark the staff session cookie `Secure` (set it when staff reach the page over HTTPS).
+    #[arg(long, env = "FIELDSYNC_SECURE_COOKIES")]
+    pub secure_cookies: bool,
+    /// Operations one Automerge change may hold.
+    #[arg(long, env = "FIELDSYNC_MAX_OPS_PER_CHANGE", default_value_t = 100_000)]
+    pub max_ops_per_change: u64,
+    /// Operations one document (household) may grow to.
+    #[arg(
+        long,
+        env = "FIELDSYNC_MAX_OPS_PER_DOCUMENT",
+        default_value_t = 1_000_000
+    )]
+    pub max_ops_per_document: u64,
+    /// Stored bytes one document may grow to.
+    #[arg(long, env = "FIELDSYNC_MAX_DOCUMENT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_document_bytes: usize,
+    /// Password checks (argon2, ~19 MiB each) run at once; more sign-ins get 503 at once.
+    /// Default: the number of cores.
+    #[arg(long, env = "FIELDSYNC_MAX_CONCURRENT_PASSWORD_CHECKS")]
+    pub max_concurrent_password_checks: Option<usize>,
+    /// Crash tests only.
+    #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
+    pub failpoint: Option<crate::hub::Failpoint>,
 }
 
 impl ServeArgs {
@@ -224,7 +266,37 @@ impl ServeArgs {
                 "--ping-interval-secs must be greater than 0".into(),
             ));
         }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections as u64),
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--join-timeout-secs", self.join_timeout_secs),
+            ("--max-ops-per-change", self.max_ops_per_change),
+            ("--max-ops-per-document", self.max_ops_per_document),
+            ("--max-document-bytes", self.max_document_bytes as u64),
+            (
+                "--max-concurrent-password-checks",
+                self.max_concurrent_password_checks.unwrap_or(1) as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(crate::Error::Config(format!(
+                    "{flag} must be greater than 0"
+                )));
+            }
+        }
         let mut config = ServerConfig::new(self.data);
+        config.listen.max_connections = self.max_connections;
+        config.listen.header_read_timeout = Duration::from_secs(self.header_read_timeout_secs);
+        config.listen.trusted_proxies = self.trusted_proxies;
+        config.join_timeout = Duration::from_secs(self.join_timeout_secs);
+        config.secure_cookies = self.secure_cookies;
+        config.hub.max_ops_per_change = self.max_ops_per_change;
+        config.hub.max_ops_per_document = self.max_ops_per_document;
+        config.hub.max_document_bytes = self.max_document_bytes;
+        config.hub.failpoint = self.failpoint;
+        if let Some(n) = self.max_concurrent_password_checks {
+            config.accounts.max_concurrent_password_checks = n;
+        }
         config.max_message_bytes = self.max_message_bytes;
         config.hub.cache_budget_bytes = self.cache_budget_bytes;
         config.ping_interval = Duration::from_secs(self.ping_interval_secs);

@@ -41,8 +41,15 @@ pub struct AccountsConfig {
     pub session_ttl: Duration,
     /// `None`: device tokens last until revoked.
     pub device_token_ttl: Option<Duration>,
+    /// Wrong passwords per account name. Its longest delay is short, so a guesser elsewhere
+    /// cannot keep the owner out for long; the per-address throttle slows the guesser.
     pub sign_in_throttle: ThrottleConfig,
+    /// Wrong passwords per client address.
+    pub sign_in_address_throttle: ThrottleConfig,
     pub enrolment_throttle: ThrottleConfig,
+    /// Password hashes (argon2, about 19 MiB and tens of ms each) computed at once; a
+    /// sign-in beyond this is answered 503 at once instead of queueing memory.
+    pub max_concurrent_password_checks: usize,
 }
 
 impl Default for AccountsConfig {
@@ -51,11 +58,21 @@ impl Default for AccountsConfig {
             enrolment_code_ttl: Duration::from_secs(15 * 60),
             session_ttl: Duration::from_secs(12 * 3600),
             device_token_ttl: Some(Duration::from_secs(365 * 24 * 3600)),
-            sign_in_throttle: ThrottleConfig::default(),
+            sign_in_throttle: ThrottleConfig {
+                max_delay: Duration::from_secs(60),
+                ..ThrottleConfig::default()
+            },
+            sign_in_address_throttle: ThrottleConfig {
+                free_failures: 20,
+                ..ThrottleConfig::default()
+            },
             enrolment_throttle: ThrottleConfig {
                 free_failures: 10,
                 ..ThrottleConfig::default()
             },
+            max_concurrent_password_checks: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         }
     }
 }
@@ -83,6 +100,9 @@ pub enum AccountsError {
     Throttled(Duration),
     #[error("{0}")]
     Forbidden(String),
+    /// Every password check slot is taken; the client should retry in a moment.
+    #[error("the server is busy checking other sign-ins; try again in a moment")]
+    Busy,
 }
 
 /// What an enrolled device receives, once.
@@ -179,7 +199,9 @@ struct Inner {
     config: AccountsConfig,
     live: Mutex<HashMap<ConnId, LiveConn>>,
     sign_in_throttle: Mutex<Throttle>,
+    sign_in_address_throttle: Mutex<Throttle>,
     enrolment_throttle: Mutex<Throttle>,
+    password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 /// Removes a connection from the live registry when it ends.
@@ -215,6 +237,10 @@ impl Accounts {
         }
         let sign_in_throttle = Throttle::new(config.sign_in_throttle.clone());
         let enrolment_throttle = Throttle::new(config.enrolment_throttle.clone());
+        let sign_in_address_throttle = Throttle::new(config.sign_in_address_throttle.clone());
+        let password_checks = Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_password_checks.max(1),
+        ));
         Ok(Accounts {
             inner: Arc::new(Inner {
                 store,
@@ -224,7 +250,9 @@ impl Accounts {
                 config,
                 live: Mutex::new(HashMap::new()),
                 sign_in_throttle: Mutex::new(sign_in_throttle),
+                sign_in_address_throttle: Mutex::new(sign_in_address_throttle),
                 enrolment_throttle: Mutex::new(enrolment_throttle),
+                password_checks,
             }),
         })
     }
@@ -368,9 +396,16 @@ impl Accounts {
                 "device_name must be 1 to 100 characters".into(),
             ));
         }
+        if device_name.chars().any(char::is_control) {
+            // Device names are printed in admins' terminals: no escape sequences, no newlines.
+            return Err(AccountsError::Invalid(
+                "device_name must not contain control characters".into(),
+            ));
+        }
         let now = self.now();
+        // Counted before the code is checked, so parallel guesses are counted too.
         lock(&self.inner.enrolment_throttle)
-            .check(client, now)
+            .attempt(client, now)
             .map_err(AccountsError::Throttled)?;
         let code_hash = SecretHash::of(&secrets::normalise_code(code));
         let token = Secret::device_token(random_bytes()?);
@@ -409,13 +444,14 @@ impl Accounts {
             .await;
         let device = match result {
             Ok(d) => d,
+            Err(AccountsError::BadEnrolmentCode) => return Err(AccountsError::BadEnrolmentCode),
             Err(e) => {
-                if matches!(e, AccountsError::BadEnrolmentCode) {
-                    lock(&self.inner.enrolment_throttle).failed(client, now);
-                }
+                // Not a guess (storage, validation): it does not count against the caller.
+                lock(&self.inner.enrolment_throttle).succeeded(client);
                 return Err(e);
             }
         };
+        lock(&self.inner.enrolment_throttle).succeeded(client);
         tracing::info!(device = %device.id, user = %device.user, "device enrolled");
         let dir = read(&self.inner.dir);
         let user = dir
@@ -434,39 +470,73 @@ impl Accounts {
 
     // ---- staff sessions ----
 
-    /// Signs a staff member or admin in with a password. Repeated failures for one name
-    /// are slowed down (answered at once with "try again in N s").
-    pub async fn sign_in(&self, name: &str, password: &str) -> Result<SignedIn, AccountsError> {
+    /// Signs a staff member or admin in with a password, from client address `client`.
+    /// Failures are slowed down per account name and per client address (answered at once
+    /// with "try again in N s"), and at most `max_concurrent_password_checks` passwords are
+    /// checked at a time (beyond that: [`AccountsError::Busy`], at once).
+    pub async fn sign_in(
+        &self,
+        name: &str,
+        password: &str,
+        client: &str,
+    ) -> Result<SignedIn, AccountsError> {
         let now = self.now();
         // Throttle keys stay small whatever a client sends (names are at most 64 characters).
         let key: String = name.chars().take(65).collect();
         let name = key.as_str();
+        // Checked before taking a slot, so a throttled guesser costs no hashing at all.
         lock(&self.inner.sign_in_throttle)
             .check(name, now)
             .map_err(AccountsError::Throttled)?;
-        let phc = {
+        lock(&self.inner.sign_in_address_throttle)
+            .check(client, now)
+            .map_err(AccountsError::Throttled)?;
+        let permit = self
+            .inner
+            .password_checks
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| AccountsError::Busy)?;
+        // Counted now, as failures, before the (slow) check: parallel guesses all count.
+        lock(&self.inner.sign_in_throttle)
+            .attempt(name, now)
+            .map_err(AccountsError::Throttled)?;
+        lock(&self.inner.sign_in_address_throttle)
+            .attempt(client, now)
+            .map_err(AccountsError::Throttled)?;
+        let user = {
             let dir = read(&self.inner.dir);
-            UserName::new(name)
-                .ok()
-                .and_then(|n| dir.user(&n).cloned())
-                .filter(|u| !u.disabled && u.role != Role::Officer)
-                .and_then(|u| u.password.clone())
+            UserName::new(name).ok().and_then(|n| dir.user(&n).cloned())
         };
+        let known = user.is_some();
+        let phc = user
+            .filter(|u| !u.disabled && u.role != Role::Officer)
+            .and_then(|u| u.password.clone());
         let password = password.to_string();
         // argon2 is deliberately slow: off the reactor. An unknown name still costs one
         // verification (against a fixed hash) so timing does not reveal which names exist.
-        let ok = tokio::task::spawn_blocking(move || match phc {
-            Some(phc) => secrets::verify_password(&password, &phc),
-            None => {
-                let _ = secrets::verify_password(&password, dummy_phc());
-                false
+        // The permit moves into the task: the slot is held until the hash is done, even if
+        // the client went away.
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match phc {
+                Some(phc) => secrets::verify_password(&password, &phc),
+                None => {
+                    let _ = secrets::verify_password(&password, dummy_phc());
+                    false
+                }
             }
         })
         .await
         .map_err(|e| StorageError::Task(e.to_string()))?;
         if !ok {
-            lock(&self.inner.sign_in_throttle).failed(name, now);
-            tracing::info!(user = %name, "sign-in refused");
+            // A name nobody has may be a password typed in the wrong field: never logged.
+            // Known names are logged escaped (`?`), so a newline cannot forge a log line.
+            if known {
+                tracing::info!(user = ?name, client = ?client, "sign-in refused: wrong password");
+            } else {
+                tracing::info!(client = ?client, "sign-in refused: unknown account name");
+            }
             return Err(AccountsError::WrongPassword);
         }
         lock(&self.inner.sign_in_throttle).succeeded(name);
@@ -771,18 +841,22 @@ mod tests {
             .unwrap();
         for _ in 0..6 {
             assert!(matches!(
-                accounts.sign_in("sue", "a wrong password").await,
+                accounts
+                    .sign_in("sue", "a wrong password", "10.0.0.1")
+                    .await,
                 Err(AccountsError::WrongPassword)
             ));
         }
         // Even the right password waits now.
         assert!(matches!(
-            accounts.sign_in("sue", "the right password").await,
+            accounts
+                .sign_in("sue", "the right password", "10.0.0.1")
+                .await,
             Err(AccountsError::Throttled(_))
         ));
         // Officers never sign in with a password.
         assert!(matches!(
-            accounts.sign_in("amy", "anything at all").await,
+            accounts.sign_in("amy", "anything at all", "10.0.0.1").await,
             Err(AccountsError::WrongPassword)
         ));
         hub.shutdown().await;

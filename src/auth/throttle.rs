@@ -59,6 +59,15 @@ impl Throttle {
         }
     }
 
+    /// Checks `key` and counts this attempt as a failure at once: concurrent attempts cannot
+    /// all pass the check before the first of them fails. A success clears the count
+    /// ([`Throttle::succeeded`]).
+    pub fn attempt(&mut self, key: &str, now: Timestamp) -> Result<(), Duration> {
+        self.check(key, now)?;
+        self.failed(key, now);
+        Ok(())
+    }
+
     pub fn failed(&mut self, key: &str, now: Timestamp) {
         if self.entries.len() >= self.config.max_keys && !self.entries.contains_key(key) {
             self.prune(now);
@@ -69,6 +78,10 @@ impl Throttle {
             blocked_until: now,
             last_failure: now,
         });
+        // Old failures are forgotten: a typo a month ago does not count against today.
+        if now.since(e.last_failure) >= config.max_delay {
+            e.failures = 0;
+        }
         e.failures = e.failures.saturating_add(1);
         e.last_failure = now;
         if e.failures > config.free_failures {
@@ -129,6 +142,23 @@ mod tests {
         assert!(t.check("ben", at(2)).is_ok(), "other keys are not affected");
         t.succeeded("amy");
         assert!(t.check("amy", at(2)).is_ok());
+    }
+
+    #[test]
+    fn concurrent_attempts_are_counted_before_they_finish() {
+        let mut t = Throttle::new(ThrottleConfig::default());
+        // Six attempts in flight at once: the sixth is refused before any of them finished.
+        for _ in 0..5 {
+            assert!(t.attempt("amy", at(0)).is_ok());
+        }
+        assert!(
+            t.attempt("amy", at(0)).is_ok(),
+            "the sixth starts the delay"
+        );
+        assert!(t.attempt("amy", at(0)).is_err());
+        // Long after, the count starts again.
+        assert!(t.attempt("amy", at(100_000)).is_ok());
+        assert_eq!(t.entries["amy"].failures, 1);
     }
 
     #[test]

@@ -23,6 +23,13 @@ use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 /// At most this many queued commands are applied under one flush.
 const MAX_BATCH: usize = 64;
 
+/// What a loaded document that stores nothing counts against the cache budget, at most. Such
+/// a document (a new upload in progress, or an id a device made up) stores zero bytes but
+/// holds its peers' sync states in memory (about 23 KB measured); counting it keeps the LRU
+/// able to evict them. A sixteenth of the budget when that is less, so that a small budget
+/// still holds a few.
+const UNSTORED_DOC_COST_BYTES: usize = 64 * 1024;
+
 /// Where a local edit's outcome goes: `Ok(changed)` once durable, or why it was refused.
 pub(crate) type LocalDone = oneshot::Sender<Result<bool, String>>;
 pub(crate) type ReadFn = Box<dyn FnOnce(&Automerge) + Send>;
@@ -62,7 +69,20 @@ struct DocState {
     chunks: Vec<ChunkKey>,
     incrementals: usize,
     stored_bytes: usize,
+    /// Operations in the stored chunks (counted from their headers).
+    ops: u64,
     peers: HashMap<ConnId, PeerState>,
+}
+
+impl DocState {
+    /// What the document counts against a cache budget of `budget` bytes.
+    fn cost(&self, budget: usize) -> usize {
+        if self.exists {
+            self.stored_bytes
+        } else {
+            UNSTORED_DOC_COST_BYTES.min(budget / 16)
+        }
+    }
 }
 
 pub(super) struct DocActor {
@@ -78,7 +98,7 @@ struct Applied {
     /// Peers to answer even if nothing changed.
     responders: Vec<ConnId>,
     unavailable: Vec<PeerLink>,
-    failed: Vec<(PeerLink, String)>,
+    failed: Vec<(PeerLink, CloseCode, String)>,
     /// Who delivered which new changes (peers, and accounts the server edited for).
     accepted: Vec<(crate::auth::Principal, Vec<ChangeHash>)>,
     /// Local edits to answer once durable.
@@ -106,8 +126,11 @@ impl DocActor {
                 return;
             }
         };
-        self.hub
-            .set_cost(self.id, self.generation, state.stored_bytes);
+        self.hub.set_cost(
+            self.id,
+            self.generation,
+            state.cost(self.hub.config.cache_budget_bytes),
+        );
         loop {
             let first = tokio::select! {
                 cmd = rx.recv() => cmd,
@@ -122,7 +145,15 @@ impl DocActor {
                 }
             }
             match self.process(state, batch).await {
-                Ok(s) => state = s,
+                Ok(s) => {
+                    state = s;
+                    if !state.exists && state.peers.is_empty() {
+                        // Nothing stored and nobody working on it (a refused or abandoned
+                        // upload, a made-up id): unload now instead of holding memory until
+                        // the cache evicts it. What is still queued is served first.
+                        self.hub.retire(self.id, self.generation);
+                    }
+                }
                 Err(e) => {
                     // The in-memory document may now hold changes that are not durable; it
                     // must not answer anyone. Stop; the next use reloads from disk.
@@ -174,8 +205,14 @@ impl DocActor {
                 .iter()
                 .filter(|(k, _)| k.kind == ChunkKind::Incremental)
                 .count();
+            let ops = stored
+                .chunks
+                .iter()
+                .map(|(_, bytes)| super::op_count::count_ops(bytes).unwrap_or(0))
+                .fold(0u64, u64::saturating_add);
             Ok(DocState {
                 id,
+                ops,
                 exists: !doc.get_heads().is_empty(),
                 stored_bytes: stored.total_bytes(),
                 chunks: stored.chunks.into_iter().map(|(k, _)| k).collect(),
@@ -226,10 +263,10 @@ impl DocActor {
                 data: Vec::new(),
             })));
         }
-        for (link, reason) in &applied.failed {
+        for (link, code, reason) in &applied.failed {
             self.hub.unsubscribe(self.id, link.conn);
             link.send(Outbound::Fail {
-                code: CloseCode::ProtocolError,
+                code: *code,
                 message: reason.clone(),
             });
         }
@@ -247,7 +284,12 @@ impl DocActor {
         let store = self.hub.store.clone();
         let hub = self.hub.clone();
         let compact_after = self.hub.config.compact_after_chunks;
+        let changed = applied.changed;
         let state = blocking(move || {
+            if changed {
+                // Flushed above: the projection is as durable as the chunk.
+                store.settle_blocking(state.id)?;
+            }
             state.answer(&hub, targets);
             if state.incrementals >= compact_after {
                 state.compact(&store)?;
@@ -255,8 +297,11 @@ impl DocActor {
             Ok(state)
         })
         .await?;
-        self.hub
-            .set_cost(self.id, self.generation, state.stored_bytes);
+        self.hub.set_cost(
+            self.id,
+            self.generation,
+            state.cost(self.hub.config.cache_budget_bytes),
+        );
         Ok(state)
     }
 }
@@ -304,10 +349,15 @@ impl DocState {
         }
         if self.doc.get_heads() != heads_at_start {
             let chunk = self.doc.save_after(&heads_at_start);
-            let key = store.put_incremental_blocking(self.id, &chunk)?;
+            // The chunk carries an "unsettled" mark until the projection written below is
+            // durable too (cleared after the flush, in `process`).
+            let key = store.put_change_blocking(self.id, &chunk)?;
             self.chunks.push(key);
             self.incrementals += 1;
             self.stored_bytes += chunk.len();
+            self.ops = self
+                .ops
+                .saturating_add(super::op_count::count_ops(&chunk).unwrap_or(0));
             out.changed = true;
             // Provenance, registrations and derived edits, written before the flush that
             // makes the chunk durable, so the same flush covers them.
@@ -323,6 +373,9 @@ impl DocState {
                     &self.doc,
                 )?;
                 out.derived.extend(derived);
+            }
+            if hub.config.failpoint == Some(super::Failpoint::StallBeforeProjection) {
+                stall_before_projection(store, self.id);
             }
             hub.observer
                 .document_changed(self.id, &self.doc, received_at)?;
@@ -346,6 +399,7 @@ impl DocState {
                 self.peers.remove(&link.conn);
                 out.failed.push((
                     link,
+                    CloseCode::ProtocolError,
                     format!(
                         "document {}: data is not an Automerge sync message ({e})",
                         self.id
@@ -368,6 +422,15 @@ impl DocState {
             out.unavailable.push(link);
             return;
         }
+        if may_create && !message.changes.is_empty() {
+            // Counted from the chunks' headers before Automerge expands anything.
+            if let Err(reason) = self.within_limits(&hub.config, &message) {
+                tracing::warn!(doc = %self.id, peer = %link.peer_id, reason = %reason, "changes refused: over a limit");
+                self.peers.remove(&link.conn);
+                out.failed.push((link, CloseCode::PolicyViolation, reason));
+                return;
+            }
+        }
         let id = self.id;
         let conn = link.conn;
         let doc = &mut self.doc;
@@ -379,6 +442,7 @@ impl DocState {
             self.peers.remove(&conn);
             out.failed.push((
                 link,
+                CloseCode::ProtocolError,
                 format!("document {id}: the sync message could not be applied ({e})"),
             ));
             return;
@@ -407,6 +471,55 @@ impl DocState {
         // before any change arrives, so an empty document still gets an answer.
         self.exists = !after.is_empty();
         out.responders.push(conn);
+    }
+
+    /// Whether the changes of `message` fit the per-change and per-document limits. The text
+    /// of an `Err` goes to the peer: it says which limit and what to do.
+    fn within_limits(
+        &self,
+        config: &super::HubConfig,
+        message: &sync::Message,
+    ) -> Result<(), String> {
+        let id = self.id;
+        let mut added_ops = 0u64;
+        let mut whole_doc_ops = 0u64;
+        let mut incoming_bytes = 0usize;
+        for chunk in message.changes.iter() {
+            incoming_bytes += chunk.len();
+            let counted =
+                super::op_count::chunk_ops(chunk).map_err(|e| format!("document {id}: {e}"))?;
+            for c in counted {
+                if c.is_document {
+                    // The sender's whole document (automerge sends it instead of changes when
+                    // that is shorter): most of it is usually here already.
+                    whole_doc_ops = whole_doc_ops.max(c.ops);
+                } else if c.ops > config.max_ops_per_change {
+                    return Err(format!(
+                        "document {id}: a change of {} operations exceeds the limit of {} per change; split the edit into smaller changes",
+                        c.ops, config.max_ops_per_change
+                    ));
+                } else {
+                    added_ops = added_ops.saturating_add(c.ops);
+                }
+            }
+        }
+        // Single changes add to what is stored; a whole document is at least its own size
+        // once merged. (Two documents each under the limit can merge to more than it; the
+        // next change is then refused.)
+        let ops_after = self.ops.max(whole_doc_ops).saturating_add(added_ops);
+        if ops_after > config.max_ops_per_document {
+            return Err(format!(
+                "document {id}: {ops_after} operations would exceed the limit of {} per document; start a new document for new records",
+                config.max_ops_per_document
+            ));
+        }
+        if self.stored_bytes.saturating_add(incoming_bytes) > config.max_document_bytes {
+            return Err(format!(
+                "document {id}: it would exceed the limit of {} stored bytes per document",
+                config.max_document_bytes
+            ));
+        }
+        Ok(())
     }
 
     /// Generates and queues a sync message for each target that needs one.
@@ -450,6 +563,17 @@ impl DocState {
         self.incrementals = 0;
         self.stored_bytes = snapshot.len();
         Ok(())
+    }
+}
+
+/// The crash-test failpoint: makes the chunk and its provenance durable, says so, and stops
+/// this thread for good before the projection is written, so a test can kill the process in
+/// that window.
+fn stall_before_projection(store: &crate::storage::Store, doc: DocumentId) {
+    let flushed = store.flush_blocking();
+    tracing::error!(doc = %doc, flushed = flushed.is_ok(), "failpoint stall-before-projection reached; the process waits to be killed");
+    loop {
+        std::thread::park();
     }
 }
 

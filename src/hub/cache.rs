@@ -129,6 +129,18 @@ impl Cache {
         }
     }
 
+    /// Unloads `doc` now, as an eviction would, if `generation` is the loaded one.
+    pub(super) fn retire(&mut self, doc: DocumentId, generation: u64) {
+        if self.lru.peek(&doc).map(|s| s.generation) != Some(generation) {
+            return;
+        }
+        if let Some(slot) = self.lru.pop(&doc) {
+            self.total_bytes -= slot.bytes;
+            // Dropping `slot.tx` lets the actor drain and stop.
+            self.closing.insert(doc, (slot.generation, slot.done));
+        }
+    }
+
     /// An actor stopped (evicted, failed or shut down).
     pub(super) fn exited(&mut self, doc: DocumentId, generation: u64) {
         if let Some((g, done)) = self.closing.get(&doc) {

@@ -11,6 +11,7 @@
 mod actor;
 mod cache;
 mod link;
+pub mod op_count;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,7 @@ use crate::storage::Store;
 use actor::{Cmd, DocActor};
 pub use cache::CacheStats;
 use cache::{Cache, Lookup};
-pub use link::{KillSwitch, Outbound, PeerLink};
+pub use link::{KillSwitch, Outbound, Outbox, PeerLink};
 
 /// Tuning for the hub; every field has a unit in its name.
 #[derive(Clone, Debug)]
@@ -39,6 +40,35 @@ pub struct HubConfig {
     pub compact_after_chunks: usize,
     /// Commands queued per document actor before senders wait.
     pub actor_queue_len: usize,
+    /// Operations one change may hold (counted from its header before it is applied).
+    pub max_ops_per_change: u64,
+    /// Operations a document may grow to; changes that would pass it are refused.
+    pub max_ops_per_document: u64,
+    /// Stored bytes a document may grow to.
+    pub max_document_bytes: usize,
+    /// Documents one connection may have in progress that are not yet registered to
+    /// anyone (new uploads): each costs memory before it holds anything.
+    pub max_ungranted_docs_per_connection: usize,
+    /// For crash tests only: a place where the hub stops on purpose.
+    pub failpoint: Option<Failpoint>,
+}
+
+/// Where a crash test makes the hub stop (`FIELDSYNC_FAILPOINT`). Never set in production.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failpoint {
+    /// After a document's new chunk and provenance rows are durable, before its projection
+    /// is written: the thread stops for good, so the test can SIGKILL the process there.
+    StallBeforeProjection,
+}
+
+impl std::str::FromStr for Failpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stall-before-projection" => Ok(Failpoint::StallBeforeProjection),
+            other => Err(format!("unknown failpoint `{other}`")),
+        }
+    }
 }
 
 impl Default for HubConfig {
@@ -47,6 +77,11 @@ impl Default for HubConfig {
             cache_budget_bytes: 256 * 1024 * 1024,
             compact_after_chunks: 64,
             actor_queue_len: 256,
+            max_ops_per_change: 100_000,
+            max_ops_per_document: 1_000_000,
+            max_document_bytes: 16 * 1024 * 1024,
+            max_ungranted_docs_per_connection: 256,
+            failpoint: None,
         }
     }
 }
@@ -189,6 +224,23 @@ impl Hub {
         if access == Access::None {
             self.unavailable(link, doc);
             return;
+        }
+        // A document nobody has registered yet (a new upload, or a made-up id) costs memory
+        // while it is loaded: one connection may have only so many of them in progress.
+        let limit = self.inner.config.max_ungranted_docs_per_connection;
+        if access == Access::Create {
+            if !link.hold_ungranted(doc, limit) {
+                tracing::warn!(conn = %link.conn, limit, "too many unregistered documents on one connection");
+                link.send(Outbound::Fail {
+                    code: crate::protocol::CloseCode::PolicyViolation,
+                    message: format!(
+                        "more than {limit} new documents in progress on one connection; sync them in smaller groups"
+                    ),
+                });
+                return;
+            }
+        } else {
+            link.release_ungranted(doc);
         }
         loop {
             let tx = match self.inner.actor_for(doc, kind).await {
@@ -427,6 +479,12 @@ impl HubInner {
     /// Called by an actor when its document's stored size changes; may evict others.
     fn set_cost(&self, doc: DocumentId, generation: u64, bytes: usize) {
         lock(&self.cache).set_cost(doc, generation, bytes);
+    }
+
+    /// Unloads `doc` (if `generation` is still the loaded one): its actor drains what is
+    /// queued and exits.
+    fn retire(&self, doc: DocumentId, generation: u64) {
+        lock(&self.cache).retire(doc, generation);
     }
 
     fn actor_exited(&self, doc: DocumentId, generation: u64) {

@@ -264,22 +264,32 @@ impl Projection {
         store.table_clear_blocking(Table::Projection)?;
         let total = docs.len();
         for (i, doc) in docs.into_iter().enumerate() {
-            let stored = store.load_blocking(doc)?;
-            let mut content = Automerge::new();
-            for (key, bytes) in &stored.chunks {
-                content.load_incremental(bytes).map_err(|e| {
-                    StorageError::Corrupt(format!(
-                        "document {doc}: chunk {:?} does not load ({e})",
-                        key.kind
-                    ))
-                })?;
-            }
+            let content = load_content(store, doc)?;
             if let Some(row) = self.build_row(doc, &content)? {
                 self.write_row_blocking(row)?;
             }
             progress(i + 1, total);
         }
         Ok(total)
+    }
+
+    /// Brings the projection up to date for every document whose change may have outlived
+    /// its projection row in a crash (marked unsettled by the store), then clears the marks.
+    /// Run at start-up, before serving. Returns how many documents were re-projected.
+    pub fn catch_up_blocking(&self) -> Result<usize, StorageError> {
+        let store = &self.inner.store;
+        let docs = store.unsettled_blocking()?;
+        for &doc in &docs {
+            let content = load_content(store, doc)?;
+            self.update_blocking(doc, &content)?;
+        }
+        if !docs.is_empty() {
+            store.flush_blocking()?;
+            for &doc in &docs {
+                store.settle_blocking(doc)?;
+            }
+        }
+        Ok(docs.len())
     }
 
     /// Every row of the projection, for comparing an incremental projection with a rebuilt
@@ -349,6 +359,21 @@ impl ChangeObserver for Projection {
     ) -> Result<(), StorageError> {
         self.update_blocking(doc, content)
     }
+}
+
+/// A stored document, loaded whole.
+fn load_content(store: &Store, doc: DocumentId) -> Result<Automerge, StorageError> {
+    let stored = store.load_blocking(doc)?;
+    let mut content = Automerge::new();
+    for (key, bytes) in &stored.chunks {
+        content.load_incremental(bytes).map_err(|e| {
+            StorageError::Corrupt(format!(
+                "document {doc}: chunk {:?} does not load ({e})",
+                key.kind
+            ))
+        })?;
+    }
+    Ok(content)
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, StorageError> {

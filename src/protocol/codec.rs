@@ -14,6 +14,12 @@ use crate::ids::{DocumentId, PeerId, StorageId};
 /// Nesting deeper than this is refused before it can exhaust the stack.
 const MAX_DEPTH: usize = 32;
 
+/// CBOR items (map keys and values, array elements, strings, numbers) one frame may hold.
+/// A real message has a few dozen (the Automerge data is one byte string); counted by a scan
+/// of the item headers before anything is decoded or allocated, so a frame of millions of
+/// one-byte items costs a bounded scan, not a tree of millions of values.
+pub const MAX_ITEMS: usize = 4096;
+
 /// Why a frame could not be decoded. The text is safe to send back to the client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -36,6 +42,8 @@ pub enum CodecError {
     DocumentId(String),
     #[error("unknown message type `{0}`")]
     UnknownType(String),
+    #[error("frame holds more than {0} CBOR items")]
+    TooManyItems(usize),
 }
 
 /// Decodes one frame. `limit` is the largest frame accepted, in bytes.
@@ -46,6 +54,7 @@ pub fn decode(frame: &[u8], limit: usize) -> Result<Message, CodecError> {
             limit,
         });
     }
+    count_items(frame, MAX_ITEMS)?;
     let mut rest = frame;
     let value: Value = ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
         .map_err(|e| CodecError::Cbor(short_cbor_error(&e)))?;
@@ -54,6 +63,100 @@ pub fn decode(frame: &[u8], limit: usize) -> Result<Message, CodecError> {
     }
     let fields = Fields::new(value)?;
     from_fields(&fields)
+}
+
+/// Walks the CBOR item headers of `frame` (skipping string payloads) and refuses it if it
+/// holds more than `max` items or nests deeper than [`MAX_DEPTH`]. Allocates nothing. Syntax
+/// errors are left for the decoder to report.
+fn count_items(frame: &[u8], max: usize) -> Result<(), CodecError> {
+    // Items still to read at each open container level; u64::MAX marks an indefinite one.
+    let mut pending: Vec<u64> = Vec::with_capacity(MAX_DEPTH);
+    let mut pos = 0usize;
+    let mut items = 0usize;
+    let mut top_read = false;
+    loop {
+        // Close finished definite containers.
+        while let Some(&0) = pending.last() {
+            pending.pop();
+        }
+        if pending.is_empty() && top_read {
+            return Ok(());
+        }
+        let Some(&initial) = frame.get(pos) else {
+            return Ok(()); // truncated: the decoder says so
+        };
+        pos += 1;
+        if initial == 0xff {
+            // "break" ends the innermost indefinite container.
+            match pending.last() {
+                Some(&u64::MAX) => {
+                    pending.pop();
+                    continue;
+                }
+                _ => return Ok(()),
+            }
+        }
+        items += 1;
+        if items > max {
+            return Err(CodecError::TooManyItems(max));
+        }
+        if let Some(last) = pending.last_mut() {
+            if *last != u64::MAX {
+                *last -= 1;
+            }
+        }
+        top_read = true;
+        let major = initial >> 5;
+        let info = initial & 0x1f;
+        let arg = match info {
+            0..=23 => Some(u64::from(info)),
+            24..=27 => {
+                let n = 1usize << (info - 24);
+                let Some(bytes) = frame.get(pos..pos + n) else {
+                    return Ok(());
+                };
+                pos += n;
+                Some(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+            }
+            31 => None, // indefinite length
+            _ => return Ok(()),
+        };
+        match (major, arg) {
+            // Integers, tags (the tagged item follows), simple values and floats.
+            (0 | 1 | 6 | 7, _) => {}
+            // Strings: skip the payload; an indefinite string is a series of chunks.
+            (2 | 3, Some(len)) => {
+                pos = pos.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+            }
+            (2 | 3, None) | (4 | 5, None) => {
+                if pending.len() >= MAX_DEPTH {
+                    return Err(CodecError::Cbor("nested too deeply".into()));
+                }
+                pending.push(u64::MAX);
+            }
+            (4, Some(n)) | (5, Some(n)) => {
+                if pending.len() >= MAX_DEPTH {
+                    return Err(CodecError::Cbor("nested too deeply".into()));
+                }
+                let n = if major == 5 { n.saturating_mul(2) } else { n };
+                if n > max as u64 {
+                    return Err(CodecError::TooManyItems(max));
+                }
+                pending.push(n);
+            }
+            _ => {}
+        }
+        if major == 6 {
+            // A tag's content is one more item at the same level: count it as pending.
+            match pending.last_mut() {
+                Some(last) if *last != u64::MAX => *last += 1,
+                Some(_) => {}
+                None => {
+                    top_read = false;
+                }
+            }
+        }
+    }
 }
 
 fn short_cbor_error<E: std::fmt::Debug>(e: &ciborium::de::Error<E>) -> String {
@@ -678,5 +781,47 @@ mod tests {
                 let _ = decode(&frame, 1 << 20);
             }
         }
+    }
+
+    #[test]
+    fn a_frame_of_millions_of_tiny_items_is_refused_before_decoding() {
+        // A map whose `x` value is an array of 2,000,000 zeros: 2 MB of CBOR.
+        let mut frame = vec![0xa2, 0x64];
+        frame.extend_from_slice(b"type");
+        frame.push(0x64);
+        frame.extend_from_slice(b"sync");
+        frame.extend_from_slice(&[0x61, b'x', 0x9a]);
+        frame.extend_from_slice(&2_000_000u32.to_be_bytes());
+        frame.resize(frame.len() + 2_000_000, 0);
+        assert_eq!(
+            decode(&frame, 16 << 20),
+            Err(CodecError::TooManyItems(MAX_ITEMS))
+        );
+        // The same as an indefinite array (no length to check up front).
+        let mut frame = vec![0x9f];
+        frame.resize(MAX_ITEMS + 10, 0);
+        frame.push(0xff);
+        assert_eq!(
+            decode(&frame, 16 << 20),
+            Err(CodecError::TooManyItems(MAX_ITEMS))
+        );
+    }
+
+    #[test]
+    fn the_item_scan_accepts_every_real_message() {
+        for m in all_messages() {
+            let frame = encode(&m);
+            assert_eq!(count_items(&frame, MAX_ITEMS), Ok(()), "{m:?}");
+        }
+        // Tags, indefinite strings and nesting within limits are fine.
+        let v = Value::Map(vec![(
+            Value::Text("k".into()),
+            Value::Tag(64, Box::new(Value::Bytes(vec![1, 2, 3]))),
+        )]);
+        let mut frame = Vec::new();
+        ciborium::ser::into_writer(&v, &mut frame).unwrap();
+        // The map, its key, the tag and the tagged bytes.
+        assert_eq!(count_items(&frame, 4), Ok(()));
+        assert_eq!(count_items(&frame, 3), Err(CodecError::TooManyItems(3)));
     }
 }

@@ -45,9 +45,16 @@ pub struct SessionConfig {
     pub max_message_bytes: usize,
     /// How often the transport should ping.
     pub ping_interval: Duration,
-    /// A peer silent for this long (no frame, no pong) is dropped; also bounds the handshake.
+    /// A peer silent for this long (no frame, no pong) is dropped.
     pub idle_timeout: Duration,
+    /// A peer that has not sent `join` this long after connecting is dropped (pongs do not
+    /// count: a socket that answers pings but never joins holds resources for nothing).
+    pub join_timeout: Duration,
 }
+
+/// The largest frame accepted before `join`: a join is a few hundred bytes, so a large frame
+/// from a peer that has not joined is refused before it is decoded.
+pub const MAX_JOIN_FRAME_BYTES: usize = 64 * 1024;
 
 /// Whether a document message asked for a document (`request`) or offered one (`sync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +102,7 @@ pub struct Session {
     config: SessionConfig,
     phase: Phase,
     last_heard: Timestamp,
+    started: Timestamp,
 }
 
 impl Session {
@@ -103,7 +111,15 @@ impl Session {
             config,
             phase: Phase::AwaitingJoin,
             last_heard: now,
+            started: now,
         }
+    }
+
+    /// While the handshake is pending, when it times out (the transport calls [`Session::tick`]
+    /// then).
+    pub fn join_deadline(&self) -> Option<Timestamp> {
+        matches!(self.phase, Phase::AwaitingJoin)
+            .then(|| self.started.saturating_add(self.config.join_timeout))
     }
 
     /// The joined peer, once the handshake is done.
@@ -124,6 +140,15 @@ impl Session {
             return Vec::new();
         }
         self.last_heard = now;
+        if matches!(self.phase, Phase::AwaitingJoin) && frame.len() > MAX_JOIN_FRAME_BYTES {
+            return self.fail(
+                CloseCode::MessageTooBig,
+                format!(
+                    "a frame of {} bytes before `join`; the first message must be a join of at most {MAX_JOIN_FRAME_BYTES} bytes",
+                    frame.len()
+                ),
+            );
+        }
         match codec::decode(frame, self.config.max_message_bytes) {
             Ok(message) => self.handle_message(message),
             Err(CodecError::TooLarge { size, limit }) => self.fail(
@@ -164,6 +189,18 @@ impl Session {
     pub fn tick(&mut self, now: Timestamp) -> Vec<Effect> {
         if self.is_closed() {
             return Vec::new();
+        }
+        if let Some(deadline) = self.join_deadline() {
+            if now >= deadline {
+                self.phase = Phase::Closed;
+                return vec![Effect::Close {
+                    code: CloseCode::PolicyViolation,
+                    reason: format!(
+                        "no join message within {} s of connecting",
+                        self.config.join_timeout.as_secs()
+                    ),
+                }];
+            }
         }
         if now.since(self.last_heard) >= self.config.idle_timeout {
             let reason = match self.phase {
@@ -360,6 +397,7 @@ mod tests {
             max_message_bytes: 4096,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(45),
+            join_timeout: Duration::from_secs(10),
         }
     }
 
@@ -508,6 +546,32 @@ mod tests {
         let mut s = Session::new(config(), T0);
         let effects = s.tick(T0.saturating_add(Duration::from_secs(46)));
         assert!(matches!(&effects[0], Effect::Close { reason, .. } if reason.contains("join")));
+    }
+
+    #[test]
+    fn answering_pings_does_not_stretch_the_handshake() {
+        let mut s = Session::new(config(), T0);
+        assert_eq!(
+            s.join_deadline(),
+            Some(T0.saturating_add(Duration::from_secs(10)))
+        );
+        s.heard_from_peer(T0.saturating_add(Duration::from_secs(9))); // a pong
+        let effects = s.tick(T0.saturating_add(Duration::from_secs(10)));
+        assert_eq!(close_code(&effects), Some(CloseCode::PolicyViolation));
+        assert_eq!(joined().join_deadline(), None);
+    }
+
+    #[test]
+    fn a_large_frame_before_join_is_refused_undecoded() {
+        let mut s = Session::new(
+            SessionConfig {
+                max_message_bytes: 1 << 20,
+                ..config()
+            },
+            T0,
+        );
+        let effects = s.handle_binary(&vec![0u8; MAX_JOIN_FRAME_BYTES + 1], T0);
+        assert_eq!(close_code(&effects), Some(CloseCode::MessageTooBig));
     }
 
     #[test]

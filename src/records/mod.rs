@@ -26,8 +26,8 @@ pub use detail::{
 };
 pub use read::{address_label, household_scope, read_household, HouseholdView, VisitView};
 pub use schema::{
-    validate, FollowUpStatus, MatterKind, MatterStatus, Premises, ReviewState, Risk, VisitMode,
-    VisitOutcome,
+    is_entry_key, validate, FollowUpStatus, MatterKind, MatterStatus, Premises, ReviewState, Risk,
+    VisitMode, VisitOutcome,
 };
 pub use summary::{summarise, FollowUpBrief, HouseholdSummary, MatterBrief, VisitRow};
 pub use write::{

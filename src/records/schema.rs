@@ -233,6 +233,12 @@ impl<R: ReadDoc> Validator<'_, R> {
             return;
         };
         for id in self.doc.keys(&map).collect::<Vec<_>>() {
+            if !is_entry_key(&id) {
+                // Keys end up in URLs and paths (the staff page, the API): anything but a
+                // UUID could point somewhere else. Shown escaped, never used.
+                self.fail(&format!("{key}.{id:?}"), "entry keys must be UUIDs");
+                continue;
+            }
             let path = format!("{key}.{id}");
             match map_at(self.doc, &map, &id) {
                 Some(entry) => each(self, &path, &entry),
@@ -322,6 +328,12 @@ impl<R: ReadDoc> Validator<'_, R> {
 }
 
 /// An integer-valued scalar (JS numbers arrive as f64; timestamps as Timestamp).
+/// Whether `key` is a valid entry key: a UUID in its hyphenated form (36 characters of hex
+/// digits and dashes), as proto-docs/data-model.md asks.
+pub fn is_entry_key(key: &str) -> bool {
+    key.len() == 36 && uuid::Uuid::try_parse(key).is_ok()
+}
+
 pub(crate) fn scalar_int(s: &ScalarValue) -> Option<i64> {
     match s {
         ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Some(*i),
@@ -338,6 +350,8 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::Automerge;
 
+    const V1: &str = "00000000-0000-4000-8000-000000000001";
+
     #[test]
     fn a_new_household_conforms_and_a_broken_one_says_why() {
         let mut doc = Automerge::new();
@@ -346,7 +360,7 @@ mod tests {
         assert_eq!(validate(&doc), Vec::<String>::new());
         doc.transact(|tx| {
             let visits = tx.get(ROOT, "visits")?.unwrap().1;
-            let v = tx.put_object(&visits, "v1", ObjType::Map)?;
+            let v = tx.put_object(&visits, V1, ObjType::Map)?;
             tx.put(&v, "officer", "amy")?;
             tx.put(&v, "outcome", "partyy")?;
             tx.put(&v, "security_score", 9)?;
@@ -356,20 +370,42 @@ mod tests {
         .unwrap();
         let reasons = validate(&doc);
         assert!(
-            reasons
-                .iter()
-                .any(|r| r.starts_with("visits.v1.outcome: \"partyy\" is not one of met")),
+            reasons.iter().any(|r| r.starts_with(
+                "visits.00000000-0000-4000-8000-000000000001.outcome: \"partyy\" is not one of met"
+            )),
             "{reasons:?}"
         );
+        assert!(reasons.iter().any(
+            |r| r.starts_with("visits.00000000-0000-4000-8000-000000000001.started_at: is missing")
+        ));
         assert!(reasons
             .iter()
-            .any(|r| r.starts_with("visits.v1.started_at: is missing")));
-        assert!(reasons
-            .iter()
-            .any(|r| r.starts_with("visits.v1.security_score")));
+            .any(|r| r.starts_with("visits.00000000-0000-4000-8000-000000000001.security_score")));
         assert!(reasons
             .iter()
             .any(|r| r.starts_with("premises: must be a string")));
+    }
+
+    #[test]
+    fn entry_keys_that_are_not_uuids_quarantine_the_household() {
+        let mut doc = Automerge::new();
+        doc.transact(|tx| create_household(tx, &samples::household("1")))
+            .unwrap();
+        doc.transact(|tx| {
+            let f = tx.get(ROOT, "follow_ups")?.unwrap().1;
+            let e = tx.put_object(&f, "x/../../../other/follow-ups/1", ObjType::Map)?;
+            tx.put(&e, "task", "call back")?;
+            Ok::<_, automerge::AutomergeError>(())
+        })
+        .unwrap();
+        let reasons = validate(&doc);
+        assert_eq!(
+            reasons,
+            vec!["follow_ups.\"x/../../../other/follow-ups/1\": entry keys must be UUIDs"]
+        );
+        assert!(is_entry_key("0b7c4e7e-3f3a-4c55-9d7e-5a1f7c0e2b11"));
+        assert!(!is_entry_key("0b7c4e7e3f3a4c559d7e5a1f7c0e2b11"));
+        assert!(!is_entry_key("{0b7c4e7e-3f3a-4c55-9d7e-5a1f7c0e2b11}"));
     }
 
     #[test]

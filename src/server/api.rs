@@ -2,7 +2,8 @@
 //! Method and path first, then credentials, then a bounded body; every outcome is a reply
 //! (errors through `errors::ApiError`). Must not hold account logic (that is `accounts`).
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use warp::filters::BoxedFilter;
@@ -36,6 +37,57 @@ fn json_body() -> BoxedFilter<(Bytes,)> {
         .boxed()
 }
 
+/// The client address as the throttles key it (`-` when the transport has none).
+fn client_filter(services: &Services) -> BoxedFilter<(String,)> {
+    super::listen::client(Arc::new(services.config.listen.trusted_proxies.clone()))
+        .map(|ip: Option<IpAddr>| ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()))
+        .boxed()
+}
+
+/// For the session endpoints, which a browser may be tricked into calling from another
+/// site: a body must be declared JSON (an HTML form cannot send that without a CORS
+/// preflight, which this server never grants), and an `Origin`, when the browser sends one,
+/// must be this server's own.
+fn same_origin_json() -> BoxedFilter<(Result<(), ApiError>,)> {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::optional::<String>("host"))
+        .map(
+            |ctype: Option<String>, origin: Option<String>, host: Option<String>| {
+                let json = ctype.as_deref().is_some_and(|c| {
+                    c.split(';')
+                        .next()
+                        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+                });
+                if !json {
+                    return Err(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        "send the body as JSON with Content-Type: application/json",
+                    ));
+                }
+                check_origin(origin.as_deref(), host.as_deref())
+            },
+        )
+        .boxed()
+}
+
+/// `Origin` (if sent) must name the host the request was sent to.
+fn check_origin(origin: Option<&str>, host: Option<&str>) -> Result<(), ApiError> {
+    let Some(origin) = origin else {
+        return Ok(()); // native clients send none
+    };
+    let authority = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match (authority, host) {
+        (Some(a), Some(h)) if a.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(ApiError::forbidden(
+            "cross-origin request refused: sign in from the staff page of this server",
+        )),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not the expected JSON: {e}")))
@@ -52,15 +104,14 @@ fn enroll(services: &Services) -> Route {
     let accounts = services.accounts.clone();
     warp::post()
         .and(warp::path!("api" / "v1" / "devices" / "enroll"))
-        .and(warp::addr::remote())
+        .and(client_filter(services))
         .and(json_body())
-        .then(move |remote: Option<SocketAddr>, body: Bytes| {
+        .then(move |client: String, body: Bytes| {
             let accounts = accounts.clone();
             async move {
                 respond(
                     async {
                         let req: EnrollRequest = parse(&body)?;
-                        let client = remote.map(|a| a.ip().to_string()).unwrap_or_default();
                         let enrolled = accounts
                             .enroll(&req.code, &req.device_name, &client)
                             .await?;
@@ -85,19 +136,24 @@ struct SignInRequest {
 /// `POST /api/v1/session {"name", "password"}` -> session cookie + CSRF token.
 fn sign_in(services: &Services) -> Route {
     let accounts = services.accounts.clone();
+    let secure_cookies = services.config.secure_cookies;
     warp::post()
         .and(warp::path!("api" / "v1" / "session"))
+        .and(same_origin_json())
+        .and(client_filter(services))
         .and(json_body())
-        .then(move |body: Bytes| {
+        .then(move |checked: Result<(), ApiError>, client: String, body: Bytes| {
             let accounts = accounts.clone();
             async move {
                 respond(
                     async {
+                        checked?;
                         let req: SignInRequest = parse(&body)?;
-                        let s = accounts.sign_in(&req.name, &req.password).await?;
+                        let s = accounts.sign_in(&req.name, &req.password, &client).await?;
                         let max_age = s.expires_at.since(accounts.now()).as_secs();
+                        let secure = if secure_cookies { "; Secure" } else { "" };
                         let cookie = format!(
-                            "{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}",
+                            "{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}",
                             s.token.expose()
                         );
                         let body = serde_json::json!({
@@ -126,11 +182,11 @@ fn sign_out(services: &Services) -> Route {
     warp::delete()
         .and(warp::path!("api" / "v1" / "session"))
         .and(auth::caller(services))
-        .and(warp::cookie::optional::<String>(SESSION_COOKIE))
+        .and(auth::secret())
         .and(warp::header::optional::<String>(CSRF_HEADER))
         .then(
             move |who: Result<Authenticated, ApiError>,
-                  cookie: Option<String>,
+                  secret: Option<String>,
                   csrf: Option<String>| {
                 let accounts = accounts.clone();
                 async move {
@@ -143,7 +199,9 @@ fn sign_out(services: &Services) -> Route {
                                     "no session to end: this request carries a device token",
                                 ));
                             };
-                            if let Some(token) = cookie {
+                            // The session that authenticated this request ends, whichever
+                            // way it came (bearer header or cookie): never another one.
+                            if let Some(token) = secret {
                                 accounts.sign_out(&token).await?;
                             }
                             let clear = format!(

@@ -91,6 +91,10 @@ impl From<AccountsError> for ApiError {
                 )
             },
             AccountsError::Forbidden(m) => ApiError::forbidden(m),
+            e @ AccountsError::Busy => ApiError {
+                retry_after: Some(Duration::from_secs(1)),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+            },
         }
     }
 }
@@ -141,12 +145,6 @@ pub(super) fn respond(r: Result<Box<dyn Reply>, ApiError>) -> Box<dyn Reply> {
 pub(super) async fn recover(err: warp::Rejection) -> Result<Box<dyn Reply>, Infallible> {
     let e = if err.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed here",
-        )
     } else if err.find::<warp::reject::InvalidQuery>().is_some() {
         ApiError::bad_request("the query string is not valid")
     } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
@@ -165,6 +163,15 @@ pub(super) async fn recover(err: warp::Rejection) -> Result<Box<dyn Reply>, Infa
         || err.find::<warp::reject::InvalidHeader>().is_some()
     {
         ApiError::bad_request("a required header is missing or invalid")
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        // Last of the specific ones: warp combines the rejections of every route tried, and
+        // a route that matched the path and failed on its body says more than another
+        // route's method.
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed here",
+        )
     } else {
         tracing::warn!(rejection = ?err, "unhandled rejection");
         ApiError::new(

@@ -14,6 +14,7 @@ mod api;
 mod auth;
 mod errors;
 mod households;
+mod listen;
 mod web;
 mod ws;
 
@@ -34,6 +35,7 @@ use crate::ids::{Clock, PeerId, SystemClock};
 use crate::projection::Projection;
 use crate::protocol::SessionConfig;
 use crate::storage::{Store, StoreConfig};
+pub use listen::ListenConfig;
 
 /// Everything `fieldsync serve` can be told, validated once.
 #[derive(Clone, Debug)]
@@ -42,17 +44,26 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     pub hub: HubConfig,
     pub accounts: AccountsConfig,
+    /// Connection cap, header deadline, trusted proxies.
+    pub listen: ListenConfig,
     /// Largest WebSocket message accepted, in bytes.
     pub max_message_bytes: usize,
     pub ping_interval: Duration,
     /// A peer silent for this long is dropped.
     pub idle_timeout: Duration,
+    /// A WebSocket that has not sent `join` this long after the upgrade is closed.
+    pub join_timeout: Duration,
     /// Messages queued for one connection before it counts as too slow.
     pub outbox_len: usize,
+    /// Bytes queued for one connection before it counts as too slow.
+    pub outbox_bytes: usize,
     /// How long one write to a socket may take before the peer is dropped.
     pub write_timeout: Duration,
     /// How long shutdown waits for connections to close.
     pub shutdown_grace: Duration,
+    /// Mark the session cookie `Secure` (the staff page is reached over HTTPS, through a
+    /// TLS proxy).
+    pub secure_cookies: bool,
 }
 
 impl ServerConfig {
@@ -62,12 +73,16 @@ impl ServerConfig {
             store: StoreConfig::default(),
             hub: HubConfig::default(),
             accounts: AccountsConfig::default(),
+            listen: ListenConfig::default(),
             max_message_bytes: 16 * 1024 * 1024,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(50),
+            join_timeout: Duration::from_secs(10),
             outbox_len: 1024,
+            outbox_bytes: 32 * 1024 * 1024,
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            secure_cookies: false,
         }
     }
 }
@@ -96,17 +111,23 @@ impl Services {
         config: ServerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Services, crate::Error> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            crate::Error::Config(format!(
-                "cannot create the data directory {}: {e}",
-                config.data_dir.display()
-            ))
-        })?;
+        crate::storage::prepare_data_dir(&config.data_dir)?;
+        crate::storage::check_private(&config.data_dir)?;
         let store = Store::open(&config.data_dir, &config.store)?;
         let storage_id = store.storage_id().await?;
         let accounts =
             Accounts::open(store.clone(), clock.clone(), config.accounts.clone()).await?;
         let projection = Projection::new(store.clone(), accounts.clone());
+        // Changes that reached the disk just before a crash, but whose projection rows did
+        // not, are projected now, before anyone reads a list.
+        let catching_up = projection.clone();
+        let replayed = crate::storage::blocking(move || catching_up.catch_up_blocking()).await?;
+        if replayed > 0 {
+            tracing::warn!(
+                documents = replayed,
+                "the last stop was not clean: brought the staff projection up to date for the documents that changed just before it"
+            );
+        }
         let server_peer_id = PeerId::random("fieldsync");
         let hub = Hub::new(
             store.clone(),
@@ -123,6 +144,7 @@ impl Services {
             max_message_bytes: config.max_message_bytes,
             ping_interval: config.ping_interval,
             idle_timeout: config.idle_timeout,
+            join_timeout: config.join_timeout,
         };
         Ok(Services {
             store,
@@ -251,22 +273,26 @@ pub async fn run(
         );
     }
     let routes = routes(services.clone(), sockets.clone(), closing.clone());
-    tracing::info!(addr = ?addr, "serving");
+    let listen = effective_listen_config(&services.config.listen);
+    tracing::info!(addr = ?addr, max_connections = listen.max_connections, "serving");
     let closing_signal = closing.clone();
-    // Spawned rather than awaited inline: warp's server future is Send, but rustc cannot prove
-    // it inside another async fn (the higher-ranked lifetime issue, rust-lang/rust#64552), and
-    // callers (tests) spawn `run` itself.
-    let server = warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move {
-            shutdown.await;
-            closing_signal.cancel();
-        })
-        .run();
+    tokio::spawn(async move {
+        shutdown.await;
+        closing_signal.cancel();
+    });
+    // Spawned rather than awaited inline: rustc cannot prove the hyper connection futures
+    // Send inside another async fn (rust-lang/rust#64552), and callers (tests) spawn `run`.
+    let server = listen::serve(
+        listener,
+        routes,
+        listen,
+        closing.clone(),
+        services.config.shutdown_grace,
+    );
     if let Err(e) = tokio::spawn(server).await {
         tracing::error!(error = %e, "the HTTP server task failed");
     }
-    // warp's graceful shutdown does not cover upgraded WebSockets: close and drain them here.
+    // The accept loop does not wait for upgraded WebSockets: close and drain them here.
     closing.cancel();
     sockets.close();
     // Waiting in a spawned task keeps this future `Send` for callers that spawn `run` (the
@@ -313,6 +339,36 @@ fn routes(
         .recover(errors::recover)
         .map(|r| Box::new(r) as Box<dyn warp::Reply>)
         .boxed()
+}
+
+/// Descriptors kept free beyond the connection cap: the store's files, the admin socket and
+/// its clients, logs.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// The listen config with the connection cap lowered, if needed, under the process's limit on
+/// open files, so administration and storage always have descriptors left.
+fn effective_listen_config(config: &ListenConfig) -> ListenConfig {
+    let mut config = config.clone();
+    if let Some(limit) = open_files_limit() {
+        let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(16) as usize;
+        if config.max_connections > room {
+            tracing::warn!(
+                configured = config.max_connections,
+                open_files_limit = limit,
+                using = room,
+                "--max-connections is above what the open-files limit allows; lowered (raise the limit with `ulimit -n` or LimitNOFILE= to allow more)"
+            );
+            config.max_connections = room;
+        }
+    }
+    config
+}
+
+/// The soft limit on open files of this process (Linux), if it can be read.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn bind_admin(data_dir: &std::path::Path) -> Result<tokio::net::UnixListener, crate::Error> {

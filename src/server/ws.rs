@@ -19,7 +19,7 @@ use super::errors::ApiError;
 use super::Services;
 use crate::accounts::{Authenticated, LiveGuard};
 use crate::auth::Principal;
-use crate::hub::{KillSwitch, Outbound, PeerLink};
+use crate::hub::{KillSwitch, Outbound, Outbox, PeerLink};
 use crate::ids::{ConnId, Timestamp};
 use crate::protocol::{codec, CloseCode, Effect, Session};
 
@@ -34,7 +34,7 @@ pub(super) fn route(
         .and(warp::path::end())
         .and(caller)
         .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
-        .and(warp::addr::remote())
+        .and(super::listen::peer())
         .map(move |who: Result<Authenticated, ApiError>, ws: Option<Ws>, remote: Option<std::net::SocketAddr>| {
             let principal = match who {
                 Ok(who) => who.principal().clone(),
@@ -89,7 +89,7 @@ struct Connection {
     conn: ConnId,
     closing: CancellationToken,
     kill: Arc<KillSwitch>,
-    outbox_tx: mpsc::Sender<Outbound>,
+    outbox: Outbox,
     outbox_rx: mpsc::Receiver<Outbound>,
     link: Option<PeerLink>,
     principal: Principal,
@@ -111,6 +111,7 @@ impl Connection {
         principal: Principal,
     ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(services.config.outbox_len);
+        let outbox = Outbox::new(outbox_tx, services.config.outbox_bytes);
         let kill = Arc::new(KillSwitch::default());
         let live = services
             .accounts
@@ -127,7 +128,7 @@ impl Connection {
             conn,
             closing,
             kill,
-            outbox_tx,
+            outbox,
             outbox_rx,
             link: None,
             principal,
@@ -143,24 +144,38 @@ impl Connection {
         ticker.tick().await; // the first tick is immediate
         let kill = self.kill.clone();
         let write_timeout = self.services.config.write_timeout;
+        let outbox_len = self.services.config.outbox_len;
         tracing::debug!("connected");
         loop {
             let effects = tokio::select! {
                 _ = self.closing.cancelled() => session.shutdown(),
+                _ = until(session.join_deadline()) => session.tick(Timestamp::now()),
                 (code, reason) = kill.killed() => session.fail(code, reason),
-                frame = stream.next() => match frame {
+                // Backpressure: while half the outbox waits for the socket, requests are not
+                // read (they wait in TCP), so a client's burst cannot overflow its own outbox.
+                frame = stream.next(), if self.outbox.capacity() > outbox_len / 2 => match frame {
                     Some(Ok(msg)) if msg.is_binary() => session.handle_binary(msg.as_bytes(), Timestamp::now()),
                     Some(Ok(msg)) if msg.is_text() => session.handle_text(Timestamp::now()),
-                    Some(Ok(msg)) if msg.is_close() => break,
+                    Some(Ok(msg)) if msg.is_close() => {
+                        // Complete the close handshake: tungstenite queued our echo of the
+                        // peer's close frame; send it before the socket drops.
+                        let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+                        break;
+                    }
                     Some(Ok(_)) => { session.heard_from_peer(Timestamp::now()); Vec::new() }
                     Some(Err(e)) if is_too_big(&e) => session.handle_oversized(),
                     Some(Err(e)) => { tracing::debug!(error = %e, "socket error"); break }
                     None => break,
                 },
-                out = self.outbox_rx.recv() => match out {
-                    Some(Outbound::Message(m)) => vec![Effect::Send(m)],
-                    Some(Outbound::Fail { code, message }) => session.fail(code, message),
-                    None => Vec::new(),
+                out = self.outbox_rx.recv() => {
+                    if let Some(o) = &out {
+                        self.outbox.written(o);
+                    }
+                    match out {
+                        Some(Outbound::Message(m)) => vec![Effect::Send(m)],
+                        Some(Outbound::Fail { code, message }) => session.fail(code, message),
+                        None => Vec::new(),
+                    }
                 },
                 _ = ticker.tick() => session.tick(Timestamp::now()),
             };
@@ -262,7 +277,7 @@ impl Connection {
                     peer_id,
                     storage_id,
                     self.principal.clone(),
-                    self.outbox_tx.clone(),
+                    self.outbox.clone(),
                     self.kill.clone(),
                 ));
                 Stop::Continue
@@ -284,6 +299,14 @@ impl Connection {
                 Stop::Continue
             }
         }
+    }
+}
+
+/// Completes at `deadline` (wall clock, as the session keeps time); never if `None`.
+async fn until(deadline: Option<Timestamp>) {
+    match deadline {
+        Some(d) => tokio::time::sleep(d.since(Timestamp::now())).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -255,11 +255,28 @@ impl StaffDesk {
                 doc,
                 who.clone(),
                 Box::new(move |d: &mut Automerge| {
-                    d.transact(|tx| edit(tx)).map(|_| ()).map_err(|f| {
-                        let message = f.error.to_string();
-                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.error);
-                        message
-                    })
+                    // Staff edits are checked against the schema before they are kept: an
+                    // edit that would quarantine the household (an emptied name) is refused.
+                    let before = records::validate(d);
+                    let mut tx = d.transaction();
+                    if let Err(e) = edit(&mut tx) {
+                        tx.rollback();
+                        let message = e.to_string();
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        return Err(message);
+                    }
+                    let broken: Vec<String> = records::validate(&tx)
+                        .into_iter()
+                        .filter(|r| !before.contains(r))
+                        .collect();
+                    if let Some(first) = broken.first() {
+                        tx.rollback();
+                        return Err(format!(
+                            "the edit would break the record ({first}); nothing was changed"
+                        ));
+                    }
+                    tx.commit();
+                    Ok(())
                 }),
             )
             .await;
@@ -329,6 +346,12 @@ impl StaffDesk {
         follow_up: String,
         update: FollowUpUpdate,
     ) -> Result<(), StaffError> {
+        if !records::is_entry_key(&follow_up) {
+            return Err(StaffError::NoSuchEntry(format!(
+                "no follow-up `{}` in this household (ids are UUIDs)",
+                follow_up.escape_debug()
+            )));
+        }
         if let Some(owner) = &update.owner {
             self.check_owner(doc, owner)?;
         }
@@ -346,6 +369,12 @@ impl StaffDesk {
         member: String,
         c: MemberCorrection,
     ) -> Result<(), StaffError> {
+        if !records::is_entry_key(&member) {
+            return Err(StaffError::NoSuchEntry(format!(
+                "no member `{}` in this household (ids are UUIDs)",
+                member.escape_debug()
+            )));
+        }
         self.edit(who, doc, move |tx| {
             records::set_member_field(tx, &member, &c.field, &c.value)
         })

@@ -46,6 +46,9 @@ pub enum StorageError {
     FlusherStopped,
     #[error("a storage task failed: {0}")]
     Task(String),
+    /// The data directory is open to other local users.
+    #[error("{0}")]
+    Permissions(String),
 }
 
 impl From<sled::Error> for StorageError {
@@ -62,6 +65,7 @@ impl Clone for StorageError {
         match self {
             StorageError::Corrupt(s) => StorageError::Corrupt(s.clone()),
             StorageError::Io(s) => StorageError::Io(s.clone()),
+            StorageError::Permissions(s) => StorageError::Permissions(s.clone()),
             StorageError::UnknownVersion(v) => StorageError::UnknownVersion(*v),
             StorageError::FlusherStopped => StorageError::FlusherStopped,
             StorageError::Task(s) => StorageError::Task(s.clone()),
@@ -98,6 +102,123 @@ impl StoredDocument {
     }
 }
 
+/// Creates the data directory, if missing, readable by this user only (0700): it holds
+/// residents' records and password hashes.
+pub fn prepare_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            StorageError::Io(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
+        })
+}
+
+/// Refuses, with the command that fixes it, a data directory that other local users can
+/// read or enter. The server checks this before it opens anything.
+pub fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        StorageError::Io(format!(
+            "cannot read the data directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(StorageError::Permissions(format!(
+            "the data directory {} is open to other users (mode {mode:o}); it holds residents' records and password hashes: run `chmod 700 {}` and start again",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A file beside sled's, holding the store's id: if sled ever opens the directory empty (it
+/// treats some kinds of damaged files as a fresh database), the mismatch is caught instead of
+/// serving an empty store over the residents' records.
+const IDENTITY_FILE: &str = "STORE_ID";
+
+fn write_identity(dir: &Path, id: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(IDENTITY_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(id.as_bytes()).and(f.sync_all()).map(|()| f))
+        .map_err(|e| StorageError::Io(format!("cannot write {}: {e}", path.display())))?;
+    let _ = f.flush();
+    Ok(())
+}
+
+/// Compares the store's id with the identity file (writing the file for a store that has
+/// an id but no file yet, as stores made before it existed).
+fn check_identity(dir: &Path, meta: &sled::Tree) -> Result<()> {
+    let stored = match meta.get(META_STORAGE_ID)? {
+        Some(v) => Some(String::from_utf8_lossy(unversioned(&v)?).into_owned()),
+        None => None,
+    };
+    let marker = std::fs::read_to_string(dir.join(IDENTITY_FILE)).ok();
+    match (marker, stored) {
+        (Some(expected), None) => Err(StorageError::Corrupt(format!(
+            "{} held store {} but its database files opened empty (damaged or replaced)",
+            dir.display(),
+            expected.trim()
+        ))),
+        (Some(expected), Some(id)) if expected.trim() != id => Err(StorageError::Corrupt(format!(
+            "{} held store {} but its database files belong to store {id}",
+            dir.display(),
+            expected.trim()
+        ))),
+        (None, Some(id)) => write_identity(dir, &id),
+        _ => Ok(()),
+    }
+}
+
+/// Makes the files sled created readable by this user only (sled creates them with the
+/// process umask). The directory is 0700 already; this keeps a copied or loosened directory
+/// from exposing them.
+fn restrict_files(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = std::fs::read_dir(&d)
+            .map_err(|e| StorageError::Io(format!("cannot list {}: {e}", d.display())))?;
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let path = entry.path();
+            if meta.is_dir() {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                        .map_err(|e| {
+                            StorageError::Io(format!("cannot restrict {}: {e}", path.display()))
+                        })?;
+                }
+                pending.push(path);
+                continue;
+            }
+            if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| StorageError::Io(format!("cannot restrict {}: {e}", path.display())),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Counters for benchmarks and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -114,6 +235,7 @@ pub struct Store {
 }
 
 struct Inner {
+    dir: std::path::PathBuf,
     db: sled::Db,
     chunks: sled::Tree,
     sync_states: sled::Tree,
@@ -129,10 +251,21 @@ impl Store {
     /// the group-commit flusher). sled admits one process per directory: a second opener gets
     /// a clear error.
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store> {
-        let db = sled::Config::new()
+        prepare_data_dir(dir)?;
+        let sled_config = sled::Config::new()
             .path(dir)
-            .cache_capacity(config.sled_cache_bytes)
-            .open()
+            .cache_capacity(config.sled_cache_bytes);
+        // sled 0.34 panics on some kinds of damaged files instead of returning an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "sled failed while reading it".into());
+                StorageError::Corrupt(format!("{}: {what}", dir.display()))
+            })?;
+        let db = opened
             .map_err(|e| match e {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                     StorageError::Io(format!(
@@ -149,9 +282,12 @@ impl Store {
             .iter()
             .map(|t| db.open_tree(t.tree_name()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        check_identity(dir, &meta)?;
+        restrict_files(dir)?;
         let commit = GroupCommit::start(db.clone());
         Ok(Store {
             inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
                 db,
                 chunks,
                 sync_states,
@@ -195,6 +331,9 @@ impl Store {
         })
         .await?;
         self.flush().await?;
+        let dir = self.inner.dir.clone();
+        let marked = id.clone();
+        blocking(move || write_identity(&dir, marked.as_str())).await?;
         Ok(id)
     }
 
@@ -241,6 +380,58 @@ impl Store {
         let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
         self.inner.chunks.insert(key.encode(), versioned(bytes))?;
         Ok(key)
+    }
+
+    /// Stores the server's new changes of `doc` as one chunk and, in the same atomic sled
+    /// transaction, marks the document *unsettled*: what is derived from its content (the
+    /// staff projection) may lag behind it until [`Store::settle_blocking`] is called after
+    /// the flush. After a crash, whatever chunk survived has its mark, and start-up brings the
+    /// derived views up to date ([`Store::unsettled_blocking`]). Not durable until
+    /// [`Store::flush`].
+    pub fn put_change_blocking(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
+        use sled::Transactional;
+        let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
+        let value = versioned(bytes);
+        let mark = unsettled_key(doc);
+        (&self.inner.chunks, &self.inner.meta)
+            .transaction(|(chunks, meta)| {
+                chunks.insert(&key.encode()[..], value.clone())?;
+                meta.insert(mark.clone(), versioned(&[]))?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => StorageError::from(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    StorageError::Io("a chunk transaction aborted".into())
+                }
+            })?;
+        Ok(key)
+    }
+
+    /// `doc`'s derived views are durable and agree with its content: clears its mark. Needs
+    /// no flush of its own (a mark that survives a crash only costs a re-projection).
+    pub fn settle_blocking(&self, doc: DocumentId) -> Result<()> {
+        self.inner.meta.remove(unsettled_key(doc))?;
+        Ok(())
+    }
+
+    /// Documents marked unsettled: changed, and perhaps not yet projected, when the process
+    /// stopped.
+    pub fn unsettled_blocking(&self) -> Result<Vec<DocumentId>> {
+        let mut out = Vec::new();
+        for item in self.inner.meta.scan_prefix(UNSETTLED_PREFIX).keys() {
+            let k = item?;
+            if let Ok(bytes) = <[u8; 16]>::try_from(&k[UNSETTLED_PREFIX.len()..]) {
+                out.push(DocumentId::from_bytes(bytes));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes everything to disk now, on this (blocking) thread.
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.inner.db.flush()?;
+        Ok(())
     }
 
     /// Replaces `replaced` chunks by one snapshot, atomically: after a crash either the old
@@ -339,6 +530,15 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StorageError::Task(e.to_string()))?
+}
+
+/// Meta-tree keys of unsettled documents: this prefix, then the 16 id bytes.
+const UNSETTLED_PREFIX: &[u8] = b"unsettled/";
+
+fn unsettled_key(doc: DocumentId) -> Vec<u8> {
+    let mut k = UNSETTLED_PREFIX.to_vec();
+    k.extend_from_slice(doc.as_bytes());
+    k
 }
 
 fn versioned(bytes: &[u8]) -> Vec<u8> {

@@ -11,6 +11,7 @@ mod crash;
 mod devices;
 mod examples;
 mod fixtures;
+mod hardening;
 mod js_client;
 mod projection;
 mod records;

@@ -7,6 +7,9 @@ use fieldsync::client::Device;
 use fieldsync::records::{self, FollowUpStatus, MatterKind, Premises, Risk};
 use serde_json::{json, Value};
 
+/// A visit id (entry keys are UUIDs).
+const V1: &str = "0c5f2b1e-0000-4000-8000-00000000000a";
+
 use crate::common::world::{AMY, BEN, CAT, SUE, SUE_PASSWORD};
 use crate::common::{
     fetching_device, household, household_with_member, http, visit, visit_with_complaint,
@@ -329,7 +332,7 @@ async fn a_household_that_breaks_the_schema_is_kept_but_quarantined() {
         use automerge::ReadDoc;
         doc.transact(|tx| {
             let (_, visits) = tx.get(automerge::ROOT, "visits")?.unwrap();
-            let v = tx.put_object(&visits, "v-1", automerge::ObjType::Map)?;
+            let v = tx.put_object(&visits, V1, automerge::ObjType::Map)?;
             tx.put(&v, "officer", AMY)?;
             tx.put(
                 &v,
@@ -363,15 +366,15 @@ async fn a_household_that_breaks_the_schema_is_kept_but_quarantined() {
         .map(|r| r.as_str().unwrap())
         .collect();
     assert!(
-        reasons
-            .iter()
-            .any(|r| r.starts_with("visits.v-1.outcome: \"partyy\" is not one of met")),
+        reasons.iter().any(|r| r.starts_with(&format!(
+            "visits.{V1}.outcome: \"partyy\" is not one of met"
+        ))),
         "{reasons:?}"
     );
     assert!(
         reasons
             .iter()
-            .any(|r| r.starts_with("visits.v-1.security_score")),
+            .any(|r| r.starts_with(&format!("visits.{V1}.security_score"))),
         "{reasons:?}"
     );
     // Counted apart, and its words are all there.
@@ -391,7 +394,7 @@ async fn a_household_that_breaks_the_schema_is_kept_but_quarantined() {
     );
     let d = sue.get_ok(&format!("/households/{bad}")).await;
     assert_eq!(
-        d["value"]["visits"]["v-1"]["notes"],
+        d["value"]["visits"][V1]["notes"],
         "The resident's words must survive the bug."
     );
     assert!(!d["quarantine"].as_array().unwrap().is_empty());

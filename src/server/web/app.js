@@ -255,7 +255,7 @@ async function listView(params) {
     el(
       "tr",
       { dataset: { id: h.id } },
-      el("td", {}, el("a", { href: `#/household/${h.id}` }, h.address_label || h.id)),
+      el("td", {}, el("a", { href: `#/household/${encodeURIComponent(h.id)}` }, h.address_label || h.id)),
       el("td", {}, h.village),
       el("td", {}, fmtDate(h.last_visit_at_ms)),
       el("td", { class: "num" }, h.visit_count),
@@ -398,7 +398,7 @@ async function detailView(id) {
     e.preventDefault();
     const f = new FormData(newFollowUp);
     try {
-      await api("POST", `/households/${d.id}/follow-ups`, { task: f.get("task"), owner: f.get("owner"), due_ms: Date.parse(f.get("due")) });
+      await api("POST", `/households/${encodeURIComponent(d.id)}/follow-ups`, { task: f.get("task"), owner: f.get("owner"), due_ms: Date.parse(f.get("due")) });
       toast(t("saved"));
       reload();
     } catch (err) {
@@ -441,7 +441,7 @@ async function detailView(id) {
         id: id_,
         onclick: async () => {
           try {
-            await api("POST", `/households/${d.id}/review`, { state: state_, comment: comment.value });
+            await api("POST", `/households/${encodeURIComponent(d.id)}/review`, { state: state_, comment: comment.value });
             toast(t("saved"));
             reload();
           } catch (err) {
@@ -488,7 +488,7 @@ async function detailView(id) {
 
 async function patchFollowUp(doc, id, body) {
   try {
-    await api("PATCH", `/households/${doc}/follow-ups/${id}`, body);
+    await api("PATCH", `/households/${encodeURIComponent(doc)}/follow-ups/${encodeURIComponent(id)}`, body);
     toast(t("saved"));
   } catch (err) {
     toast(`${t("failed")}: ${err.message}`);

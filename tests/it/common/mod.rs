@@ -393,10 +393,23 @@ impl ServerProcess {
     /// Starts with log level `level`, its logs (stderr) going to `logs`
     /// (`Stdio::piped()` to read them from `child.stderr`).
     pub async fn start_logging(data: &Path, level: &str, logs: Stdio) -> Self {
+        Self::start_with(data, &[], &[("FIELDSYNC_LOG", level)], logs).await
+    }
+
+    /// Starts `fieldsync serve` with `args` after the listen address and data directory, and
+    /// `envs` set (FIELDSYNC_LOG defaults to warn).
+    pub async fn start_with(
+        data: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        logs: Stdio,
+    ) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
-            .env("FIELDSYNC_LOG", level)
+            .args(args)
+            .env("FIELDSYNC_LOG", "warn")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(logs)
             .kill_on_drop(true)

@@ -1,0 +1,195 @@
+//! The accept loop of the HTTP/WebSocket front: every TCP connection passes here before warp
+//! sees a byte of it.
+//!
+//! Owns the bounds a caller without credentials can reach: a cap on open connections (a
+//! connection past the cap is closed at once, so the process keeps descriptors for its store,
+//! its admin socket and the connections it already serves), a deadline for each request's
+//! header (a client that sends half a header is dropped instead of holding a descriptor
+//! forever), and the client address that filters see (the socket's peer, or the address a
+//! configured trusted proxy forwarded). Must not: route requests, authenticate, or touch the
+//! hub (WebSocket sessions bound their own handshake, see `protocol::Session`).
+//!
+//! warp's own `Server` cannot take these settings (its acceptor trait is private), so this
+//! serves warp's filter as a hyper service, as warp itself does.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+use warp::filters::BoxedFilter;
+use warp::Filter;
+
+/// The bounds on connections, validated by `config`.
+#[derive(Clone, Debug)]
+pub struct ListenConfig {
+    /// Open TCP connections (HTTP requests and WebSockets together). The rest are closed on
+    /// accept. Keep it well under the process's descriptor limit (`serve` checks).
+    pub max_connections: usize,
+    /// Time a client has to send a request's whole header (also the longest a kept-alive
+    /// connection may sit idle between requests).
+    pub header_read_timeout: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed. Empty: the socket's peer is the client.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// The socket peer of a request, put into its extensions by [`serve`].
+#[derive(Clone, Copy, Debug)]
+struct PeerAddr(SocketAddr);
+
+/// The client a request comes from: the socket's peer, or, when that peer is a trusted
+/// proxy, the last address in `X-Forwarded-For` that is not itself a trusted proxy.
+pub(super) fn client(trusted: Arc<Vec<IpAddr>>) -> BoxedFilter<(Option<IpAddr>,)> {
+    warp::ext::optional::<PeerAddr>()
+        .and(warp::header::optional::<String>("x-forwarded-for"))
+        .map(move |peer: Option<PeerAddr>, forwarded: Option<String>| {
+            let peer = peer.map(|p| p.0.ip())?;
+            Some(client_ip(peer, forwarded.as_deref(), &trusted))
+        })
+        .boxed()
+}
+
+/// The socket peer of the request (for logs).
+pub(super) fn peer() -> BoxedFilter<(Option<SocketAddr>,)> {
+    warp::ext::optional::<PeerAddr>()
+        .map(|p: Option<PeerAddr>| p.map(|p| p.0))
+        .boxed()
+}
+
+fn client_ip(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let Some(list) = forwarded else {
+        return peer;
+    };
+    // Each proxy appends the address it heard from: walk from the right past our proxies.
+    for hop in list.rsplit(',').take(16) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return ip,
+            Err(_) => return peer, // garbage: believe only what we saw
+        }
+    }
+    peer
+}
+
+/// Serves `routes` on `listener` until `closing` is cancelled, then stops accepting and waits
+/// (at most `grace`) for HTTP requests in flight. Upgraded WebSockets are not waited for here:
+/// `server::run` closes and drains them.
+pub(super) async fn serve(
+    listener: TcpListener,
+    routes: BoxedFilter<(Box<dyn warp::Reply>,)>,
+    config: ListenConfig,
+    closing: CancellationToken,
+    grace: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut refused: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = closing.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and the like: the connections we hold must close first. Wait a
+                // little instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed; pausing accepts for 100 ms");
+                tokio::select! {
+                    _ = closing.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused += 1;
+            // Logged for the first and then every 1000th, so a flood cannot flood the log.
+            if refused % 1000 == 1 {
+                tracing::warn!(
+                    limit = config.max_connections,
+                    refused,
+                    "connection limit reached; closing new connections (raise --max-connections if this is real load)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = warp::service(routes.clone());
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(addr));
+                let mut svc = svc.clone();
+                svc.call(req)
+            });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // The permit is held until the connection, or the WebSocket it became, ends.
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTP requests did not finish in time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_a_trusted_proxy() {
+        let proxy = ip("10.0.0.2");
+        let trusted = vec![proxy];
+        // A client that is not our proxy cannot claim another address.
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), Some("198.51.100.1"), &trusted),
+            ip("203.0.113.9")
+        );
+        // Through the proxy: the address it appended, not what the client prepended.
+        assert_eq!(
+            client_ip(proxy, Some("198.51.100.1, 203.0.113.9"), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(client_ip(proxy, None, &trusted), proxy);
+        assert_eq!(client_ip(proxy, Some("not an ip"), &trusted), proxy);
+        // Nobody trusted: the header is ignored.
+        assert_eq!(client_ip(proxy, Some("198.51.100.1"), &[]), proxy);
+    }
+}
