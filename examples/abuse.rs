@@ -405,20 +405,21 @@ async fn main() -> anyhow::Result<()> {
         probe_device.sync(&server.ws).await?.all_held(),
         "probe sync"
     );
-    // A 1 MB household (random, incompressible notes) for the never-reading clients.
-    let big = probe_device.create_household(&household(2)).await?;
+    // A 1 MB household (varied, hardly compressible notes) for the never-reading clients,
+    // uploaded by another phone (the probe syncs only its own small household).
+    let uploader = Device::open(&dir.path().join("uploader")).await?;
+    enrol(&bin, &server, &data, &uploader).await?;
+    let big = uploader.create_household(&household(2)).await?;
     for part in 0..10 {
         let notes: String = (0..90_000)
             .map(|i: usize| (b'a' + ((i * 7919 + part * 104_729) % 26) as u8) as char)
             .collect();
-        probe_device
+        uploader
             .change(big, move |tx| records::add_visit(tx, &visit(notes)))
             .await?;
-        anyhow::ensure!(
-            probe_device.sync(&server.ws).await?.all_held(),
-            "big upload"
-        );
+        anyhow::ensure!(uploader.sync(&server.ws).await?.all_held(), "big upload");
     }
+    drop(uploader);
     let tokens = {
         let mut t = Vec::new();
         for _ in 0..20 {

@@ -222,7 +222,13 @@ impl Hub {
     pub async fn sync(&self, link: &PeerLink, kind: SyncKind, doc: DocumentId, mut data: Vec<u8>) {
         let access = self.inner.authorizer.access(&link.principal, doc);
         if access == Access::None {
-            self.unavailable(link, doc);
+            if kind == SyncKind::Sync {
+                // Answered exactly as an id nobody has: a document that exists must not
+                // answer differently from one that does not.
+                self.answer_as_unknown(link, doc, data).await;
+            } else {
+                self.unavailable(link, doc);
+            }
             return;
         }
         // A document nobody has registered yet (a new upload, or a made-up id) costs memory
@@ -346,6 +352,49 @@ impl Hub {
         let tasks = self.inner.tasks.clone();
         // Spawned so that this future stays `Send` (see `server::run`).
         let _ = tokio::spawn(async move { tasks.wait().await }).await;
+    }
+
+    /// Answers a `sync` for a document the peer may not see as the server answers one for an
+    /// id it has never heard of: an empty offer changes nothing and gets the empty document's
+    /// reply; changes get `doc-unavailable` (as a refused new upload does). Nothing is loaded
+    /// or stored.
+    async fn answer_as_unknown(&self, link: &PeerLink, doc: DocumentId, data: Vec<u8>) {
+        use automerge::sync::SyncDoc;
+        let reply = tokio::task::spawn_blocking(move || {
+            let message = match automerge::sync::Message::decode(&data) {
+                Ok(m) => m,
+                // The same words the document actor uses for garbage.
+                Err(e) => {
+                    return Err(format!(
+                        "document {doc}: data is not an Automerge sync message ({e})"
+                    ))
+                }
+            };
+            if !message.changes.is_empty() {
+                return Ok(None);
+            }
+            let mut empty = Automerge::new();
+            let mut state = automerge::sync::State::new();
+            if empty.receive_sync_message(&mut state, message).is_err() {
+                return Ok(None);
+            }
+            Ok(empty.generate_sync_message(&mut state).map(|m| m.encode()))
+        })
+        .await
+        .unwrap_or(Ok(None));
+        match reply {
+            Ok(Some(data)) => link.send(Outbound::Message(Message::Sync(DocMessage {
+                sender_id: self.inner.server_peer_id.clone(),
+                target_id: link.peer_id.clone(),
+                document_id: doc,
+                data,
+            }))),
+            Ok(None) => self.unavailable(link, doc),
+            Err(message) => link.send(Outbound::Fail {
+                code: crate::protocol::CloseCode::ProtocolError,
+                message,
+            }),
+        }
     }
 
     fn unavailable(&self, link: &PeerLink, doc: DocumentId) {

@@ -1,24 +1,26 @@
 //! The accept loop of the HTTP/WebSocket front: every TCP connection passes here before warp
 //! sees a byte of it.
 //!
-//! Owns the bounds a caller without credentials can reach: a cap on open connections (a
-//! connection past the cap is closed at once, so the process keeps descriptors for its store,
-//! its admin socket and the connections it already serves), a deadline for each request's
-//! header (a client that sends half a header is dropped instead of holding a descriptor
-//! forever), and the client address that filters see (the socket's peer, or the address a
+//! Owns the bounds a caller without credentials can reach: a cap on open connections,
+//! WebSockets included (when it is reached, the oldest connection that has not sent a whole
+//! request yet is closed to make room, and failing that the new one is; the process keeps
+//! descriptors for its store, its admin socket and the connections it serves), a deadline
+//! for each request's header (a client that sends half a header is dropped instead of
+//! holding a descriptor forever), and the client address that filters see (the socket's peer, or the address a
 //! configured trusted proxy forwarded). Must not: route requests, authenticate, or touch the
 //! hub (WebSocket sessions bound their own handshake, see `protocol::Session`).
 //!
 //! warp's own `Server` cannot take these settings (its acceptor trait is private), so this
 //! serves warp's filter as a hyper service, as warp itself does.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use warp::filters::BoxedFilter;
@@ -88,6 +90,68 @@ fn client_ip(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpAddr]) -> IpAdd
     peer
 }
 
+/// A connection's slot under the cap. The accept loop holds it for a plain HTTP connection;
+/// `/sync` takes it out of the request (see [`take_slot`]) and keeps it for the WebSocket's
+/// lifetime, so upgraded connections count too.
+#[derive(Clone)]
+struct Slot(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+/// The connection's slot, for `/sync` to take once the upgrade happens ([`ConnSlot::take`]).
+/// `None` outside the accept loop.
+pub(super) fn slot() -> BoxedFilter<(Option<ConnSlot>,)> {
+    warp::ext::optional::<Slot>()
+        .map(|slot: Option<Slot>| slot.map(ConnSlot))
+        .boxed()
+}
+
+/// A handle on a connection's place under the cap.
+pub(super) struct ConnSlot(Slot);
+
+impl ConnSlot {
+    /// Takes the place, to be held by whatever outlives the HTTP exchange (an upgraded
+    /// WebSocket); the connection's task no longer releases it.
+    pub(super) fn take(self) -> Option<SlotGuard> {
+        lock(&self.0 .0).take().map(SlotGuard)
+    }
+}
+
+/// Holds a connection's place under the cap until dropped.
+pub(super) struct SlotGuard(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// Connections that have not sent a whole request yet, oldest first: when every slot is
+/// taken, the oldest of them makes room for a new connection. A client that sends its request
+/// at once (every real one) cannot be crowded out by connections that trickle or send
+/// nothing.
+#[derive(Default)]
+struct Waiting {
+    queue: std::sync::Mutex<VecDeque<(u64, CancellationToken)>>,
+}
+
+impl Waiting {
+    fn push(&self, id: u64, cancel: CancellationToken) {
+        lock(&self.queue).push_back((id, cancel));
+    }
+
+    fn served(&self, id: u64) {
+        lock(&self.queue).retain(|(i, _)| *i != id);
+    }
+
+    /// Closes the oldest connection still waiting for its request; `false` if there is none.
+    fn evict_oldest(&self) -> bool {
+        match lock(&self.queue).pop_front() {
+            Some((_, cancel)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Serves `routes` on `listener` until `closing` is cancelled, then stops accepting and waits
 /// (at most `grace`) for HTTP requests in flight. Upgraded WebSockets are not waited for here:
 /// `server::run` closes and drains them.
@@ -99,8 +163,10 @@ pub(super) async fn serve(
     grace: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(config.max_connections));
+    let waiting = Arc::new(Waiting::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut refused: u64 = 0;
+    let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = closing.cancelled() => break,
@@ -118,7 +184,18 @@ pub(super) async fn serve(
                 }
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            // Full: make room by closing the oldest connection that has not sent a request.
+            Err(_) if waiting.evict_oldest() => {
+                tokio::time::timeout(Duration::from_millis(200), permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             refused += 1;
             // Logged for the first and then every 1000th, so a flood cannot flood the log.
             if refused % 1000 == 1 {
@@ -131,11 +208,20 @@ pub(super) async fn serve(
             drop(stream);
             continue;
         };
+        next_id += 1;
+        let id = next_id;
+        let cancel = CancellationToken::new();
+        waiting.push(id, cancel.clone());
         let _ = stream.set_nodelay(true);
+        let slot = Slot(Arc::new(std::sync::Mutex::new(Some(permit))));
         let svc = warp::service(routes.clone());
+        let request_slot = slot.clone();
+        let seen = waiting.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                seen.served(id);
                 req.extensions_mut().insert(PeerAddr(addr));
+                req.extensions_mut().insert(request_slot.clone());
                 let mut svc = svc.clone();
                 svc.call(req)
             });
@@ -148,12 +234,21 @@ pub(super) async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let done = waiting.clone();
         tokio::spawn(async move {
-            // The permit is held until the connection, or the WebSocket it became, ends.
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = cancel.cancelled() => {
+                    tracing::debug!("closed a connection that sent no request, to make room");
+                }
             }
+            done.served(id);
+            // The slot is released here unless an upgraded WebSocket took it.
+            drop(slot);
         });
     }
     drop(listener);

@@ -35,7 +35,8 @@ pub(super) fn route(
         .and(caller)
         .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
         .and(super::listen::peer())
-        .map(move |who: Result<Authenticated, ApiError>, ws: Option<Ws>, remote: Option<std::net::SocketAddr>| {
+        .and(super::listen::slot())
+        .map(move |who: Result<Authenticated, ApiError>, ws: Option<Ws>, remote: Option<std::net::SocketAddr>, slot: Option<super::listen::ConnSlot>| {
             let principal = match who {
                 Ok(who) => who.principal().clone(),
                 Err(e) => {
@@ -58,6 +59,7 @@ pub(super) fn route(
                 .max_message_size(limit)
                 .max_frame_size(limit)
                 .on_upgrade(move |socket| {
+                    let slot = slot.and_then(super::listen::ConnSlot::take);
                     let conn = ConnId::next();
                     let span = tracing::info_span!(
                         "ws",
@@ -68,9 +70,14 @@ pub(super) fn route(
                         peer = tracing::field::Empty
                     );
                     let task = sockets.spawn(
-                        Connection::new(services, conn, closing, principal)
-                            .pump(socket)
-                            .instrument(span),
+                        async move {
+                            // The connection's place under the cap, for as long as it lives.
+                            let _slot = slot;
+                            Connection::new(services, conn, closing, principal)
+                                .pump(socket)
+                                .await
+                        }
+                        .instrument(span),
                     );
                     async move {
                         let _ = task.await;

@@ -171,7 +171,7 @@ async fn half_sent_headers_cannot_exhaust_descriptors_or_block_administration() 
             "--max-connections",
             &CAP.to_string(),
             "--header-read-timeout-secs",
-            "1",
+            "3",
         ],
         &[],
         Stdio::null(),
@@ -187,9 +187,13 @@ async fn half_sent_headers_cannot_exhaust_descriptors_or_block_administration() 
         let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
         idle.push(s);
     }
-    // Administration works during the attack (the admin socket has descriptors left).
+    // Administration works during the attack (the admin socket has descriptors left), and
+    // so does a client that sends its request at once: it takes the place of the oldest
+    // connection still waiting for a header.
     let out = admin_cli(&data, &["device", "list"], None).await;
     assert!(!out.contains("error"), "{out}");
+    let (status, _, _) = http("GET", &format!("{}/healthz", server.http()), None, &[]).await;
+    assert_eq!(status, 200, "a real client is served during the attack");
     let during = open_descriptors(pid);
     assert!(
         during <= before + CAP,
@@ -208,6 +212,32 @@ async fn half_sent_headers_cannot_exhaust_descriptors_or_block_administration() 
     let (status, _, _) = http("GET", &format!("{}/healthz", server.http()), None, &[]).await;
     assert_eq!(status, 200);
     server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_count_against_the_connection_cap() {
+    let server = TestServer::spawn_with(|c| c.listen.max_connections = 4).await;
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(RawPeer::connect(&server.url, &format!("phone-{i}")).await);
+    }
+    // A fifth connection is closed without an answer: every place is a joined WebSocket.
+    let fifth = tokio_tungstenite::connect_async(&server.url).await;
+    assert!(fifth.is_err(), "a fifth connection was served");
+    // One phone leaves; its place is free again.
+    drop(held.pop());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if tokio_tungstenite::connect_async(&server.url).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed place was never reused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -768,4 +798,39 @@ async fn sign_in_names_cannot_forge_log_lines_and_unknown_names_are_not_logged()
         "a name started a log line of its own: {text}"
     );
     server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_for_a_household_out_of_scope_is_answered_as_for_a_made_up_id() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Cat's household, in a village Amy does not work in.
+    let cat = Device::open(&dir.path().join("cat")).await.unwrap();
+    let cat_url = server.url_for(crate::common::world::CAT).await;
+    let mut theirs = household("4");
+    theirs.village = crate::common::world::OTHER_VILLAGE.into();
+    theirs.address.village = crate::common::world::OTHER_VILLAGE.into();
+    let existing = cat.create_household(&theirs).await.unwrap();
+    assert!(cat.sync(&cat_url).await.unwrap().all_held());
+
+    let mut answers = Vec::new();
+    for doc in [existing, DocumentId::random()] {
+        let mut p = RawPeer::connect(&server.url, "prober").await;
+        let msg = Message::Sync(DocMessage {
+            sender_id: p.me.clone(),
+            target_id: p.server.clone(),
+            document_id: doc,
+            data: empty_sync(),
+        });
+        p.send(&msg).await;
+        match p.next().await {
+            crate::common::Seen::Msg(Message::Sync(m)) => answers.push(m.data),
+            other => panic!("expected a sync answer for {doc}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "existence must not show in the answer"
+    );
+    server.stop().await;
 }
