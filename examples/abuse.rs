@@ -240,6 +240,7 @@ fn probe(
 
 struct Phase {
     name: &'static str,
+    round: usize,
     before_kib: u64,
     peak_kib: u64,
     after_kib: u64,
@@ -280,6 +281,7 @@ where
     eprintln!("done");
     Phase {
         name,
+        round: 0,
         before_kib,
         peak_kib,
         after_kib,
@@ -427,12 +429,33 @@ async fn main() -> anyhow::Result<()> {
         }
         t
     };
+    // The bomber: a household with a few visits, then one change of 4,000,000 characters.
+    let bomber = Arc::new(Device::open(&dir.path().join("bomber")).await?);
+    enrol(&bin, &server, &data, &bomber).await?;
+    let target = bomber.create_household(&household(3)).await?;
+    for n in 0..3 {
+        bomber
+            .change(target, move |tx| {
+                records::add_visit(tx, &visit(format!("visit {n}")))
+            })
+            .await?;
+    }
+    anyhow::ensure!(bomber.sync(&server.ws).await?.all_held(), "bomber upload");
+    bomber
+        .change(target, |tx| {
+            records::add_visit(tx, &visit("a".repeat(4_000_000)))
+        })
+        .await?;
     let idle_kib = rss_kib(pid);
     let mut phases = Vec::new();
+    // Every class twice: memory the allocator keeps after the first round must not grow in
+    // the second (bounded, not leaking).
+    for round in 1..=2 {
+        let first_of_round = phases.len();
 
-    // 1. Sign-in flood.
-    let http = server.http.clone();
-    phases.push(
+        // 1. Sign-in flood.
+        let http = server.http.clone();
+        phases.push(
         phase("sign-in flood (192 clients)", &server, &probe_device, probe_doc, || async move {
             let deadline = Instant::now() + run_for;
             let counts = Arc::new([0, 0, 0, 0].map(|_: i32| AtomicU64::new(0)));
@@ -481,222 +504,217 @@ async fn main() -> anyhow::Result<()> {
         .await,
     );
 
-    // 2. Half-sent headers.
-    let addr = server.http.trim_start_matches("http://").to_string();
-    let room = open_files_limit().saturating_sub(200).min(20_000);
-    phases.push(
-        phase(
-            "idle connections (half a header)",
-            &server,
-            &probe_device,
-            probe_doc,
-            || async move {
-                let mut held = Vec::new();
-                let mut refused = 0;
-                for _ in 0..room {
-                    match tokio::net::TcpStream::connect(&addr).await {
-                        Ok(mut s) => {
-                            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
-                            held.push(s);
+        // 2. Half-sent headers.
+        let addr = server.http.trim_start_matches("http://").to_string();
+        let room = open_files_limit().saturating_sub(200).min(20_000);
+        phases.push(
+            phase(
+                "idle connections (half a header)",
+                &server,
+                &probe_device,
+                probe_doc,
+                || async move {
+                    let mut held = Vec::new();
+                    let mut refused = 0;
+                    for _ in 0..room {
+                        match tokio::net::TcpStream::connect(&addr).await {
+                            Ok(mut s) => {
+                                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+                                held.push(s);
+                            }
+                            Err(_) => refused += 1,
                         }
-                        Err(_) => refused += 1,
                     }
-                }
-                tokio::time::sleep(run_for).await;
-                let mut closed = 0;
-                for s in &held {
-                    let mut buf = [0u8; 1];
-                    if matches!(s.try_read(&mut buf), Ok(0) | Err(_))
-                        && s.try_read(&mut buf).map(|n| n == 0).unwrap_or(true)
-                    {
-                        closed += 1;
+                    tokio::time::sleep(run_for).await;
+                    let mut closed = 0;
+                    for s in &held {
+                        let mut buf = [0u8; 1];
+                        if matches!(s.try_read(&mut buf), Ok(0) | Err(_))
+                            && s.try_read(&mut buf).map(|n| n == 0).unwrap_or(true)
+                        {
+                            closed += 1;
+                        }
                     }
-                }
-                format!(
+                    format!(
                     "{} opened, {closed} already closed by the server after {}s, {refused} refused",
                     held.len(),
                     run_for.as_secs()
                 )
-            },
-        )
-        .await,
-    );
+                },
+            )
+            .await,
+        );
 
-    // 3. Made-up documents.
-    let ws_base = server.ws.clone();
-    let toks = tokens.clone();
-    phases.push(
-        phase(
-            "made-up documents (20 x 300)",
-            &server,
-            &probe_device,
-            probe_doc,
-            || async move {
-                let mut tasks = Vec::new();
-                for (i, t) in toks.into_iter().enumerate() {
-                    let url = format!("{ws_base}?token={t}");
-                    tasks.push(tokio::spawn(async move {
-                        let Ok((mut ws, me, server_id)) =
-                            joined_ws(&url, &format!("maker-{i}")).await
-                        else {
-                            return None;
-                        };
-                        let data = empty_sync();
-                        for _ in 0..300 {
-                            let msg = Message::Sync(DocMessage {
-                                sender_id: me.clone(),
-                                target_id: server_id.clone(),
-                                document_id: DocumentId::random(),
-                                data: data.clone(),
-                            });
-                            if ws
-                                .send(WsMessage::binary(codec::encode(&msg)))
-                                .await
-                                .is_err()
-                            {
-                                break;
+        // 3. Made-up documents.
+        let ws_base = server.ws.clone();
+        let toks = tokens.clone();
+        phases.push(
+            phase(
+                "made-up documents (20 x 300)",
+                &server,
+                &probe_device,
+                probe_doc,
+                || async move {
+                    let mut tasks = Vec::new();
+                    for (i, t) in toks.into_iter().enumerate() {
+                        let url = format!("{ws_base}?token={t}");
+                        tasks.push(tokio::spawn(async move {
+                            let Ok((mut ws, me, server_id)) =
+                                joined_ws(&url, &format!("maker-{i}")).await
+                            else {
+                                return None;
+                            };
+                            let data = empty_sync();
+                            for _ in 0..300 {
+                                let msg = Message::Sync(DocMessage {
+                                    sender_id: me.clone(),
+                                    target_id: server_id.clone(),
+                                    document_id: DocumentId::random(),
+                                    data: data.clone(),
+                                });
+                                if ws
+                                    .send(WsMessage::binary(codec::encode(&msg)))
+                                    .await
+                                    .is_err()
+                                {
+                                    break;
+                                }
                             }
-                        }
-                        while let Some(Ok(m)) = ws.next().await {
-                            if let WsMessage::Close(f) = m {
-                                return f.map(|f| u16::from(f.code));
+                            while let Some(Ok(m)) = ws.next().await {
+                                if let WsMessage::Close(f) = m {
+                                    return f.map(|f| u16::from(f.code));
+                                }
                             }
-                        }
-                        None
-                    }));
-                }
-                let mut codes = Vec::new();
-                for t in tasks {
-                    codes.push(t.await.ok().flatten());
-                }
-                let closed = codes.iter().filter(|c| **c == Some(1008)).count();
-                format!("{closed} of 20 connections closed with 1008 past the per-connection bound")
-            },
-        )
-        .await,
-    );
-
-    // 4. The operation bomb.
-    let bomber = Arc::new(Device::open(&dir.path().join("bomber")).await?);
-    enrol(&bin, &server, &data, &bomber).await?;
-    let target = bomber.create_household(&household(3)).await?;
-    for n in 0..3 {
-        bomber
-            .change(target, move |tx| {
-                records::add_visit(tx, &visit(format!("visit {n}")))
-            })
-            .await?;
-    }
-    anyhow::ensure!(bomber.sync(&server.ws).await?.all_held(), "bomber upload");
-    bomber
-        .change(target, |tx| {
-            records::add_visit(tx, &visit("a".repeat(4_000_000)))
-        })
-        .await?;
-    let ws_url = server.ws.clone();
-    phases.push(
-        phase(
-            "operation bomb (4,000,001 ops)",
-            &server,
-            &probe_device,
-            probe_doc,
-            || async move {
-                let started = Instant::now();
-                let outcome = bomber.sync(&ws_url).await;
-                tokio::time::sleep(run_for.saturating_sub(started.elapsed())).await;
-                match outcome {
-                    Err(e) => format!("refused in {:.0} ms: {e}", started.elapsed().as_millis()),
-                    Ok(r) => format!("not refused: {r:?}"),
-                }
-            },
-        )
-        .await,
-    );
-
-    // 5. Never-reading clients.
-    let ws_base = server.ws.clone();
-    let toks = tokens.clone();
-    phases.push(
-        phase(
-            "never-reading clients (40 x 1 MB)",
-            &server,
-            &probe_device,
-            probe_doc,
-            || async move {
-                let mut held = Vec::new();
-                for i in 0..40 {
-                    let url = format!("{ws_base}?token={}", toks[i % toks.len()]);
-                    if let Ok((mut ws, me, server_id)) =
-                        joined_ws(&url, &format!("sloth-{i}")).await
-                    {
-                        use automerge::sync::SyncDoc;
-                        let mut state = automerge::sync::State::new();
-                        let data = automerge::Automerge::new()
-                            .generate_sync_message(&mut state)
-                            .map(|m| m.encode())
-                            .unwrap_or_default();
-                        let msg = Message::Request(DocMessage {
-                            sender_id: me,
-                            target_id: server_id,
-                            document_id: big,
-                            data,
-                        });
-                        let _ = ws.send(WsMessage::binary(codec::encode(&msg))).await;
-                        held.push(ws); // never read
+                            None
+                        }));
                     }
-                }
-                tokio::time::sleep(run_for).await;
-                format!(
-                    "{} connections held without reading for {}s",
-                    held.len(),
-                    run_for.as_secs()
-                )
-            },
-        )
-        .await,
-    );
+                    let mut codes = Vec::new();
+                    for t in tasks {
+                        codes.push(t.await.ok().flatten());
+                    }
+                    let closed = codes.iter().filter(|c| **c == Some(1008)).count();
+                    format!(
+                        "{closed} of 20 connections closed with 1008 past the per-connection bound"
+                    )
+                },
+            )
+            .await,
+        );
 
-    // 6. Item bombs before join.
-    let ws_base = server.ws.clone();
-    let toks = tokens.clone();
-    phases.push(
-        phase(
-            "item bombs (10 x 15 MB of 1-byte CBOR items)",
-            &server,
-            &probe_device,
-            probe_doc,
-            || async move {
-                let mut frame = vec![0x9a];
-                frame.extend_from_slice(&15_000_000u32.to_be_bytes());
-                frame.resize(15_000_005, 0);
-                let frame = bytes::Bytes::from(frame);
-                let mut tasks = Vec::new();
-                for i in 0..10 {
-                    let url = format!("{ws_base}?token={}", toks[i % toks.len()]);
-                    let frame = frame.clone();
-                    tasks.push(tokio::spawn(async move {
-                        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await else {
-                            return None;
-                        };
-                        let _ = ws.send(WsMessage::Binary(frame)).await;
-                        while let Some(Ok(m)) = ws.next().await {
-                            if let WsMessage::Close(f) = m {
-                                return f.map(|f| u16::from(f.code));
-                            }
+        // 4. The operation bomb (prepared before the rounds).
+        let bomber = bomber.clone();
+        let ws_url = server.ws.clone();
+        phases.push(
+            phase(
+                "operation bomb (4,000,001 ops)",
+                &server,
+                &probe_device,
+                probe_doc,
+                || async move {
+                    let started = Instant::now();
+                    let outcome = bomber.sync(&ws_url).await;
+                    tokio::time::sleep(run_for.saturating_sub(started.elapsed())).await;
+                    match outcome {
+                        Err(e) => {
+                            format!("refused in {:.0} ms: {e}", started.elapsed().as_millis())
                         }
-                        None
-                    }));
-                }
-                let mut codes = Vec::new();
-                for t in tasks {
-                    codes.push(t.await.ok().flatten());
-                }
-                tokio::time::sleep(run_for).await;
-                format!("close codes {codes:?}")
-            },
-        )
-        .await,
-    );
+                        Ok(r) => format!("not refused: {r:?}"),
+                    }
+                },
+            )
+            .await,
+        );
+
+        // 5. Never-reading clients.
+        let ws_base = server.ws.clone();
+        let toks = tokens.clone();
+        phases.push(
+            phase(
+                "never-reading clients (40 x 1 MB)",
+                &server,
+                &probe_device,
+                probe_doc,
+                || async move {
+                    let mut held = Vec::new();
+                    for i in 0..40 {
+                        let url = format!("{ws_base}?token={}", toks[i % toks.len()]);
+                        if let Ok((mut ws, me, server_id)) =
+                            joined_ws(&url, &format!("sloth-{i}")).await
+                        {
+                            use automerge::sync::SyncDoc;
+                            let mut state = automerge::sync::State::new();
+                            let data = automerge::Automerge::new()
+                                .generate_sync_message(&mut state)
+                                .map(|m| m.encode())
+                                .unwrap_or_default();
+                            let msg = Message::Request(DocMessage {
+                                sender_id: me,
+                                target_id: server_id,
+                                document_id: big,
+                                data,
+                            });
+                            let _ = ws.send(WsMessage::binary(codec::encode(&msg))).await;
+                            held.push(ws); // never read
+                        }
+                    }
+                    tokio::time::sleep(run_for).await;
+                    format!(
+                        "{} connections held without reading for {}s",
+                        held.len(),
+                        run_for.as_secs()
+                    )
+                },
+            )
+            .await,
+        );
+
+        // 6. Item bombs before join.
+        let ws_base = server.ws.clone();
+        let toks = tokens.clone();
+        phases.push(
+            phase(
+                "item bombs (10 x 15 MB of 1-byte CBOR items)",
+                &server,
+                &probe_device,
+                probe_doc,
+                || async move {
+                    let mut frame = vec![0x9a];
+                    frame.extend_from_slice(&15_000_000u32.to_be_bytes());
+                    frame.resize(15_000_005, 0);
+                    let frame = bytes::Bytes::from(frame);
+                    let mut tasks = Vec::new();
+                    for i in 0..10 {
+                        let url = format!("{ws_base}?token={}", toks[i % toks.len()]);
+                        let frame = frame.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await
+                            else {
+                                return None;
+                            };
+                            let _ = ws.send(WsMessage::Binary(frame)).await;
+                            while let Some(Ok(m)) = ws.next().await {
+                                if let WsMessage::Close(f) = m {
+                                    return f.map(|f| u16::from(f.code));
+                                }
+                            }
+                            None
+                        }));
+                    }
+                    let mut codes = Vec::new();
+                    for t in tasks {
+                        codes.push(t.await.ok().flatten());
+                    }
+                    tokio::time::sleep(run_for).await;
+                    format!("close codes {codes:?}")
+                },
+            )
+            .await,
+        );
+
+        for p in &mut phases[first_of_round..] {
+            p.round = round;
+        }
+    }
 
     let mut server = server;
     let _ = server.child.kill().await;
@@ -706,13 +724,14 @@ async fn main() -> anyhow::Result<()> {
         idle_kib / 1024
     );
     println!(
-        "| abuse | RSS before | peak | 3 s after | peak fds | probe sync p50 / max (failed) | outcome |"
+        "| abuse | round | RSS before | peak | 3 s after | peak fds | probe sync p50 / max (failed) | outcome |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for p in &phases {
         println!(
-            "| {} | {} MiB | {} MiB | {} MiB | {} | {:.0} / {:.0} ms ({}) | {} |",
+            "| {} | {} | {} MiB | {} MiB | {} MiB | {} | {:.0} / {:.0} ms ({}) | {} |",
             p.name,
+            p.round,
             p.before_kib / 1024,
             p.peak_kib / 1024,
             p.after_kib / 1024,

@@ -10,6 +10,7 @@
 //! (that is `server`), call sled directly (that is `storage`), or log a secret.
 
 pub mod admin;
+mod hasher;
 mod provenance;
 pub mod socket;
 
@@ -202,6 +203,7 @@ struct Inner {
     sign_in_address_throttle: Mutex<Throttle>,
     enrolment_throttle: Mutex<Throttle>,
     password_checks: Arc<tokio::sync::Semaphore>,
+    hasher: hasher::Hasher,
 }
 
 /// Removes a connection from the live registry when it ends.
@@ -241,6 +243,8 @@ impl Accounts {
         let password_checks = Arc::new(tokio::sync::Semaphore::new(
             config.max_concurrent_password_checks.max(1),
         ));
+        let hasher = hasher::Hasher::start(config.max_concurrent_password_checks)
+            .map_err(|e| StorageError::Task(format!("cannot start the password threads: {e}")))?;
         Ok(Accounts {
             inner: Arc::new(Inner {
                 store,
@@ -253,6 +257,7 @@ impl Accounts {
                 sign_in_address_throttle: Mutex::new(sign_in_address_throttle),
                 enrolment_throttle: Mutex::new(enrolment_throttle),
                 password_checks,
+                hasher,
             }),
         })
     }
@@ -513,22 +518,25 @@ impl Accounts {
             .filter(|u| !u.disabled && u.role != Role::Officer)
             .and_then(|u| u.password.clone());
         let password = password.to_string();
-        // argon2 is deliberately slow: off the reactor. An unknown name still costs one
-        // verification (against a fixed hash) so timing does not reveal which names exist.
-        // The permit moves into the task: the slot is held until the hash is done, even if
-        // the client went away.
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            match phc {
-                Some(phc) => secrets::verify_password(&password, &phc),
-                None => {
-                    let _ = secrets::verify_password(&password, dummy_phc());
-                    false
+        // argon2 is deliberately slow: off the reactor, on the password threads (see
+        // `hasher`). An unknown name still costs one verification (against a fixed hash) so
+        // timing does not reveal which names exist. The permit moves into the job: the slot
+        // is held until the hash is done, even if the client went away.
+        let ok = self
+            .inner
+            .hasher
+            .run(move || {
+                let _permit = permit;
+                match phc {
+                    Some(phc) => secrets::verify_password(&password, &phc),
+                    None => {
+                        let _ = secrets::verify_password(&password, dummy_phc());
+                        false
+                    }
                 }
-            }
-        })
-        .await
-        .map_err(|e| StorageError::Task(e.to_string()))?;
+            })
+            .await
+            .ok_or_else(|| StorageError::Task("the password threads stopped".into()))?;
         if !ok {
             // A name nobody has may be a password typed in the wrong field: never logged.
             // Known names are logged escaped (`?`), so a newline cannot forge a log line.

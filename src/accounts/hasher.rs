@@ -1,0 +1,74 @@
+//! A fixed pool of threads that check passwords (argon2: about 19 MiB and tens of
+//! milliseconds each).
+//!
+//! Why not `spawn_blocking`: the allocator keeps a freed 19 MiB buffer in the arena of the
+//! thread that used it, and tokio's blocking pool has hundreds of threads, so a sign-in flood
+//! spread over many of them leaves hundreds of MiB behind even when only two run at once. On
+//! a few long-lived threads the buffers are reused: the memory is bounded by the pool size.
+//! Must not queue without bound: callers hold a permit of `Accounts`' semaphore (one per
+//! thread) before they submit, so the queue never holds more jobs than there are threads.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub(super) struct Hasher {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl Hasher {
+    /// Starts `threads` worker threads; they end when the hasher is dropped.
+    pub(super) fn start(threads: usize) -> std::io::Result<Hasher> {
+        let threads = threads.max(1);
+        let (jobs, queue) = mpsc::sync_channel::<Job>(threads);
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("password-check-{i}"))
+                .spawn(move || loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match next {
+                        Ok(job) => job(),
+                        Err(_) => return, // the hasher was dropped
+                    }
+                })?;
+        }
+        Ok(Hasher { jobs })
+    }
+
+    /// Runs `check` on a pool thread and waits for its answer; `None` if the pool stopped.
+    pub(super) async fn run(&self, check: impl FnOnce() -> bool + Send + 'static) -> Option<bool> {
+        let (done, answer) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(check());
+        });
+        // Never full: callers hold one of as many permits as there are threads.
+        self.jobs.try_send(job).ok()?;
+        answer.await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checks_run_on_the_pool_and_answer() {
+        let hasher = Hasher::start(2).unwrap();
+        let names: Vec<Option<bool>> = futures_util::future::join_all((0..4).map(|i| {
+            hasher.run(move || {
+                let name = std::thread::current()
+                    .name()
+                    .unwrap_or_default()
+                    .to_string();
+                name.starts_with("password-check-") && i < 4
+            })
+        }))
+        .await;
+        assert_eq!(names, vec![Some(true); 4]);
+    }
+}
