@@ -86,6 +86,26 @@ async fn another_stations_household_looks_exactly_like_a_missing_one() {
             data,
         }))
         .await;
+        // The first message offers no change yet: it is answered as for an id nobody has
+        // (an empty document's reply); the change that follows is refused.
+        let reply = match peer.next().await {
+            Seen::Msg(Message::Sync(m)) => m,
+            other => panic!("expected the answer for an unknown document, got {other:?}"),
+        };
+        forged
+            .receive_sync_message(
+                &mut state,
+                automerge::sync::Message::decode(&reply.data).unwrap(),
+            )
+            .unwrap();
+        let data = forged.generate_sync_message(&mut state).unwrap().encode();
+        peer.send(&Message::Sync(DocMessage {
+            sender_id: peer.me.clone(),
+            target_id: peer.server.clone(),
+            document_id: id,
+            data,
+        }))
+        .await;
         match peer.next().await {
             Seen::Msg(Message::DocUnavailable(m)) => assert_eq!(m.document_id, id),
             other => panic!("expected doc-unavailable for a write, got {other:?}"),
