@@ -5,6 +5,7 @@
 //! ```text
 //! cargo build --release && cargo run --release --example abuse
 //! cargo run --release --example abuse -- --server target/release/fieldsync --seconds 5
+//! ABUSE_ONLY=sign-in cargo run --release --example abuse   # one class (a name prefix)
 //! ```
 //!
 //! It starts the real `fieldsync serve` (release build, default limits, a fresh data
@@ -256,11 +257,16 @@ async fn phase<F, Fut>(
     probe_device: &Arc<Device>,
     probe_doc: DocumentId,
     attack: F,
-) -> Phase
+) -> Option<Phase>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = String>,
 {
+    if let Ok(only) = std::env::var("ABUSE_ONLY") {
+        if !name.starts_with(only.as_str()) {
+            return None;
+        }
+    }
     eprint!("{name} ... ");
     let _ = std::io::stderr().flush();
     let before_kib = rss_kib(server.pid);
@@ -279,7 +285,7 @@ where
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after_kib = rss_kib(server.pid);
     eprintln!("done");
-    Phase {
+    Some(Phase {
         name,
         round: 0,
         before_kib,
@@ -289,7 +295,7 @@ where
         probe,
         probe_failed,
         outcome,
-    }
+    })
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -455,7 +461,7 @@ async fn main() -> anyhow::Result<()> {
 
         // 1. Sign-in flood.
         let http = server.http.clone();
-        phases.push(
+        phases.extend(
         phase("sign-in flood (192 clients)", &server, &probe_device, probe_doc, || async move {
             let deadline = Instant::now() + run_for;
             let counts = Arc::new([0, 0, 0, 0].map(|_: i32| AtomicU64::new(0)));
@@ -507,7 +513,7 @@ async fn main() -> anyhow::Result<()> {
         // 2. Half-sent headers.
         let addr = server.http.trim_start_matches("http://").to_string();
         let room = open_files_limit().saturating_sub(200).min(20_000);
-        phases.push(
+        phases.extend(
             phase(
                 "idle connections (half a header)",
                 &server,
@@ -548,7 +554,7 @@ async fn main() -> anyhow::Result<()> {
         // 3. Made-up documents.
         let ws_base = server.ws.clone();
         let toks = tokens.clone();
-        phases.push(
+        phases.extend(
             phase(
                 "made-up documents (20 x 300)",
                 &server,
@@ -604,7 +610,7 @@ async fn main() -> anyhow::Result<()> {
         // 4. The operation bomb (prepared before the rounds).
         let bomber = bomber.clone();
         let ws_url = server.ws.clone();
-        phases.push(
+        phases.extend(
             phase(
                 "operation bomb (4,000,001 ops)",
                 &server,
@@ -628,7 +634,7 @@ async fn main() -> anyhow::Result<()> {
         // 5. Never-reading clients.
         let ws_base = server.ws.clone();
         let toks = tokens.clone();
-        phases.push(
+        phases.extend(
             phase(
                 "never-reading clients (40 x 1 MB)",
                 &server,
@@ -671,7 +677,7 @@ async fn main() -> anyhow::Result<()> {
         // 6. Item bombs before join.
         let ws_base = server.ws.clone();
         let toks = tokens.clone();
-        phases.push(
+        phases.extend(
             phase(
                 "item bombs (10 x 15 MB of 1-byte CBOR items)",
                 &server,

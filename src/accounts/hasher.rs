@@ -1,10 +1,10 @@
 //! A fixed pool of threads that check passwords (argon2: about 19 MiB and tens of
 //! milliseconds each).
 //!
-//! Why not `spawn_blocking`: the allocator keeps a freed 19 MiB buffer in the arena of the
-//! thread that used it, and tokio's blocking pool has hundreds of threads, so a sign-in flood
-//! spread over many of them leaves hundreds of MiB behind even when only two run at once. On
-//! a few long-lived threads the buffers are reused: the memory is bounded by the pool size.
+//! Why not `spawn_blocking`: argon2 allocates its 19 MiB per check, and the allocator keeps
+//! freed ones around per thread (measured: about 200 MiB per thread after a dozen checks);
+//! tokio's blocking pool has hundreds of threads. Here each of a few long-lived threads keeps
+//! one buffer and computes every check in it: the memory is the pool size times 19 MiB.
 //! Must not queue without bound: callers hold a permit of `Accounts`' semaphore (one per
 //! thread) before they submit, so the queue never holds more jobs than there are threads.
 
@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-type Job = Box<dyn FnOnce() + Send>;
+use crate::auth::secrets::PasswordMemory;
+
+/// A job gets its thread's argon2 memory, reused from job to job.
+type Job = Box<dyn FnOnce(&mut PasswordMemory) + Send>;
 
 pub(super) struct Hasher {
     jobs: mpsc::SyncSender<Job>,
@@ -29,11 +32,14 @@ impl Hasher {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("password-check-{i}"))
-                .spawn(move || loop {
-                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match next {
-                        Ok(job) => job(),
-                        Err(_) => return, // the hasher was dropped
+                .spawn(move || {
+                    let mut memory = PasswordMemory::default();
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match next {
+                            Ok(job) => job(&mut memory),
+                            Err(_) => return, // the hasher was dropped
+                        }
                     }
                 })?;
         }
@@ -41,10 +47,13 @@ impl Hasher {
     }
 
     /// Runs `check` on a pool thread and waits for its answer; `None` if the pool stopped.
-    pub(super) async fn run(&self, check: impl FnOnce() -> bool + Send + 'static) -> Option<bool> {
+    pub(super) async fn run(
+        &self,
+        check: impl FnOnce(&mut PasswordMemory) -> bool + Send + 'static,
+    ) -> Option<bool> {
         let (done, answer) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = done.send(check());
+        let job: Job = Box::new(move |memory| {
+            let _ = done.send(check(memory));
         });
         // Never full: callers hold one of as many permits as there are threads.
         self.jobs.try_send(job).ok()?;
@@ -62,7 +71,7 @@ mod tests {
         // As many at once as there are threads (what the permits allow), twice.
         for _ in 0..2 {
             let answers: Vec<Option<bool>> = futures_util::future::join_all((0..2).map(|_| {
-                hasher.run(|| {
+                hasher.run(|_| {
                     std::thread::current()
                         .name()
                         .is_some_and(|n| n.starts_with("password-check-"))

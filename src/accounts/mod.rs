@@ -525,12 +525,12 @@ impl Accounts {
         let ok = self
             .inner
             .hasher
-            .run(move || {
+            .run(move |memory| {
                 let _permit = permit;
                 match phc {
-                    Some(phc) => secrets::verify_password(&password, &phc),
+                    Some(phc) => secrets::verify_password_in(&password, &phc, memory),
                     None => {
-                        let _ = secrets::verify_password(&password, dummy_phc());
+                        let _ = secrets::verify_password_in(&password, dummy_phc(), memory);
                         false
                     }
                 }

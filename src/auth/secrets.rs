@@ -133,6 +133,52 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
     }
 }
 
+/// argon2's working memory (about 19 MiB with the default parameters), kept by a thread that
+/// checks many passwords: allocating it for every check makes the allocator keep a growing
+/// pile of freed 19 MiB buffers (measured: +19 MiB per check up to about 200 MiB per thread).
+#[derive(Default)]
+pub struct PasswordMemory(Vec<argon2::Block>);
+
+/// Like [`verify_password`], computing in `memory` instead of allocating.
+pub fn verify_password_in(password: &str, phc: &str, memory: &mut PasswordMemory) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let Ok(params) = argon2::Params::try_from(&parsed) else {
+        return false;
+    };
+    let Ok(algorithm) = argon2::Algorithm::try_from(parsed.algorithm) else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+        None => argon2::Version::default(),
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.0.len() != blocks {
+        memory.0 = vec![argon2::Block::default(); blocks];
+    }
+    let expected = expected.as_bytes();
+    let mut out = vec![0u8; expected.len()];
+    let ok = Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut memory.0[..])
+        .is_ok();
+    ok && out.len() == expected.len()
+        && out
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +212,21 @@ mod tests {
         assert!(verify_password("correct horse battery", &phc));
         assert!(!verify_password("wrong horse battery", &phc));
         assert!(!verify_password("anything", "not a hash"));
+        // The memory-reusing check agrees, with one buffer for many checks.
+        let mut memory = PasswordMemory::default();
+        for _ in 0..3 {
+            assert!(verify_password_in(
+                "correct horse battery",
+                &phc,
+                &mut memory
+            ));
+            assert!(!verify_password_in(
+                "wrong horse battery",
+                &phc,
+                &mut memory
+            ));
+        }
+        assert!(!verify_password_in("anything", "not a hash", &mut memory));
         assert_eq!(
             hash_password("short", [1; 16]).unwrap_err(),
             PasswordError::TooShort
