@@ -39,6 +39,8 @@ pub(crate) enum Cmd {
         link: PeerLink,
         kind: SyncKind,
         data: Vec<u8>,
+        /// Held until the answer is queued (dropped with the command on any other way out).
+        in_flight: super::InFlight,
     },
     /// A change made by the server itself (catalogs), or on behalf of an account (staff
     /// edits through the API). Answered once durable: `Ok(true)` if it changed the document.
@@ -105,6 +107,8 @@ struct Applied {
     local_done: Vec<(LocalDone, Result<bool, String>)>,
     /// Edits of other documents that the accepted changes call for (catalog entries).
     derived: Vec<DerivedEdit>,
+    /// The `request`s/`sync`s this batch handled: settled once answers are queued.
+    settled: Vec<super::InFlight>,
 }
 
 impl DocActor {
@@ -285,6 +289,7 @@ impl DocActor {
         let hub = self.hub.clone();
         let compact_after = self.hub.config.compact_after_chunks;
         let changed = applied.changed;
+        let settled = std::mem::take(&mut applied.settled);
         let state = blocking(move || {
             if changed {
                 // Flushed above: the projection is as durable as the chunk.
@@ -297,6 +302,7 @@ impl DocActor {
             Ok(state)
         })
         .await?;
+        drop(settled); // answers are queued: these requests are no longer in flight
         self.hub.set_cost(
             self.id,
             self.generation,
@@ -318,10 +324,16 @@ impl DocState {
                         persist_sync_state(store, self.id, &mut p);
                     }
                 }
-                Cmd::Sync { link, kind, data } => {
+                Cmd::Sync {
+                    link,
+                    kind,
+                    data,
+                    in_flight,
+                } => {
                     // Decided here, per message, so a revocation or a new registration made
                     // while the message waited in the queue is honoured.
                     let access = hub.authorizer.access(&link.principal, self.id);
+                    out.settled.push(in_flight);
                     self.apply_one(hub, link, kind, &data, access, &mut out)
                 }
                 Cmd::Read { read } => read(&self.doc),

@@ -98,6 +98,16 @@ fn weight(out: &Outbound) -> usize {
     }
 }
 
+/// One request of a connection in flight; dropping it settles it.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PeerLink {
     pub conn: ConnId,
@@ -110,6 +120,9 @@ pub struct PeerLink {
     /// Documents this connection is uploading that are not registered yet (shared by every
     /// clone of the link).
     ungranted: Arc<Mutex<HashSet<DocumentId>>>,
+    /// Its `request`s and `sync`s handed to the hub and not yet answered: the connection stops
+    /// reading while many are, so its own burst cannot overflow its outbox.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl PeerLink {
@@ -151,7 +164,20 @@ impl PeerLink {
             outbox,
             kill,
             ungranted: Arc::default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// A `request` or `sync` of this connection goes to the hub: it counts as in flight until
+    /// the returned guard is dropped (by the hub or the document's actor, once the answer,
+    /// if any, is queued; on every other way out it is dropped too).
+    pub fn request_started(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+
+    pub fn requests_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Queues a message without waiting; a full queue (in messages or bytes) disconnects the

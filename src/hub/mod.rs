@@ -28,7 +28,7 @@ use crate::storage::Store;
 use actor::{Cmd, DocActor};
 pub use cache::CacheStats;
 use cache::{Cache, Lookup};
-pub use link::{KillSwitch, Outbound, Outbox, PeerLink};
+pub use link::{InFlight, KillSwitch, Outbound, Outbox, PeerLink};
 
 /// Tuning for the hub; every field has a unit in its name.
 #[derive(Clone, Debug)]
@@ -218,8 +218,17 @@ impl Hub {
 
     /// Handles one `request` or `sync` from a connection. Returns once the message is queued
     /// for the document (the reply follows through the link's outbox), so a connection can
-    /// have many documents in flight and their flushes are shared.
-    pub async fn sync(&self, link: &PeerLink, kind: SyncKind, doc: DocumentId, mut data: Vec<u8>) {
+    /// have many documents in flight and their flushes are shared. A queued message's actor
+    /// holds `in_flight` until its answer is queued; on every other way out it is dropped
+    /// here.
+    pub async fn sync(
+        &self,
+        link: &PeerLink,
+        kind: SyncKind,
+        doc: DocumentId,
+        mut data: Vec<u8>,
+        mut in_flight: InFlight,
+    ) {
         let access = self.inner.authorizer.access(&link.principal, doc);
         if access == Access::None {
             if kind == SyncKind::Sync {
@@ -234,7 +243,7 @@ impl Hub {
         // A document nobody has registered yet (a new upload, or a made-up id) costs memory
         // while it is loaded: one connection may have only so many of them in progress.
         let limit = self.inner.config.max_ungranted_docs_per_connection;
-        if access == Access::Create {
+        if access == Access::Create && kind == SyncKind::Sync {
             if !link.hold_ungranted(doc, limit) {
                 tracing::warn!(conn = %link.conn, limit, "too many unregistered documents on one connection");
                 link.send(Outbound::Fail {
@@ -273,12 +282,20 @@ impl Hub {
                 link: link.clone(),
                 kind,
                 data,
+                in_flight,
             };
             match tx.send(cmd).await {
                 Ok(()) => return,
                 // The actor stopped between lookup and send (evicted and drained, or failed):
                 // look it up again, which waits for it to finish and reloads.
-                Err(mpsc::error::SendError(Cmd::Sync { data: d, .. })) => data = d,
+                Err(mpsc::error::SendError(Cmd::Sync {
+                    data: d,
+                    in_flight: f,
+                    ..
+                })) => {
+                    data = d;
+                    in_flight = f;
+                }
                 Err(_) => return,
             }
         }

@@ -158,9 +158,11 @@ impl Connection {
                 _ = self.closing.cancelled() => session.shutdown(),
                 _ = until(session.join_deadline()) => session.tick(Timestamp::now()),
                 (code, reason) = kill.killed() => session.fail(code, reason),
-                // Backpressure: while half the outbox waits for the socket, requests are not
-                // read (they wait in TCP), so a client's burst cannot overflow its own outbox.
-                frame = stream.next(), if self.outbox.capacity() > outbox_len / 2 => match frame {
+                // Backpressure: while half the outbox waits for the socket, or half as many
+                // requests wait for their answers, the client's frames are not read (they wait
+                // in TCP), so its own burst cannot overflow its outbox.
+                frame = stream.next(), if self.outbox.capacity() > outbox_len / 2
+                    && self.link.as_ref().map_or(0, PeerLink::requests_in_flight) < outbox_len / 2 => match frame {
                     Some(Ok(msg)) if msg.is_binary() => session.handle_binary(msg.as_bytes(), Timestamp::now()),
                     Some(Ok(msg)) if msg.is_text() => session.handle_text(Timestamp::now()),
                     Some(Ok(msg)) if msg.is_close() => {
@@ -295,7 +297,11 @@ impl Connection {
                 data,
             } => {
                 if let Some(link) = &self.link {
-                    self.services.hub.sync(link, kind, document_id, data).await;
+                    let in_flight = link.request_started();
+                    self.services
+                        .hub
+                        .sync(link, kind, document_id, data, in_flight)
+                        .await;
                 }
                 Stop::Continue
             }

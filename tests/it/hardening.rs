@@ -834,3 +834,22 @@ async fn a_sync_for_a_household_out_of_scope_is_answered_as_for_a_made_up_id() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_from_a_reading_client_is_paced_not_cut_off() {
+    // A small outbound queue, so that a burst is many times larger than it.
+    let server = TestServer::spawn_with(|c| c.outbox_len = 16).await;
+    let mut p = RawPeer::connect(&server.url, "big-village").await;
+    const BURST: usize = 2000;
+    for _ in 0..BURST {
+        p.request(DocumentId::random()).await;
+    }
+    // The client reads everything it asked for; it is never told it is too slow.
+    for n in 0..BURST {
+        match p.next().await {
+            crate::common::Seen::Msg(Message::DocUnavailable(_)) => {}
+            other => panic!("answer {n} of {BURST}: {other:?}"),
+        }
+    }
+    server.stop().await;
+}
