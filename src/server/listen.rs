@@ -111,12 +111,16 @@ impl ConnSlot {
     /// Takes the place, to be held by whatever outlives the HTTP exchange (an upgraded
     /// WebSocket); the connection's task no longer releases it.
     pub(super) fn take(self) -> Option<SlotGuard> {
-        lock(&self.0 .0).take().map(SlotGuard)
+        lock(&self.0 .0)
+            .take()
+            .map(|permit| SlotGuard { _permit: permit })
     }
 }
 
 /// Holds a connection's place under the cap until dropped.
-pub(super) struct SlotGuard(#[allow(dead_code)] OwnedSemaphorePermit);
+pub(super) struct SlotGuard {
+    _permit: OwnedSemaphorePermit,
+}
 
 /// Connections that have not sent a whole request yet, oldest first: when every slot is
 /// taken, the oldest of them makes room for a new connection. A client that sends its request

@@ -151,16 +151,17 @@ fn write_identity(dir: &Path, id: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(IDENTITY_FILE);
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&path)
-        .and_then(|mut f| f.write_all(id.as_bytes()).and(f.sync_all()).map(|()| f))
-        .map_err(|e| StorageError::Io(format!("cannot write {}: {e}", path.display())))?;
-    let _ = f.flush();
-    Ok(())
+        .and_then(|mut f| {
+            f.write_all(id.as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(|e| StorageError::Io(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Compares the store's id with the identity file (writing the file for a store that has
