@@ -312,14 +312,7 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn joined_ws(
-    url: &str,
-    name: &str,
-) -> anyhow::Result<(
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    PeerId,
-    PeerId,
-)> {
+async fn joined_ws(url: &str, name: &str) -> anyhow::Result<(Ws, PeerId, PeerId)> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
     let me = PeerId::new(name).ok_or_else(|| anyhow::anyhow!("peer id"))?;
     ws.send(WsMessage::binary(codec::encode(&Message::Join(Join {
@@ -342,6 +335,27 @@ async fn joined_ws(
             other => anyhow::bail!("no peer message: {other:?}"),
         }
     }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads until the server's close frame; its code.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    while let Some(Ok(m)) = ws.next().await {
+        if let WsMessage::Close(f) = m {
+            return f.map(|f| u16::from(f.code));
+        }
+    }
+    None
+}
+
+async fn close_codes(tasks: Vec<tokio::task::JoinHandle<Option<u16>>>) -> Vec<Option<u16>> {
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.ok().flatten());
+    }
+    codes
 }
 
 fn empty_sync() -> Vec<u8> {
@@ -592,18 +606,10 @@ async fn main() -> anyhow::Result<()> {
                                     break;
                                 }
                             }
-                            while let Some(Ok(m)) = ws.next().await {
-                                if let WsMessage::Close(f) = m {
-                                    return f.map(|f| u16::from(f.code));
-                                }
-                            }
-                            None
+                            close_code(&mut ws).await
                         }));
                     }
-                    let mut codes = Vec::new();
-                    for t in tasks {
-                        codes.push(t.await.ok().flatten());
-                    }
+                    let codes = close_codes(tasks).await;
                     let closed = codes.iter().filter(|c| **c == Some(1008)).count();
                     format!(
                         "{closed} of 20 connections closed with 1008 past the per-connection bound"
@@ -704,18 +710,10 @@ async fn main() -> anyhow::Result<()> {
                                 return None;
                             };
                             let _ = ws.send(WsMessage::Binary(frame)).await;
-                            while let Some(Ok(m)) = ws.next().await {
-                                if let WsMessage::Close(f) = m {
-                                    return f.map(|f| u16::from(f.code));
-                                }
-                            }
-                            None
+                            close_code(&mut ws).await
                         }));
                     }
-                    let mut codes = Vec::new();
-                    for t in tasks {
-                        codes.push(t.await.ok().flatten());
-                    }
+                    let codes = close_codes(tasks).await;
                     tokio::time::sleep(run_for).await;
                     format!("close codes {codes:?}")
                 },

@@ -79,13 +79,7 @@ async fn another_stations_household_looks_exactly_like_a_missing_one() {
         tx.commit();
         let mut state = automerge::sync::State::new();
         let data = forged.generate_sync_message(&mut state).unwrap().encode();
-        peer.send(&Message::Sync(DocMessage {
-            sender_id: peer.me.clone(),
-            target_id: peer.server.clone(),
-            document_id: id,
-            data,
-        }))
-        .await;
+        peer.offer(id, data).await;
         // The first message offers no change yet: it is answered as for an id nobody has
         // (an empty document's reply); the change that follows is refused.
         let reply = match peer.next().await {
@@ -99,13 +93,7 @@ async fn another_stations_household_looks_exactly_like_a_missing_one() {
             )
             .unwrap();
         let data = forged.generate_sync_message(&mut state).unwrap().encode();
-        peer.send(&Message::Sync(DocMessage {
-            sender_id: peer.me.clone(),
-            target_id: peer.server.clone(),
-            document_id: id,
-            data,
-        }))
-        .await;
+        peer.offer(id, data).await;
         match peer.next().await {
             Seen::Msg(Message::DocUnavailable(m)) => assert_eq!(m.document_id, id),
             other => panic!("expected doc-unavailable for a write, got {other:?}"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fieldsync::client::Device;
 use fieldsync::ids::DocumentId;
-use fieldsync::protocol::{DocMessage, Message};
+use fieldsync::protocol::Message;
 use fieldsync::records;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -308,13 +308,7 @@ async fn made_up_documents_are_bounded_per_connection_and_unloaded_when_it_ends(
     for _ in 0..60 {
         let doc = DocumentId::random();
         ids.push(doc);
-        let msg = Message::Sync(DocMessage {
-            sender_id: p.me.clone(),
-            target_id: p.server.clone(),
-            document_id: doc,
-            data: empty_sync(),
-        });
-        p.send(&msg).await;
+        p.offer(doc, empty_sync()).await;
     }
     // Each counts against the cache budget although it stores nothing: at most a budget's
     // worth stays loaded.
@@ -330,13 +324,7 @@ async fn made_up_documents_are_bounded_per_connection_and_unloaded_when_it_ends(
     );
     // Past the per-connection bound the connection is closed with a reason.
     for _ in 0..60 {
-        let msg = Message::Sync(DocMessage {
-            sender_id: p.me.clone(),
-            target_id: p.server.clone(),
-            document_id: DocumentId::random(),
-            data: empty_sync(),
-        });
-        p.send(&msg).await;
+        p.offer(DocumentId::random(), empty_sync()).await;
     }
     let (error, code) = p.expect_error_and_close().await;
     assert_eq!(code, 1008);
@@ -589,13 +577,7 @@ async fn the_data_directory_is_private_and_an_open_one_is_refused() {
     server.kill().await;
 
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
+    let out = crate::common::serve_expecting_refusal(&data).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("open to other users"), "{err}");
     assert!(err.contains("chmod 700"), "{err}");
@@ -611,21 +593,8 @@ async fn a_damaged_store_is_refused_in_one_clear_line_not_served_empty() {
     let db = data.join("db");
     let len = std::fs::metadata(&db).unwrap().len() as usize;
     std::fs::write(&db, vec![0u8; len]).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .env_remove("RUST_BACKTRACE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .expect("the server refuses a damaged store instead of serving it")
-        .unwrap();
+    let out = crate::common::serve_expecting_refusal(&data).await;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
     assert!(err.contains("storage is corrupt"), "{err}");
     assert!(
         err.contains("restore the data directory from a backup"),
@@ -642,45 +611,40 @@ async fn session_endpoints_refuse_forms_and_foreign_origins() {
     let server = TestServer::spawn().await;
     let body = sign_in_body(SUE, SUE_PASSWORD).to_string();
     let host = server.http.trim_start_matches("http://").to_string();
+    let post = |headers: String, body: String| {
+        let http = server.http.clone();
+        let host = host.clone();
+        async move {
+            raw_http(
+                &http,
+                format!(
+                    "POST /api/v1/session HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                ),
+            )
+            .await
+            .0
+        }
+    };
+    let json = "Content-Type: application/json\r\n";
     // A cross-site form can send text/plain without a preflight.
-    let (status, _) = raw_http(
-        &server.http,
-        format!(
-            "POST /api/v1/session HTTP/1.1\r\nHost: {host}\r\nOrigin: http://evil.example\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
+    let status = post(
+        "Origin: http://evil.example\r\nContent-Type: text/plain\r\n".into(),
+        body.clone(),
     )
     .await;
     assert_eq!(status, 415);
-    let (status, _) = raw_http(
-        &server.http,
-        format!(
-            "POST /api/v1/session HTTP/1.1\r\nHost: {host}\r\nOrigin: http://evil.example\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
+    let status = post(
+        format!("Origin: http://evil.example\r\n{json}"),
+        body.clone(),
     )
     .await;
     assert_eq!(status, 403);
     // Its own page (same origin) signs in.
-    let (status, _) = raw_http(
-        &server.http,
-        format!(
-            "POST /api/v1/session HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .await;
+    let status = post(format!("Origin: http://{host}\r\n{json}"), body.clone()).await;
     assert_eq!(status, 200);
     // An oversized body is 413, not another route's 405.
-    let big = "x".repeat(64 * 1024);
-    let (status, _) = raw_http(
-        &server.http,
-        format!(
-            "POST /api/v1/session HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
-            big.len()
-        ),
-    )
-    .await;
+    let status = post(json.into(), "x".repeat(64 * 1024)).await;
     assert_eq!(status, 413);
     server.stop().await;
 }
@@ -816,13 +780,7 @@ async fn a_sync_for_a_household_out_of_scope_is_answered_as_for_a_made_up_id() {
     let mut answers = Vec::new();
     for doc in [existing, DocumentId::random()] {
         let mut p = RawPeer::connect(&server.url, "prober").await;
-        let msg = Message::Sync(DocMessage {
-            sender_id: p.me.clone(),
-            target_id: p.server.clone(),
-            document_id: doc,
-            data: empty_sync(),
-        });
-        p.send(&msg).await;
+        p.offer(doc, empty_sync()).await;
         match p.next().await {
             crate::common::Seen::Msg(Message::Sync(m)) => answers.push(m.data),
             other => panic!("expected a sync answer for {doc}, got {other:?}"),

@@ -54,13 +54,7 @@ async fn a_second_server_on_the_same_data_dir_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let first = ServerProcess::start(&data).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
+    let out = crate::common::serve_expecting_refusal(&data).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("in use by another fieldsync process"),

@@ -259,6 +259,30 @@ pub async fn admin_cli_output(
         .unwrap()
 }
 
+/// Runs `fieldsync serve` on `data` expecting it to refuse to start; returns its output
+/// (bounded wait: a server that starts after all fails the test instead of hanging it).
+pub async fn serve_expecting_refusal(data: &Path) -> std::process::Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the server refuses to start instead of serving")
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Builds the test world in `data` with the real CLI (no server running).
 pub async fn world_via_cli(data: &Path) {
     use world::*;
@@ -567,6 +591,17 @@ impl RawPeer {
 
     pub async fn send(&mut self, msg: &Message) {
         self.send_raw(WsMessage::binary(codec::encode(msg))).await;
+    }
+
+    /// Sends a `sync` for `doc` carrying the Automerge sync message `data`.
+    pub async fn offer(&mut self, doc: DocumentId, data: Vec<u8>) {
+        let msg = Message::Sync(DocMessage {
+            sender_id: self.me.clone(),
+            target_id: self.server.clone(),
+            document_id: doc,
+            data,
+        });
+        self.send(&msg).await;
     }
 
     /// Sends a `request` for `doc` from an empty document (the way a client asks for a URL).
