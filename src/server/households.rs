@@ -202,7 +202,11 @@ fn detail(services: &Services, desk: &StaffDesk) -> Route {
         .boxed()
 }
 
-/// `GET /api/v1/households/{id}/history`
+/// Changes per history page unless `limit` says otherwise, and at most.
+const HISTORY_PAGE: usize = 100;
+const HISTORY_PAGE_MAX: usize = 500;
+
+/// `GET /api/v1/households/{id}/history?offset=&limit=`
 fn history(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::get()
@@ -210,19 +214,34 @@ fn history(services: &Services, desk: &StaffDesk) -> Route {
             "api" / "v1" / "households" / String / "history"
         ))
         .and(auth::caller(services))
-        .then(move |id: String, who: Result<Authenticated, ApiError>| {
-            let desk = desk.clone();
-            async move {
-                respond(
-                    async {
-                        let who = who?;
-                        let h = desk.history(who.principal(), doc_id(&id)?).await?;
-                        Ok(json(&serde_json::json!({ "changes": h })))
-                    }
-                    .await,
-                )
-            }
-        })
+        .and(raw_query())
+        .then(
+            move |id: String, who: Result<Authenticated, ApiError>, raw: String| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let pairs = query_pairs(&raw, &["offset", "limit"])?;
+                            let offset =
+                                param(&pairs, "offset", "a whole number")?.unwrap_or(0usize);
+                            let limit: usize =
+                                param(&pairs, "limit", "a whole number")?.unwrap_or(HISTORY_PAGE);
+                            if limit == 0 || limit > HISTORY_PAGE_MAX {
+                                return Err(ApiError::bad_request(format!(
+                                    "`limit` must be 1 to {HISTORY_PAGE_MAX}"
+                                )));
+                            }
+                            let page = desk
+                                .history(who.principal(), doc_id(&id)?, offset, limit)
+                                .await?;
+                            Ok(json(&page))
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
         .boxed()
 }
 

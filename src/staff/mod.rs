@@ -51,6 +51,16 @@ impl From<HubError> for StaffError {
 }
 
 /// The detail of a household as the API returns it.
+/// One page of a household's history.
+#[derive(Debug, serde::Serialize)]
+pub struct HistoryPage {
+    pub changes: Vec<HistoryEntry>,
+    /// Changes in the whole history.
+    pub total: usize,
+    /// Where the next page starts, if there is one.
+    pub next_offset: Option<usize>,
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct Detail {
     pub id: DocumentId,
@@ -216,25 +226,37 @@ impl StaffDesk {
         })
     }
 
+    /// A page of the household's history in server order: up to `limit` changes from
+    /// position `offset`, with the total. Paged because every entry costs a diff and a
+    /// household may have many thousands of changes.
     pub async fn history(
         &self,
         who: &Principal,
         doc: DocumentId,
-    ) -> Result<Vec<HistoryEntry>, StaffError> {
+        offset: usize,
+        limit: usize,
+    ) -> Result<HistoryPage, StaffError> {
         self.readable(who, doc)?;
         let accounts = self.accounts.clone();
-        let history = self
+        let page = self
             .hub
             .read(doc, move |content: &Automerge| {
                 let rows = accounts.provenance_blocking(doc)?;
                 let attribution = crate::projection::attribution(content, &rows);
                 let order: Vec<automerge::ChangeHash> =
                     rows.iter().filter_map(|r| r.hash.parse().ok()).collect();
-                Ok::<_, StorageError>(records::history(content, &attribution, &order))
+                let total = order.len();
+                let start = offset.min(total);
+                let end = start.saturating_add(limit).min(total);
+                Ok::<_, StorageError>(HistoryPage {
+                    changes: records::history(content, &attribution, &order[start..end]),
+                    total,
+                    next_offset: (end < total).then_some(end),
+                })
             })
             .await?
             .ok_or(StaffError::NotFound(doc))??;
-        Ok(history)
+        Ok(page)
     }
 
     /// Makes `edit` on behalf of `who`, mapping a refused edit to a typed error.

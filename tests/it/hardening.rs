@@ -811,3 +811,36 @@ async fn a_burst_of_requests_from_a_reading_client_is_paced_not_cut_off() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_households_history_is_served_in_bounded_pages() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let id = amy.create_household(&household("8")).await.unwrap();
+    for n in 0..4 {
+        amy.change(id, move |tx| {
+            records::add_visit(tx, &visit(AMY, &format!("visit {n}")))
+        })
+        .await
+        .unwrap();
+        assert!(amy.sync(&server.url).await.unwrap().all_held());
+    }
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let first = sue
+        .get_ok(&format!("/households/{id}/history?limit=2"))
+        .await;
+    assert_eq!(first["changes"].as_array().unwrap().len(), 2);
+    assert_eq!(first["total"], 5);
+    assert_eq!(first["next_offset"], 2);
+    let last = sue
+        .get_ok(&format!("/households/{id}/history?offset=4&limit=2"))
+        .await;
+    assert_eq!(last["changes"].as_array().unwrap().len(), 1);
+    assert_eq!(last["next_offset"], serde_json::Value::Null);
+    let (status, body) = sue
+        .get(&format!("/households/{id}/history?limit=100000"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    server.stop().await;
+}

@@ -23,6 +23,7 @@ const T = {
     matters: "案件", kind: "類別", status: "狀態", risk: "風險", actions: "處理", description: "內容",
     task: "工作", owner: "負責員警", due: "期限", create: "新增", close: "結案", save: "儲存",
     conflictsTitle: "同時修改的欄位", value: "值", by: "填寫者", history: "變更紀錄", fields: "欄位",
+    historyShown: (n, total) => `顯示最早的 ${n} 筆，共 ${total} 筆變更`,
     reviewState: "審核狀態", approve: "核准", hasIssues: "有問題", reject: "退回", comment: "意見",
     changedSince: "核准後已有變更", changedFields: "變更欄位", noneYet: "尚無資料",
     staffEdit: "（承辦人員）", back: "返回列表", notFound: "找不到此住戶，或您無權查看。",
@@ -50,6 +51,7 @@ const T = {
     matters: "Matters", kind: "Kind", status: "Status", risk: "Risk", actions: "Actions", description: "Description",
     task: "Task", owner: "Owner", due: "Due", create: "Create", close: "Close", save: "Save",
     conflictsTitle: "Fields with concurrent values", value: "Value", by: "Written by", history: "History", fields: "Fields",
+    historyShown: (n, total) => `The first ${n} of ${total} changes`,
     reviewState: "Review state", approve: "Approve", hasIssues: "Has issues", reject: "Reject", comment: "Comment",
     changedSince: "Changed since approval", changedFields: "Changed fields", noneYet: "Nothing yet",
     staffEdit: " (staff)", back: "Back to the list", notFound: "No such household, or not one you may see.",
@@ -482,7 +484,8 @@ async function detailView(id) {
     el("div", { class: "panel" }, el("h2", {}, t("visitsTimeline")), visits),
     el("div", { class: "panel" }, el("h2", {}, t("matters")), matters),
     el("div", { class: "panel" }, el("h2", {}, t("followUps")), followUps, el("h2", {}, t("newFollowUp")), newFollowUp),
-    el("div", { class: "panel" }, el("h2", {}, t("history")), historyList),
+    el("div", { class: "panel" }, el("h2", {}, t("history")), historyList,
+      history.next_offset != null ? el("p", { class: "muted" }, t("historyShown")(history.changes.length, history.total)) : ""),
   );
 }
 
