@@ -114,6 +114,19 @@ async fn parallel_wrong_passwords_are_counted_before_they_finish() {
     let throttled = results.iter().filter(|(s, _, _)| *s == 429).count();
     assert!(checked <= 6, "{checked} wrong passwords were checked");
     assert_eq!(checked + throttled, 30);
+
+    // The same for enrolment codes guessed in parallel from one address (10 free).
+    let url = format!("{}/api/v1/devices/enroll", server.http);
+    let guesses = (0..30).map(|i| {
+        let url = url.clone();
+        async move {
+            let body = serde_json::json!({"code": format!("AAAA-BBBB-{i:04}"), "device_name": "x"});
+            http("POST", &url, Some(body), &[]).await
+        }
+    });
+    let results = futures_util::future::join_all(guesses).await;
+    let checked = results.iter().filter(|(s, _, _)| *s == 401).count();
+    assert!(checked <= 11, "{checked} enrolment codes were checked");
     server.stop().await;
 }
 
@@ -643,6 +656,18 @@ async fn session_endpoints_refuse_forms_and_foreign_origins() {
     // Its own page (same origin) signs in.
     let status = post(format!("Origin: http://{host}\r\n{json}"), body.clone()).await;
     assert_eq!(status, 200);
+    // Behind TLS (--secure-cookies) the session cookie is `Secure`.
+    let tls = TestServer::spawn_with(|c| c.secure_cookies = true).await;
+    let (status, _, cookie) = http(
+        "POST",
+        &format!("{}/api/v1/session", tls.http),
+        Some(sign_in_body(SUE, SUE_PASSWORD)),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(cookie.unwrap().contains("; Secure"));
+    tls.stop().await;
     // An oversized body is 413, not another route's 405.
     let status = post(json.into(), "x".repeat(64 * 1024)).await;
     assert_eq!(status, 413);
