@@ -207,7 +207,7 @@ pub struct ServeArgs {
     /// Open TCP connections at most (HTTP and WebSocket); more are closed on accept. Lowered
     /// at start to fit the open-files limit, keeping descriptors for storage and the admin
     /// socket.
-    #[arg(long, env = "FIELDSYNC_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "FIELDSYNC_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// Seconds a client has to send a request's header (and the longest idle keep-alive).
     #[arg(long, env = "FIELDSYNC_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]

@@ -42,7 +42,7 @@ pub struct ListenConfig {
 impl Default for ListenConfig {
     fn default() -> Self {
         Self {
-            max_connections: 4096,
+            max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
         }
