@@ -19,7 +19,10 @@ const MALLOC_TUNABLES: &str =
 /// them, unless the operator set GLIBC_TUNABLES (to anything, even empty) already.
 fn tune_allocator_by_reexec() {
     use std::os::unix::process::CommandExt;
-    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+    // The marker guards against a loop where the variable does not survive exec (glibc drops
+    // it for set-uid programs).
+    const MARKER: &str = "FIELDSYNC_MALLOC_TUNED";
+    if std::env::var_os("GLIBC_TUNABLES").is_some() || std::env::var_os(MARKER).is_some() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -28,6 +31,7 @@ fn tune_allocator_by_reexec() {
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+        .env(MARKER, "1")
         .exec();
     // Only reached if exec failed: run untuned.
     eprintln!("fieldsync: could not restart with tuned malloc settings ({err}); continuing");

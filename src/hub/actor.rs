@@ -495,9 +495,9 @@ impl DocState {
         let id = self.id;
         let mut added_ops = 0u64;
         let mut whole_doc_ops = 0u64;
-        let mut incoming_bytes = 0usize;
+        let mut added_bytes = 0usize;
+        let mut whole_doc_bytes = 0usize;
         for chunk in message.changes.iter() {
-            incoming_bytes += chunk.len();
             let counted =
                 super::op_count::chunk_ops(chunk).map_err(|e| format!("document {id}: {e}"))?;
             for c in counted {
@@ -505,6 +505,7 @@ impl DocState {
                     // The sender's whole document (automerge sends it instead of changes when
                     // that is shorter): most of it is usually here already.
                     whole_doc_ops = whole_doc_ops.max(c.ops);
+                    whole_doc_bytes = whole_doc_bytes.max(chunk.len());
                 } else if c.ops > config.max_ops_per_change {
                     return Err(format!(
                         "document {id}: a change of {} operations exceeds the limit of {} per change; split the edit into smaller changes",
@@ -512,12 +513,13 @@ impl DocState {
                     ));
                 } else {
                     added_ops = added_ops.saturating_add(c.ops);
+                    added_bytes = added_bytes.saturating_add(chunk.len());
                 }
             }
         }
         // Single changes add to what is stored; a whole document is at least its own size
-        // once merged. (Two documents each under the limit can merge to more than it; the
-        // next change is then refused.)
+        // once merged. (Two documents each under a limit can merge to more than it; the next
+        // change is then refused.)
         let ops_after = self.ops.max(whole_doc_ops).saturating_add(added_ops);
         if ops_after > config.max_ops_per_document {
             return Err(format!(
@@ -525,9 +527,13 @@ impl DocState {
                 config.max_ops_per_document
             ));
         }
-        if self.stored_bytes.saturating_add(incoming_bytes) > config.max_document_bytes {
+        let bytes_after = self
+            .stored_bytes
+            .max(whole_doc_bytes)
+            .saturating_add(added_bytes);
+        if bytes_after > config.max_document_bytes {
             return Err(format!(
-                "document {id}: it would exceed the limit of {} stored bytes per document",
+                "document {id}: it would exceed the limit of {} stored bytes per document; start a new document for new records",
                 config.max_document_bytes
             ));
         }
