@@ -25,8 +25,10 @@
 //! - [`protocol`]: messages, CBOR codec, per-connection state machine. No I/O.
 //! - [`storage`]: the only module that calls sled. Content-addressed chunks, snapshots,
 //!   sync states, group commit.
-//! - [`hub`]: loaded documents (byte-bounded LRU), their actors, subscriptions, relay.
-//! - [`server`]: warp routes, the WebSocket pump, shutdown.
+//! - [`hub`]: loaded documents (byte-bounded LRU), their actors, subscriptions, relay; the
+//!   operation limits, counted from change headers before anything is applied.
+//! - [`server`]: the accept loop (connection cap, header deadline), warp routes, the
+//!   WebSocket pump with its backpressure, shutdown.
 //! - [`auth`]: stations, villages, users, devices, secrets and every access decision (pure).
 //! - [`accounts`]: the live directory: admin commands, enrolment, sign-in, provenance,
 //!   catalogs; the hub's `Authorizer` and `ChangeObserver`.
@@ -39,7 +41,10 @@
 //! - [`client`]: the device-side library: local store, offline edits, sync.
 //!
 //! The rule that shapes the hub: **durable before advertised**. A change is written and
-//! flushed before any sync message that reflects it leaves the server.
+//! flushed before any sync message that reflects it leaves the server. The rule that shapes
+//! the edges: **nothing a caller starts costs more than a bounded amount** (connections,
+//! header and handshake time, password checks, frame items, operations, unregistered
+//! documents, outbound bytes; `proto-docs/security.md` lists every limit).
 
 #![forbid(unsafe_code)]
 
