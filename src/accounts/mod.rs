@@ -829,6 +829,27 @@ mod tests {
         hub.shutdown().await;
     }
 
+    #[test]
+    fn a_guesser_keeps_an_account_locked_for_a_minute_at_most() {
+        use crate::auth::throttle::Throttle;
+        let config = AccountsConfig::default();
+        let mut per_name = Throttle::new(config.sign_in_throttle);
+        let mut per_address = Throttle::new(config.sign_in_address_throttle);
+        let t0 = Timestamp::from_millis(1_000_000);
+        for _ in 0..40 {
+            per_name.failed("sue", t0);
+            per_address.failed("203.0.113.9", t0);
+        }
+        // The owner waits a minute at most; the guesser's address much longer.
+        let name_wait = per_name.check("sue", t0).unwrap_err();
+        let address_wait = per_address.check("203.0.113.9", t0).unwrap_err();
+        assert!(name_wait <= Duration::from_secs(60), "{name_wait:?}");
+        assert!(
+            address_wait >= Duration::from_secs(15 * 60),
+            "{address_wait:?}"
+        );
+    }
+
     #[tokio::test]
     async fn sign_in_is_slowed_after_repeated_wrong_passwords() {
         let (_dir, accounts, hub) = setup().await;
