@@ -16,7 +16,7 @@ use crate::accounts::Authenticated;
 use crate::ids::DocumentId;
 use crate::projection::{Cursor, Filter as ListFilter};
 use crate::records::FollowUpUpdate;
-use crate::staff::{FollowUpRequest, MemberCorrection, ReviewRequest, StaffDesk};
+use crate::staff::{FollowUpRequest, MemberCorrection, ReviewRequest, StaffDesk, VisitPage};
 
 type Route = BoxedFilter<(Box<dyn Reply>,)>;
 
@@ -180,25 +180,41 @@ fn list(services: &Services, desk: &StaffDesk) -> Route {
         .boxed()
 }
 
-/// `GET /api/v1/households/{id}`
+/// `GET /api/v1/households/{id}?visits_offset=&visits_limit=`
 fn detail(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::get()
         .and(warp::path!("api" / "v1" / "households" / String))
         .and(auth::caller(services))
-        .then(move |id: String, who: Result<Authenticated, ApiError>| {
-            let desk = desk.clone();
-            async move {
-                respond(
-                    async {
-                        let who = who?;
-                        let d = desk.detail(who.principal(), doc_id(&id)?).await?;
-                        Ok(json(&d))
-                    }
-                    .await,
-                )
-            }
-        })
+        .and(raw_query())
+        .then(
+            move |id: String, who: Result<Authenticated, ApiError>, raw: String| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let pairs = query_pairs(&raw, &["visits_offset", "visits_limit"])?;
+                            let page = VisitPage {
+                                offset: param(&pairs, "visits_offset", "a whole number")?
+                                    .unwrap_or(0),
+                                limit: param(&pairs, "visits_limit", "a whole number")?
+                                    .unwrap_or(VisitPage::DEFAULT_LIMIT),
+                            };
+                            if page.limit == 0 || page.limit > VisitPage::MAX_LIMIT {
+                                return Err(ApiError::bad_request(format!(
+                                    "`visits_limit` must be 1 to {}",
+                                    VisitPage::MAX_LIMIT
+                                )));
+                            }
+                            let d = desk.detail(who.principal(), doc_id(&id)?, page).await?;
+                            Ok(json(&d))
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
         .boxed()
 }
 

@@ -69,8 +69,54 @@ pub struct Detail {
     pub village: String,
     /// Why the document does not conform (empty: it does).
     pub quarantine: Vec<String>,
+    /// Visits in the whole record; `visits` (and `value.visits`) hold one page of them.
+    pub visits_total: usize,
+    /// The `visits_offset` of the next (older) page, if there is one.
+    pub visits_next_offset: Option<usize>,
     #[serde(flatten)]
     pub detail: HouseholdDetail,
+}
+
+/// Which visits a detail carries: the `limit` most recent after skipping `offset` of the
+/// most recent. A household's visits grow without end; the rest of the record does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VisitPage {
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl VisitPage {
+    pub const DEFAULT_LIMIT: usize = 200;
+    pub const MAX_LIMIT: usize = 1000;
+}
+
+impl Default for VisitPage {
+    fn default() -> Self {
+        Self {
+            offset: 0,
+            limit: Self::DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// Keeps one page of the visits (still oldest first) in `detail` and in its merged value;
+/// returns the total and the next page's offset.
+fn page_visits(detail: &mut HouseholdDetail, page: VisitPage) -> (usize, Option<usize>) {
+    let total = detail.visits.len();
+    let end = total.saturating_sub(page.offset);
+    let start = end.saturating_sub(page.limit);
+    let kept: Vec<_> = detail
+        .visits
+        .drain(..)
+        .skip(start)
+        .take(end - start)
+        .collect();
+    if let Some(serde_json::Value::Object(visits)) = detail.value.get_mut("visits") {
+        let ids: std::collections::HashSet<&str> = kept.iter().map(|e| e.id.as_str()).collect();
+        visits.retain(|k, _| ids.contains(k.as_str()));
+    }
+    detail.visits = kept;
+    (total, (start > 0).then_some(total - start))
 }
 
 /// A review request: `state` and an optional comment.
@@ -201,10 +247,16 @@ impl StaffDesk {
         Ok(self.accounts.changes_after(who, after, limit).await?)
     }
 
-    pub async fn detail(&self, who: &Principal, doc: DocumentId) -> Result<Detail, StaffError> {
+    /// A household's merged record with one page of its visits (see [`VisitPage`]).
+    pub async fn detail(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        page: VisitPage,
+    ) -> Result<Detail, StaffError> {
         let (station, village) = self.readable(who, doc)?;
         let accounts = self.accounts.clone();
-        let detail = self
+        let mut detail = self
             .hub
             .read(doc, move |content: &Automerge| {
                 let rows = accounts.provenance_blocking(doc)?;
@@ -216,12 +268,15 @@ impl StaffDesk {
             })
             .await?
             .ok_or(StaffError::NotFound(doc))??;
+        let (visits_total, visits_next_offset) = page_visits(&mut detail.0, page);
         Ok(Detail {
             id: doc,
             url: doc.to_url(),
             station,
             village,
             quarantine: detail.1,
+            visits_total,
+            visits_next_offset,
             detail: detail.0,
         })
     }
@@ -329,7 +384,7 @@ impl StaffDesk {
             records::set_review(tx, req.state, &by, at, &heads, &req.comment)
         })
         .await?;
-        self.detail(who, doc).await
+        self.detail(who, doc, VisitPage::default()).await
     }
 
     /// Creates a follow-up; returns its id.

@@ -869,3 +869,45 @@ async fn a_households_history_is_served_in_bounded_pages() {
     assert_eq!(status, 400, "{body}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_households_visits_are_served_in_bounded_pages() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let id = amy.create_household(&household("11")).await.unwrap();
+    for n in 0..5 {
+        amy.change(id, move |tx| {
+            records::add_visit(tx, &visit(AMY, &format!("visit {n}")))
+        })
+        .await
+        .unwrap();
+        assert!(amy.sync(&server.url).await.unwrap().all_held());
+    }
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let notes = |d: &serde_json::Value| -> Vec<String> {
+        d["visits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["value"]["notes"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let latest = sue
+        .get_ok(&format!("/households/{id}?visits_limit=2"))
+        .await;
+    assert_eq!(notes(&latest), vec!["visit 3", "visit 4"]);
+    assert_eq!(latest["visits_total"], 5);
+    assert_eq!(latest["visits_next_offset"], 2);
+    assert_eq!(latest["value"]["visits"].as_object().unwrap().len(), 2);
+    let oldest = sue
+        .get_ok(&format!("/households/{id}?visits_limit=2&visits_offset=4"))
+        .await;
+    assert_eq!(notes(&oldest), vec!["visit 0"]);
+    assert_eq!(oldest["visits_next_offset"], serde_json::Value::Null);
+    let (status, _) = sue
+        .get(&format!("/households/{id}?visits_limit=5000"))
+        .await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
