@@ -243,6 +243,10 @@ pub struct ServeArgs {
     /// Default: the number of cores.
     #[arg(long, env = "FIELDSYNC_MAX_CONCURRENT_PASSWORD_CHECKS")]
     pub max_concurrent_password_checks: Option<usize>,
+    /// Seconds after which a loaded document that nobody used is unloaded (it reloads on
+    /// the next message).
+    #[arg(long, env = "FIELDSYNC_IDLE_UNLOAD_SECS", default_value_t = 120)]
+    pub idle_unload_secs: u64,
     /// Crash tests only.
     #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
     pub failpoint: Option<crate::hub::Failpoint>,
@@ -273,6 +277,7 @@ impl ServeArgs {
             ("--max-ops-per-change", self.max_ops_per_change),
             ("--max-ops-per-document", self.max_ops_per_document),
             ("--max-document-bytes", self.max_document_bytes as u64),
+            ("--idle-unload-secs", self.idle_unload_secs),
             (
                 "--max-concurrent-password-checks",
                 self.max_concurrent_password_checks.unwrap_or(1) as u64,
@@ -294,6 +299,7 @@ impl ServeArgs {
         config.hub.max_ops_per_document = self.max_ops_per_document;
         config.hub.max_document_bytes = self.max_document_bytes;
         config.hub.failpoint = self.failpoint;
+        config.hub.idle_unload_after = Duration::from_secs(self.idle_unload_secs);
         if let Some(n) = self.max_concurrent_password_checks {
             config.accounts.max_concurrent_password_checks = n;
         }

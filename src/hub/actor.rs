@@ -135,10 +135,21 @@ impl DocActor {
             self.generation,
             state.cost(self.hub.config.cache_budget_bytes),
         );
+        let idle_unload = self.hub.config.idle_unload_after;
+        let mut retired = false;
         loop {
             let first = tokio::select! {
                 cmd = rx.recv() => cmd,
                 _ = self.hub.cancel.cancelled() => None,
+                // Nothing asked of this document for a while: unload it (its peers' sync
+                // states are persisted on the way out; the next message reloads it), so
+                // memory follows what is in use, not what was used since the start.
+                _ = tokio::time::sleep(idle_unload), if !retired => {
+                    tracing::debug!(doc = %self.id, "idle; unloading");
+                    self.hub.retire(self.id, self.generation);
+                    retired = true;
+                    continue;
+                }
             };
             let Some(first) = first else { break };
             let mut batch = vec![first];
@@ -151,11 +162,12 @@ impl DocActor {
             match self.process(state, batch).await {
                 Ok(s) => {
                     state = s;
-                    if !state.exists && state.peers.is_empty() {
+                    if !retired && !state.exists && state.peers.is_empty() {
                         // Nothing stored and nobody working on it (a refused or abandoned
                         // upload, a made-up id): unload now instead of holding memory until
                         // the cache evicts it. What is still queued is served first.
                         self.hub.retire(self.id, self.generation);
+                        retired = true;
                     }
                 }
                 Err(e) => {

@@ -49,6 +49,8 @@ pub struct HubConfig {
     /// Documents one connection may have in progress that are not yet registered to
     /// anyone (new uploads): each costs memory before it holds anything.
     pub max_ungranted_docs_per_connection: usize,
+    /// A loaded document nobody has sent or asked anything of for this long is unloaded.
+    pub idle_unload_after: std::time::Duration,
     /// For crash tests only: a place where the hub stops on purpose.
     pub failpoint: Option<Failpoint>,
 }
@@ -81,6 +83,7 @@ impl Default for HubConfig {
             max_ops_per_document: 1_000_000,
             max_document_bytes: 16 * 1024 * 1024,
             max_ungranted_docs_per_connection: 256,
+            idle_unload_after: std::time::Duration::from_secs(120),
             failpoint: None,
         }
     }

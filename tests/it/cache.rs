@@ -70,3 +70,56 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_document_is_unloaded_and_reloads_intact() {
+    let server = TestServer::spawn_with(|c| {
+        c.hub.idle_unload_after = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Device::open(&dir.path().join("a")).await.unwrap();
+    let id = a.create_household(&household("1")).await.unwrap();
+    a.change(id, |tx| {
+        records::add_visit(tx, &visit("officer-a", "first"))
+    })
+    .await
+    .unwrap();
+    assert!(a.sync(&server.url).await.unwrap().all_held());
+    let loads = server.services.hub.cache_stats().loads;
+
+    // Nobody asks for anything: every loaded document leaves memory by itself.
+    let hub = server.services.hub.clone();
+    let deadline = std::time::Instant::now() + crate::common::WAIT;
+    while hub.cache_stats().loaded_docs > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle documents stayed loaded: {:?}",
+            hub.cache_stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // It reloads intact for a new device, and takes the next visit.
+    let b = crate::common::fetching_device(&dir.path().join("b"), &server.url, id).await;
+    assert_eq!(b.heads(id).await.unwrap(), a.heads(id).await.unwrap());
+    a.change(id, |tx| {
+        records::add_visit(tx, &visit("officer-a", "second"))
+    })
+    .await
+    .unwrap();
+    assert!(a.sync(&server.url).await.unwrap().all_held());
+    assert!(hub.cache_stats().loads > loads, "it was loaded again");
+    let fresh = crate::common::fetching_device(&dir.path().join("c"), &server.url, id).await;
+    let mut notes: Vec<String> = fresh
+        .household(id)
+        .await
+        .unwrap()
+        .visits
+        .iter()
+        .map(|v| v.notes.clone())
+        .collect();
+    notes.sort();
+    assert_eq!(notes, vec!["first", "second"]);
+    server.stop().await;
+}
