@@ -180,6 +180,25 @@ fn list(services: &Services, desk: &StaffDesk) -> Route {
         .boxed()
 }
 
+/// The (offset, limit) of a paged endpoint from the query (the only parameters it takes):
+/// offset defaults to 0, limit to `default` and must be 1 to `max`.
+fn page_params(
+    raw: &str,
+    (offset_name, limit_name): (&str, &str),
+    default: usize,
+    max: usize,
+) -> Result<(usize, usize), ApiError> {
+    let pairs = query_pairs(raw, &[offset_name, limit_name])?;
+    let offset = param(&pairs, offset_name, "a whole number")?.unwrap_or(0);
+    let limit = param(&pairs, limit_name, "a whole number")?.unwrap_or(default);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(format!(
+            "`{limit_name}` must be 1 to {max}"
+        )));
+    }
+    Ok((offset, limit))
+}
+
 /// `GET /api/v1/households/{id}?visits_offset=&visits_limit=`
 fn detail(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
@@ -194,19 +213,13 @@ fn detail(services: &Services, desk: &StaffDesk) -> Route {
                     respond(
                         async {
                             let who = who?;
-                            let pairs = query_pairs(&raw, &["visits_offset", "visits_limit"])?;
-                            let page = VisitPage {
-                                offset: param(&pairs, "visits_offset", "a whole number")?
-                                    .unwrap_or(0),
-                                limit: param(&pairs, "visits_limit", "a whole number")?
-                                    .unwrap_or(VisitPage::DEFAULT_LIMIT),
-                            };
-                            if page.limit == 0 || page.limit > VisitPage::MAX_LIMIT {
-                                return Err(ApiError::bad_request(format!(
-                                    "`visits_limit` must be 1 to {}",
-                                    VisitPage::MAX_LIMIT
-                                )));
-                            }
+                            let (offset, limit) = page_params(
+                                &raw,
+                                ("visits_offset", "visits_limit"),
+                                VisitPage::DEFAULT_LIMIT,
+                                VisitPage::MAX_LIMIT,
+                            )?;
+                            let page = VisitPage { offset, limit };
                             let d = desk.detail(who.principal(), doc_id(&id)?, page).await?;
                             Ok(json(&d))
                         }
@@ -238,16 +251,12 @@ fn history(services: &Services, desk: &StaffDesk) -> Route {
                     respond(
                         async {
                             let who = who?;
-                            let pairs = query_pairs(&raw, &["offset", "limit"])?;
-                            let offset =
-                                param(&pairs, "offset", "a whole number")?.unwrap_or(0usize);
-                            let limit: usize =
-                                param(&pairs, "limit", "a whole number")?.unwrap_or(HISTORY_PAGE);
-                            if limit == 0 || limit > HISTORY_PAGE_MAX {
-                                return Err(ApiError::bad_request(format!(
-                                    "`limit` must be 1 to {HISTORY_PAGE_MAX}"
-                                )));
-                            }
+                            let (offset, limit) = page_params(
+                                &raw,
+                                ("offset", "limit"),
+                                HISTORY_PAGE,
+                                HISTORY_PAGE_MAX,
+                            )?;
                             let page = desk
                                 .history(who.principal(), doc_id(&id)?, offset, limit)
                                 .await?;

@@ -51,6 +51,26 @@ async fn raw_http(http_base: &str, request: String) -> (u16, String) {
     (status, body)
 }
 
+/// A household with `visits` visits (notes `visit 0`, `visit 1`, …), each synced in its own
+/// change by Amy's phone.
+async fn household_with_visits(
+    server: &TestServer,
+    dir: &std::path::Path,
+    visits: usize,
+) -> DocumentId {
+    let amy = Device::open(&dir.join("amy")).await.unwrap();
+    let id = amy.create_household(&household("8")).await.unwrap();
+    for n in 0..visits {
+        amy.change(id, move |tx| {
+            records::add_visit(tx, &visit(AMY, &format!("visit {n}")))
+        })
+        .await
+        .unwrap();
+        assert!(amy.sync(&server.url).await.unwrap().all_held());
+    }
+    id
+}
+
 fn sign_in_body(name: &str, password: &str) -> serde_json::Value {
     serde_json::json!({"name": name, "password": password})
 }
@@ -841,16 +861,7 @@ async fn a_burst_of_requests_from_a_reading_client_is_paced_not_cut_off() {
 async fn a_households_history_is_served_in_bounded_pages() {
     let server = TestServer::spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
-    let id = amy.create_household(&household("8")).await.unwrap();
-    for n in 0..4 {
-        amy.change(id, move |tx| {
-            records::add_visit(tx, &visit(AMY, &format!("visit {n}")))
-        })
-        .await
-        .unwrap();
-        assert!(amy.sync(&server.url).await.unwrap().all_held());
-    }
+    let id = household_with_visits(&server, dir.path(), 4).await;
     let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
     let first = sue
         .get_ok(&format!("/households/{id}/history?limit=2"))
@@ -874,16 +885,7 @@ async fn a_households_history_is_served_in_bounded_pages() {
 async fn a_households_visits_are_served_in_bounded_pages() {
     let server = TestServer::spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
-    let id = amy.create_household(&household("11")).await.unwrap();
-    for n in 0..5 {
-        amy.change(id, move |tx| {
-            records::add_visit(tx, &visit(AMY, &format!("visit {n}")))
-        })
-        .await
-        .unwrap();
-        assert!(amy.sync(&server.url).await.unwrap().all_held());
-    }
+    let id = household_with_visits(&server, dir.path(), 5).await;
     let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
     let notes = |d: &serde_json::Value| -> Vec<String> {
         d["visits"]
