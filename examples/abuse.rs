@@ -105,18 +105,6 @@ fn descriptors(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn open_files_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(1024)
-}
-
 async fn cli(
     bin: &Path,
     data: &Path,
@@ -532,7 +520,10 @@ async fn main() -> anyhow::Result<()> {
 
         // 2. Half-sent headers.
         let addr = server.http.trim_start_matches("http://").to_string();
-        let room = open_files_limit().saturating_sub(200).min(20_000);
+        let room = fieldsync::server::open_files_limit()
+            .unwrap_or(1024)
+            .saturating_sub(200)
+            .min(20_000) as usize;
         phases.extend(
             phase(
                 "idle connections (half a header)",

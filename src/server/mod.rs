@@ -365,7 +365,7 @@ fn effective_listen_config(config: &ListenConfig) -> ListenConfig {
 }
 
 /// The soft limit on open files of this process (Linux), if it can be read.
-fn open_files_limit() -> Option<u64> {
+pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
