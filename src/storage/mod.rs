@@ -317,24 +317,28 @@ impl Store {
     /// The stable storage id of this store, created on first use and flushed.
     pub async fn storage_id(&self) -> Result<StorageId> {
         let this = self.clone();
-        let id = blocking(move || {
+        let (id, created) = blocking(move || {
             if let Some(v) = this.inner.meta.get(META_STORAGE_ID)? {
                 let text = String::from_utf8_lossy(unversioned(&v)?).into_owned();
                 if let Some(id) = StorageId::new(text) {
-                    return Ok(id);
+                    return Ok((id, false));
                 }
             }
             let id = StorageId::random();
             this.inner
                 .meta
                 .insert(META_STORAGE_ID, versioned(id.as_str().as_bytes()))?;
-            Ok(id)
+            Ok((id, true))
         })
         .await?;
-        self.flush().await?;
-        let dir = self.inner.dir.clone();
-        let marked = id.clone();
-        blocking(move || write_identity(&dir, marked.as_str())).await?;
+        if created {
+            // Durable first, then named beside the database (an existing id was checked
+            // against the identity file when the store opened).
+            self.flush().await?;
+            let dir = self.inner.dir.clone();
+            let marked = id.clone();
+            blocking(move || write_identity(&dir, marked.as_str())).await?;
+        }
         Ok(id)
     }
 
