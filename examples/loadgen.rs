@@ -672,6 +672,22 @@ async fn session(
                 }
                 None => {
                     let _ = ws.close(None).await;
+                    // What is still unsettled when the coordinator gave up is a failure.
+                    for s in dev.slots.iter_mut().filter(|s| !s.settled) {
+                        s.settled = true;
+                        shared.settle(1);
+                        shared.fail(format!(
+                            "device {}: {:?} document {} did not settle: {} sent changes not held, server heads {}, ours {:?}",
+                            dev.index, s.kind, s.id, s.pending.len(),
+                            s.state.their_heads.as_ref().map_or("unknown".into(), |h| format!("{h:?}")),
+                            s.doc.get_heads(),
+                        ));
+                        if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                            let missing: Vec<_> = s.state.their_heads.iter().flatten().filter(|h| s.doc.get_change_by_hash(h).is_none()).collect();
+                            eprintln!("DEBUG {}: in_flight {} have_responded {} shared {:?} last_sent {:?} their_need {:?} sent_hashes {} missing {:?} missing_deps {:?} expected {:?}",
+                                s.id, s.state.in_flight, s.state.have_responded, s.state.shared_heads, s.state.last_sent_heads, s.state.their_need, s.state.sent_hashes.len(), missing, s.doc.get_missing_deps(&[]), s.expected_heads);
+                        }
+                    }
                     // Sync states survive the connection as a non-ephemeral client keeps
                     // them: only what is persisted (the shared heads) carries over.
                     for s in &mut dev.slots {
@@ -794,10 +810,14 @@ fn unavailable(dev: &mut Device, shared: &Shared, doc: DocumentId) {
 }
 
 fn edit(dev: &mut Device, shared: &Shared, me: &PeerId, server: &PeerId, out: &mut Vec<Vec<u8>>) {
+    // The coordinator counted this edit as unsettled when it asked for it (so it cannot see
+    // everything settled while the request waits in the channel); each slot counts once, so
+    // the count is given back unless it makes a settled slot unsettled.
     let own: Vec<usize> = (0..dev.slots.len())
         .filter(|&i| dev.slots[i].kind == Kind::Own)
         .collect();
     if own.is_empty() {
+        shared.settle(1);
         return;
     }
     let i = own[dev.next_edit % own.len()];
@@ -810,12 +830,14 @@ fn edit(dev: &mut Device, shared: &Shared, me: &PeerId, server: &PeerId, out: &m
             "device {}: a visit could not be recorded: {}",
             dev.index, f.error
         ));
+        shared.settle(1);
         return;
     }
     s.pending.push((s.doc.get_heads(), Instant::now()));
     if s.settled {
         s.settled = false;
-        shared.settle(-1);
+    } else {
+        shared.settle(1);
     }
     send_sync(s, me, server, out);
 }
@@ -913,8 +935,11 @@ async fn steady(args: &Args, shared: &Shared, senders: &[mpsc::Sender<Cmd>]) -> 
         let mut d = 0usize;
         while Instant::now() < end {
             tick.tick().await;
+            shared.settle(-1);
             if senders[d % senders.len()].send(Cmd::Edit).await.is_ok() {
                 sent += 1;
+            } else {
+                shared.settle(1);
             }
             d += 1;
         }

@@ -204,6 +204,10 @@ struct Inner {
     enrolment_throttle: Mutex<Throttle>,
     password_checks: Arc<tokio::sync::Semaphore>,
     hasher: hasher::Hasher,
+    /// The address label each household's catalog entry is known to carry (a hash of it),
+    /// so a change that leaves the label alone costs the catalog nothing. Lost on restart:
+    /// the first change after it re-checks the entry (a no-op edit when it is current).
+    catalog_labels: Mutex<HashMap<DocumentId, u64>>,
 }
 
 /// Removes a connection from the live registry when it ends.
@@ -256,6 +260,7 @@ impl Accounts {
                 sign_in_throttle: Mutex::new(sign_in_throttle),
                 sign_in_address_throttle: Mutex::new(sign_in_address_throttle),
                 enrolment_throttle: Mutex::new(enrolment_throttle),
+                catalog_labels: Mutex::new(HashMap::new()),
                 password_checks,
                 hasher,
             }),

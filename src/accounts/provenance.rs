@@ -7,7 +7,7 @@
 
 use automerge::{Automerge, ReadDoc};
 
-use super::{read, Accounts};
+use super::{lock, read, Accounts};
 use crate::auth::{DeviceId, UserName};
 use crate::hub::{AcceptedChanges, DerivedEdit};
 use crate::ids::{DocumentId, Timestamp};
@@ -129,7 +129,9 @@ pub(super) fn record(
         )?;
     }
 
-    // The village catalog lists the household with its current label and update time.
+    // The village catalog lists the household with its current label. It is written only
+    // when the household is new to it or its label changed: every catalog change goes to
+    // every device of the village, so a visit must not cost one.
     let catalog = {
         let dir = read(&accounts.inner.dir);
         dir.household(event.doc)
@@ -139,11 +141,20 @@ pub(super) fn record(
     let Some((catalog, station, village)) = catalog else {
         return Ok(Vec::new());
     };
-    let label = crate::records::read_household(doc)
-        .map(|h| h.address_label)
-        .unwrap_or_default();
+    // Only the address is read: the visits and their notes are not needed for a label.
+    let label = crate::records::address_label(doc);
+    let label_hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&station, &village, &label).hash(&mut h);
+        h.finish()
+    };
     let household = event.doc;
+    if lock(&accounts.inner.catalog_labels).get(&household) == Some(&label_hash) {
+        return Ok(Vec::new());
+    }
     let at = event.received_at;
+    let accounts = accounts.clone();
     Ok(vec![DerivedEdit {
         doc: catalog,
         edit: Box::new(move |d| {
@@ -151,8 +162,10 @@ pub(super) fn record(
                 crate::records::create_catalog(d, &station, &village).map_err(|e| e.to_string())?;
             }
             crate::records::upsert_catalog_entry(d, household, &label, at)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // Known only once the entry is in the catalog (durable with the catalog's flush).
+            lock(&accounts.inner.catalog_labels).insert(household, label_hash);
+            Ok(())
         }),
     }])
 }

@@ -250,24 +250,36 @@ impl DocActor {
         })
         .await?;
 
-        if applied.changed {
+        // Derived documents (the village catalog) are brought up to date before the sender
+        // hears that its changes are held, so "held" implies "discoverable". They go first:
+        // this batch's writes (chunk, provenance, registration) are already in the store, and
+        // a derived edit that changed its document answers only after a flush that started
+        // after it was asked for (group commit), and a sled flush makes every earlier write
+        // of the process durable. So when every derived edit changed something, that flush
+        // covered this batch too and a second one would only add latency.
+        let mut covered_by_derived = !applied.derived.is_empty();
+        for derived in std::mem::take(&mut applied.derived) {
+            if derived.doc == self.id {
+                tracing::error!(doc = %self.id, "a document cannot derive an edit of itself; skipped");
+                covered_by_derived = false;
+                continue;
+            }
+            match self.hub.change_local(derived.doc, derived.edit, None).await {
+                Ok(true) => {}
+                Ok(false) => covered_by_derived = false,
+                Err(e) => {
+                    covered_by_derived = false;
+                    tracing::warn!(doc = %self.id, derived = %derived.doc, error = %e, "updating a derived document failed");
+                }
+            }
+        }
+        if applied.changed && !covered_by_derived {
             // Durable before advertised: nobody hears of these changes (nor of their
             // provenance and registration rows, written in `apply`) until they are on disk.
             self.hub.store.flush().await?;
         }
         for (done, result) in applied.local_done.drain(..) {
             let _ = done.send(result);
-        }
-        // Derived documents (the village catalog) are brought up to date before the sender
-        // hears that its changes are held, so "held" implies "discoverable".
-        for derived in std::mem::take(&mut applied.derived) {
-            if derived.doc == self.id {
-                tracing::error!(doc = %self.id, "a document cannot derive an edit of itself; skipped");
-                continue;
-            }
-            if let Err(e) = self.hub.change_local(derived.doc, derived.edit, None).await {
-                tracing::warn!(doc = %self.id, derived = %derived.doc, error = %e, "updating a derived document failed");
-            }
         }
 
         for link in &applied.unavailable {

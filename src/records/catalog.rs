@@ -6,6 +6,10 @@
 //! households: { <document id>: { url: "automerge:<id>", address_label, updated_at (ms) } }
 //! ```
 //!
+//! `updated_at` is when the entry was written: the household's registration, or the last
+//! change of its address label. Visits do not touch the catalog (every catalog change reaches
+//! every device of the village).
+//!
 //! Owns the schema's writes and reads. Must not do I/O; the server decides when to write.
 
 use automerge::transaction::Transactable;
@@ -48,8 +52,9 @@ pub fn create_catalog(
     Ok(())
 }
 
-/// Adds or updates one household's entry. Returns whether anything changed (an unchanged
-/// entry makes no Automerge change at all).
+/// Adds one household's entry, or relabels it; `updated_at` is written with it. Returns
+/// whether anything changed: an entry whose label is current is left alone (no Automerge
+/// change at all, and its `updated_at` stays).
 pub fn upsert_catalog_entry(
     doc: &mut Automerge,
     household: DocumentId,
@@ -64,12 +69,7 @@ pub fn upsert_catalog_entry(
     let updated = i64::try_from(updated_at.as_millis()).unwrap_or(i64::MAX);
     let existing = map_at(doc, &households, &key);
     if let Some(entry) = &existing {
-        let same_label = string_at(doc, entry, "address_label").as_deref() == Some(address_label);
-        let same_time = matches!(
-            doc.get(entry, "updated_at").ok().flatten(),
-            Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Timestamp(t) if *t == updated)
-        );
-        if same_label && same_time {
+        if string_at(doc, entry, "address_label").as_deref() == Some(address_label) {
             return Ok(false);
         }
     }
@@ -128,7 +128,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_are_added_updated_and_not_rewritten_when_unchanged() {
+    fn entries_are_added_relabelled_and_not_rewritten_when_the_label_is_current() {
         let mut doc = Automerge::new();
         create_catalog(&mut doc, "north", "東村").unwrap();
         let h = DocumentId::random();
@@ -136,15 +136,27 @@ mod tests {
         assert!(upsert_catalog_entry(&mut doc, h, "East Rd No. 1", t).unwrap());
         let heads = doc.get_heads();
         assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1", t).unwrap());
-        assert_eq!(doc.get_heads(), heads, "no empty changes");
         assert!(
-            upsert_catalog_entry(&mut doc, h, "East Rd No. 1", Timestamp::from_millis(2_000))
-                .unwrap()
+            !upsert_catalog_entry(&mut doc, h, "East Rd No. 1", Timestamp::from_millis(2_000))
+                .unwrap(),
+            "a later change with the same label is not a catalog change"
         );
+        assert_eq!(doc.get_heads(), heads, "no empty changes");
+        let view = read_catalog(&doc).unwrap();
+        assert_eq!(view.households[0].updated_at_ms, 1_000);
+
+        assert!(upsert_catalog_entry(
+            &mut doc,
+            h,
+            "East Rd No. 1-1",
+            Timestamp::from_millis(3_000)
+        )
+        .unwrap());
         let view = read_catalog(&doc).unwrap();
         assert_eq!(view.village, "東村");
         assert_eq!(view.households.len(), 1);
         assert_eq!(view.households[0].url, h.to_url());
-        assert_eq!(view.households[0].updated_at_ms, 2_000);
+        assert_eq!(view.households[0].address_label, "East Rd No. 1-1");
+        assert_eq!(view.households[0].updated_at_ms, 3_000);
     }
 }

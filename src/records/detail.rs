@@ -269,10 +269,12 @@ fn walk_conflicts(
     path: &mut Vec<String>,
     out: &mut Vec<Conflict>,
 ) {
-    for key in doc.keys(obj) {
-        let values = doc.get_all(obj, key.as_str()).unwrap_or_default();
-        path.push(key.clone());
-        if values.len() > 1 {
+    // One pass over the map; only keys flagged as conflicted are looked up again (a lookup
+    // per key made this the most expensive part of projecting a household).
+    for item in doc.map_range(obj, ..) {
+        path.push(item.key.to_string());
+        if item.conflict {
+            let values = doc.get_all(obj, item.key.as_ref()).unwrap_or_default();
             out.push(Conflict {
                 path: path.join("."),
                 values: values
@@ -283,9 +285,11 @@ fn walk_conflicts(
                     })
                     .collect(),
             });
-        }
-        if let Some((Value::Object(ObjType::Map), child)) = values.first() {
-            walk_conflicts(doc, attribution, child, path, out);
+            if let Some((Value::Object(ObjType::Map), child)) = values.first() {
+                walk_conflicts(doc, attribution, child, path, out);
+            }
+        } else if matches!(item.value, automerge::ValueRef::Object(ObjType::Map)) {
+            walk_conflicts(doc, attribution, &item.id(), path, out);
         }
         path.pop();
     }

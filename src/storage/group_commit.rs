@@ -1,6 +1,11 @@
-//! Group commit: one background task turns many "make my writes durable" requests into few
+//! Group commit: one flusher thread turns many "make my writes durable" requests into few
 //! sled flushes. A request is answered by the first flush that *starts* after it was queued,
 //! so every write its caller made before asking is covered.
+//!
+//! The flusher is a plain OS thread calling sled's blocking `flush`, not `flush_async`:
+//! sled runs `flush_async` on its own I/O pool, which wakes every idle pool thread for each
+//! job (a `notify_all`), and at one flush per acknowledged change that hand-off cost more CPU
+//! than the flush itself (measured with `examples/loadgen.rs` under perf).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,35 +25,33 @@ pub(super) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the flusher. It stops by itself when the last store handle is dropped.
-    pub(super) fn start(db: sled::Db) -> Self {
+    /// Starts the flusher thread. It stops by itself when the last store handle is dropped
+    /// (its queue closes).
+    pub(super) fn start(db: sled::Db) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Waiter>(QUEUE);
         let flushes = Arc::new(AtomicU64::new(0));
         let counter = flushes.clone();
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
+        std::thread::Builder::new()
+            .name("fieldsync-flush".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let outcome = db.flush().map(|_| ()).map_err(StorageError::from);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = &outcome {
+                        tracing::error!(error = %e, "flushing the store failed");
+                    }
+                    for waiter in batch.drain(..) {
+                        // A waiter that gave up (its connection closed) is fine to skip.
+                        let _ = waiter.send(outcome.clone());
+                    }
                 }
-                // flush_async runs the fsync on sled's own thread pool, not on the reactor.
-                let outcome = db
-                    .flush_async()
-                    .await
-                    .map(|_| ())
-                    .map_err(StorageError::from);
-                counter.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = &outcome {
-                    tracing::error!(error = %e, "flushing the store failed");
-                }
-                for waiter in batch.drain(..) {
-                    // A waiter that gave up (its connection closed) is fine to skip.
-                    let _ = waiter.send(outcome.clone());
-                }
-            }
-        });
-        Self { tx, flushes }
+            })?;
+        Ok(Self { tx, flushes })
     }
 
     /// Owns what it needs, so the future is `'static` and can be awaited anywhere.

@@ -285,7 +285,8 @@ impl Store {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         check_identity(dir, &meta)?;
         restrict_files(dir)?;
-        let commit = GroupCommit::start(db.clone());
+        let commit = GroupCommit::start(db.clone())
+            .map_err(|e| StorageError::Io(format!("cannot start the flusher thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
