@@ -69,37 +69,49 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2000);
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    if let Some(visits) = args.next().and_then(|a| a.parse().ok()) {
+        measure(n, visits);
+        return;
+    }
     println!(
         "{:>7} {:>10} {:>8} {:>14} {:>12} {:>12}",
         "visits", "stored B", "ops", "resident B", "resident/B", "resident/op"
     );
+    // Each shape in a fresh process: memory freed by one shape would hide the next one's.
+    let me = std::env::current_exe().expect("own path");
     for visits in [0usize, 4, 20, 50] {
-        let stored: Vec<Vec<u8>> = (0..n).map(|i| household(i, visits)).collect();
-        let bytes = stored.iter().map(Vec::len).sum::<usize>() / n;
-        let ops = stored
-            .iter()
-            .map(|c| count_ops(c).unwrap_or(0))
-            .sum::<u64>()
-            / n as u64;
-        let before = rss_kib();
-        let loaded: Vec<Automerge> = stored
-            .iter()
-            .map(|c| {
-                let mut d = Automerge::new();
-                d.load_incremental(c).expect("loads");
-                d
-            })
-            .collect();
-        let per_doc = (rss_kib().saturating_sub(before) * 1024) as usize / n;
-        println!(
-            "{visits:>7} {bytes:>10} {ops:>8} {per_doc:>14} {:>12.1} {:>12.1}",
-            per_doc as f64 / bytes.max(1) as f64,
-            per_doc as f64 / ops.max(1) as f64
-        );
-        drop(loaded);
+        let status = std::process::Command::new(&me)
+            .args([n.to_string(), visits.to_string()])
+            .status()
+            .expect("runs itself");
+        assert!(status.success());
     }
+}
+
+fn measure(n: usize, visits: usize) {
+    let stored: Vec<Vec<u8>> = (0..n).map(|i| household(i, visits)).collect();
+    let bytes = stored.iter().map(Vec::len).sum::<usize>() / n;
+    let ops = stored
+        .iter()
+        .map(|c| count_ops(c).unwrap_or(0))
+        .sum::<u64>()
+        / n as u64;
+    let before = rss_kib();
+    let loaded: Vec<Automerge> = stored
+        .iter()
+        .map(|c| {
+            let mut d = Automerge::new();
+            d.load_incremental(c).expect("loads");
+            d
+        })
+        .collect();
+    let per_doc = (rss_kib().saturating_sub(before) * 1024) as usize / n;
+    println!(
+        "{visits:>7} {bytes:>10} {ops:>8} {per_doc:>14} {:>12.1} {:>12.1}",
+        per_doc as f64 / bytes.max(1) as f64,
+        per_doc as f64 / ops.max(1) as f64
+    );
+    drop(loaded);
 }

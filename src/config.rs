@@ -198,9 +198,14 @@ pub struct ServeArgs {
     /// Largest WebSocket message accepted, in bytes.
     #[arg(long, env = "FIELDSYNC_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Budget for loaded documents, in bytes of their stored size.
-    #[arg(long, env = "FIELDSYNC_CACHE_BUDGET_BYTES", default_value_t = 256 * 1024 * 1024)]
+    /// Memory for loaded documents, in bytes: each counts what it is estimated to take in
+    /// memory (18 KiB + 9 bytes per operation + 1 KiB per syncing peer, measured by
+    /// `examples/doc_memory.rs`), and the least recently used leave first.
+    #[arg(long, env = "FIELDSYNC_CACHE_BUDGET_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub cache_budget_bytes: usize,
+    /// sled's page cache, in bytes (its reads of chunks, projections and accounts).
+    #[arg(long, env = "FIELDSYNC_STORE_CACHE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub store_cache_bytes: u64,
     /// Seconds between pings; a peer silent for 2.5 intervals is dropped.
     #[arg(long, env = "FIELDSYNC_PING_INTERVAL_SECS", default_value_t = 20)]
     pub ping_interval_secs: u64,
@@ -245,7 +250,7 @@ pub struct ServeArgs {
     pub max_concurrent_password_checks: Option<usize>,
     /// Seconds after which a loaded document that nobody used is unloaded (it reloads on
     /// the next message).
-    #[arg(long, env = "FIELDSYNC_IDLE_UNLOAD_SECS", default_value_t = 120)]
+    #[arg(long, env = "FIELDSYNC_IDLE_UNLOAD_SECS", default_value_t = 15)]
     pub idle_unload_secs: u64,
     /// Crash tests only.
     #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
@@ -278,6 +283,7 @@ impl ServeArgs {
             ("--max-ops-per-document", self.max_ops_per_document),
             ("--max-document-bytes", self.max_document_bytes as u64),
             ("--idle-unload-secs", self.idle_unload_secs),
+            ("--store-cache-bytes", self.store_cache_bytes),
             (
                 "--max-concurrent-password-checks",
                 self.max_concurrent_password_checks.unwrap_or(1) as u64,
@@ -305,6 +311,7 @@ impl ServeArgs {
         }
         config.max_message_bytes = self.max_message_bytes;
         config.hub.cache_budget_bytes = self.cache_budget_bytes;
+        config.store.sled_cache_bytes = self.store_cache_bytes;
         config.ping_interval = Duration::from_secs(self.ping_interval_secs);
         config.idle_timeout = Duration::from_millis(self.ping_interval_secs * 2500);
         Ok((self.listen, config))

@@ -15,6 +15,9 @@ use tracing_subscriber::EnvFilter;
 const MALLOC_TUNABLES: &str =
     "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072";
 
+/// Threads for blocking work (see where the runtime is built).
+const BLOCKING_THREADS: usize = 24;
+
 /// glibc reads its tunables when a process starts, so `serve` re-executes itself once with
 /// them, unless the operator set GLIBC_TUNABLES (to anything, even empty) already.
 fn tune_allocator_by_reexec() {
@@ -63,6 +66,11 @@ fn main() -> std::process::ExitCode {
     }
     let outcome = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work (Automerge, sled) is CPU-bound: more threads than this only cost
+        // memory. tokio's default of 512 let a push by 20 devices start ~500 threads and
+        // ~100 MB of their stacks and allocator caches (measured with examples/loadgen.rs).
+        // Exports, which hold a thread while their client reads, are limited to 4 at once.
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|runtime| match cli.command {

@@ -33,8 +33,9 @@ pub use link::{InFlight, KillSwitch, Outbound, Outbox, PeerLink};
 /// Tuning for the hub; every field has a unit in its name.
 #[derive(Clone, Debug)]
 pub struct HubConfig {
-    /// Budget for loaded documents, counted in their stored (saved) size. At least one
-    /// document stays loaded even if it alone exceeds the budget.
+    /// Budget for loaded documents, in bytes of memory: each counts its estimated footprint
+    /// (see `actor::memory_estimate`). At least one document stays loaded even if it alone
+    /// exceeds the budget.
     pub cache_budget_bytes: usize,
     /// After this many incremental chunks a document is compacted into one snapshot.
     pub compact_after_chunks: usize,
@@ -76,14 +77,14 @@ impl std::str::FromStr for Failpoint {
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
-            cache_budget_bytes: 256 * 1024 * 1024,
+            cache_budget_bytes: 32 * 1024 * 1024,
             compact_after_chunks: 64,
             actor_queue_len: 256,
             max_ops_per_change: 100_000,
             max_ops_per_document: 1_000_000,
             max_document_bytes: 16 * 1024 * 1024,
             max_ungranted_docs_per_connection: 256,
-            idle_unload_after: std::time::Duration::from_secs(120),
+            idle_unload_after: std::time::Duration::from_secs(15),
             failpoint: None,
         }
     }

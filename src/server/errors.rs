@@ -115,6 +115,10 @@ impl From<StaffError> for ApiError {
                 tracing::warn!(error = %inner, "a record edit did not complete");
                 ApiError::unavailable()
             }
+            e @ StaffError::Busy => ApiError {
+                retry_after: Some(Duration::from_secs(5)),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+            },
         }
     }
 }

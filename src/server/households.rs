@@ -462,12 +462,13 @@ fn export(services: &Services, desk: &StaffDesk) -> Route {
                         let (filter, _) = filter_from(&raw, &[])?;
                         filter.validate().map_err(ApiError::bad_request)?;
                         desk.check_reader(who.principal())?;
+                        let slot = desk.reserve_export()?;
                         // A few chunks in flight: the export thread waits for a slow client.
                         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
                         let principal = who.principal().clone();
                         tokio::spawn(async move {
                             let sink = move |chunk: Vec<u8>| tx.blocking_send(Bytes::from(chunk)).is_ok();
-                            match desk.export(&principal, filter, sink).await {
+                            match desk.export(slot, &principal, filter, sink).await {
                                 Ok(rows) => tracing::info!(user = %principal.user, rows, "export streamed"),
                                 Err(e) => tracing::warn!(user = %principal.user, error = %e, "export ended early"),
                             }

@@ -39,7 +39,18 @@ pub enum StaffError {
     Storage(#[from] StorageError),
     #[error("the edit could not be made now: {0}")]
     Hub(HubError),
+    #[error(
+        "{MAX_CONCURRENT_EXPORTS} exports are running already; try again when one has finished"
+    )]
+    Busy,
 }
+
+/// One of the [`MAX_CONCURRENT_EXPORTS`] export slots.
+pub struct ExportSlot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+/// Exports streamed at once at most: each holds a blocking thread while its client reads,
+/// and those threads also serve the sync path.
+pub const MAX_CONCURRENT_EXPORTS: usize = 4;
 
 impl From<HubError> for StaffError {
     fn from(e: HubError) -> Self {
@@ -153,6 +164,7 @@ pub struct StaffDesk {
     hub: Hub,
     accounts: Accounts,
     projection: Projection,
+    exports: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl StaffDesk {
@@ -161,6 +173,7 @@ impl StaffDesk {
             hub,
             accounts,
             projection,
+            exports: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_EXPORTS)),
         }
     }
 
@@ -223,10 +236,21 @@ impl StaffDesk {
         Ok(blocking(move || p.coverage_blocking(&scope, &villages, days, now)).await?)
     }
 
+    /// A slot for one export, taken before its response starts (so a refusal can still be
+    /// a 503); [`StaffDesk::export`] holds it until the export ends.
+    pub fn reserve_export(&self) -> Result<ExportSlot, StaffError> {
+        self.exports
+            .clone()
+            .try_acquire_owned()
+            .map(ExportSlot)
+            .map_err(|_| StaffError::Busy)
+    }
+
     /// Runs the export on a blocking thread, handing CSV chunks to `sink` (which blocks
     /// while the client is slow, so memory stays bounded).
     pub async fn export(
         &self,
+        slot: ExportSlot,
         who: &Principal,
         filter: Filter,
         sink: impl FnMut(Vec<u8>) -> bool + Send + 'static,
@@ -234,7 +258,11 @@ impl StaffDesk {
         filter.validate().map_err(StaffError::Invalid)?;
         let scope = self.scope(who)?;
         let (p, now) = (self.projection.clone(), self.accounts.now());
-        Ok(blocking(move || p.export_blocking(&scope, &filter, now, sink)).await?)
+        Ok(blocking(move || {
+            let _slot = slot;
+            p.export_blocking(&scope, &filter, now, sink)
+        })
+        .await?)
     }
 
     pub async fn changes(

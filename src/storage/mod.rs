@@ -85,7 +85,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            sled_cache_bytes: 64 * 1024 * 1024,
+            sled_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::common::{household, visit, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
-    const BUDGET: usize = 24 * 1024;
+    const BUDGET: usize = 96 * 1024;
     const DOCS: usize = 40;
     let server = TestServer::spawn_with(|c| c.hub.cache_budget_bytes = BUDGET).await;
     let dir = tempfile::tempdir().unwrap();
@@ -33,16 +33,11 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
     assert!(a.sync(&server.url).await.unwrap().all_held());
 
     let stats = server.services.hub.cache_stats();
-    let stored: usize = {
-        let mut total = 0;
-        for id in &ids {
-            total += server.services.store.load(*id).await.unwrap().total_bytes();
-        }
-        total
-    };
+    // Each household counts what it takes in memory (at least 18 KiB), so 40 of them are
+    // far over a 96 KiB budget: most must have left memory.
     assert!(
-        stored > 2 * BUDGET,
-        "the data ({stored} B) must exceed the budget for this test to mean anything"
+        stats.evictions >= (DOCS - 5) as u64,
+        "most documents were evicted: {stats:?}"
     );
     assert!(stats.evictions > 0, "{stats:?}");
     assert!(stats.loaded_bytes <= BUDGET, "{stats:?}");

@@ -71,3 +71,71 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
     }
     server.kill().await;
 }
+
+/// Catalog upkeep is coalesced (the entries of households registered together go into the
+/// catalog in one batch, and the catalog's flush stands in for the household's own): a
+/// household its phone was told is held is in its village catalog after a SIGKILL that
+/// follows the acknowledgement at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_household_acknowledged_as_held_is_in_its_catalog_after_sigkill() {
+    use std::collections::BTreeSet;
+
+    use fieldsync::ids::DocumentId;
+
+    use crate::common::admin_cli;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server-data");
+    world_via_cli(&data).await;
+    let server = ServerProcess::start(&data).await;
+    let mut phones = Vec::new();
+    for name in ["a", "b", "c"] {
+        let phone = Device::open(&dir.path().join(name)).await.unwrap();
+        phone.set_token(&server.enrol("amy").await).await.unwrap();
+        phones.push(phone);
+    }
+    let mut ids = Vec::new();
+    for (p, phone) in phones.iter().enumerate() {
+        for h in 0..8 {
+            let id = phone
+                .create_household(&household(&format!("{p}-{h}")))
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+    }
+    // Three phones register 24 households at once: their catalog entries meet in the
+    // catalog's queue.
+    let syncs: Vec<_> = phones.iter().map(|p| p.sync(&server.url)).collect();
+    for report in futures_util::future::join_all(syncs).await {
+        let report = report.unwrap();
+        assert!(report.all_held(), "{report:?}");
+    }
+    server.kill().await; // SIGKILL right after the last acknowledgement
+
+    let server = ServerProcess::start(&data).await;
+    let out = admin_cli(&data, &["device", "enroll", "ben"], None).await;
+    let code = out.lines().last().unwrap();
+    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    let answer = fresh
+        .enroll(&server.http(), code, "ben's phone")
+        .await
+        .unwrap();
+    let catalog =
+        DocumentId::parse_url_or_id(answer["villages"][0]["catalog_url"].as_str().unwrap())
+            .unwrap();
+    assert!(fresh.sync(&server.url).await.unwrap().all_held());
+    let listed: BTreeSet<DocumentId> = fresh
+        .catalog(catalog)
+        .await
+        .unwrap()
+        .households
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    for id in &ids {
+        assert!(listed.contains(id), "{id} is missing from the catalog");
+    }
+    assert_eq!(listed.len(), ids.len());
+    server.kill().await;
+}
