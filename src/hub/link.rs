@@ -98,13 +98,24 @@ fn weight(out: &Outbound) -> usize {
     }
 }
 
+/// A connection's requests in flight, and a wake-up for its pump when one settles.
+#[derive(Debug, Default)]
+struct Requests {
+    count: AtomicUsize,
+    /// `notify_one` keeps a permit when nobody waits: a pump that paused reading because too
+    /// many requests were in flight cannot miss the settlement that lets it resume (a
+    /// request answered with nothing to send queues no outbound message to wake it).
+    settled: tokio::sync::Notify,
+}
+
 /// One request of a connection in flight; dropping it settles it.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<Requests>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+        self.0.settled.notify_one();
     }
 }
 
@@ -122,7 +133,7 @@ pub struct PeerLink {
     ungranted: Arc<Mutex<HashSet<DocumentId>>>,
     /// Its `request`s and `sync`s handed to the hub and not yet answered: the connection stops
     /// reading while many are, so its own burst cannot overflow its outbox.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<Requests>,
 }
 
 impl PeerLink {
@@ -172,12 +183,17 @@ impl PeerLink {
     /// the returned guard is dropped (by the hub or the document's actor, once the answer,
     /// if any, is queued; on every other way out it is dropped too).
     pub fn request_started(&self) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.count.fetch_add(1, Ordering::Relaxed);
         InFlight(self.in_flight.clone())
     }
 
     pub fn requests_in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.count.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when one of this connection's requests has settled since the last call.
+    pub async fn request_settled(&self) {
+        self.in_flight.settled.notified().await
     }
 
     /// Queues a message without waiting; a full queue (in messages or bytes) disconnects the

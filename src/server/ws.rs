@@ -176,6 +176,8 @@ impl Connection {
                     Some(Err(e)) => { tracing::debug!(error = %e, "socket error"); break }
                     None => break,
                 },
+                // A settled request may let reading resume (re-checked at the loop's top).
+                _ = settled(self.link.as_ref()) => Vec::new(),
                 out = self.outbox_rx.recv() => {
                     if let Some(o) = &out {
                         self.outbox.written(o);
@@ -331,4 +333,12 @@ fn is_too_big(e: &warp::Error) -> bool {
             .and_then(|s| s.downcast_ref::<tokio_tungstenite::tungstenite::Error>()),
         Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
     )
+}
+
+/// Resolves when one of `link`'s requests settles; never without a link (before `join`).
+async fn settled(link: Option<&PeerLink>) {
+    match link {
+        Some(l) => l.request_settled().await,
+        None => std::future::pending().await,
+    }
 }
