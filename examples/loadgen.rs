@@ -33,6 +33,9 @@
 //! tokens through the enrolment API. With `--server-pid` the report includes the server's
 //! CPU seconds and peak resident memory (from /proc; the generator's own CPU is apart).
 //!
+//! Diagnosis: `LOADGEN_DEBUG=1` prints the sync state of every document that did not settle;
+//! `LOADGEN_RESEND_SECS=N` offers a document again when its change waited N seconds.
+//!
 //! This is a benchmark tool, not a test: run it on a quiet machine (nothing else building).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -590,7 +593,7 @@ async fn session(
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME))
         .max_frame_size(Some(MAX_FRAME));
-    let mut ws =
+    let ws =
         match tokio_tungstenite::connect_async_with_config(full_url.as_str(), Some(config), false)
             .await
         {
@@ -600,6 +603,19 @@ async fn session(
                 return dev;
             }
         };
+    // Writes go through their own task, as a real client's socket buffers them: this loop
+    // never stops reading while a write waits for the server to read (each side waiting on
+    // the other would stall both).
+    let (mut sink, mut stream) = ws.split();
+    let (writes, mut to_write) = mpsc::unbounded_channel::<WsMessage>();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = to_write.recv().await {
+            let close = matches!(frame, WsMessage::Close(_));
+            if sink.send(frame).await.is_err() || close {
+                break;
+            }
+        }
+    });
     let me = PeerId::random("loadgen");
     let join = Message::Join(Join {
         sender_id: me.clone(),
@@ -620,8 +636,8 @@ async fn session(
             shared
                 .bytes_sent
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            if let Err(e) = ws.send(WsMessage::Binary(frame.into())).await {
-                fail_rest(&mut dev, &shared, &format!("send failed: {e}"));
+            if writes.send(WsMessage::Binary(frame.into())).is_err() {
+                fail_rest(&mut dev, &shared, "the connection's writer stopped");
                 return dev;
             }
         }
@@ -631,7 +647,7 @@ async fn session(
             continue;
         }
         tokio::select! {
-            frame = ws.next() => {
+            frame = stream.next() => {
                 let bytes = match frame {
                     Some(Ok(WsMessage::Binary(b))) => b,
                     Some(Ok(WsMessage::Close(c))) => {
@@ -671,7 +687,8 @@ async fn session(
                     }
                 }
                 None => {
-                    let _ = ws.close(None).await;
+                    let _ = writes.send(WsMessage::Close(None));
+                    let _ = writer.await;
                     // What is still unsettled when the coordinator gave up is a failure.
                     for s in dev.slots.iter_mut().filter(|s| !s.settled) {
                         s.settled = true;
@@ -707,11 +724,32 @@ async fn session(
                             dev.slots[i].state = sync::State::new();
                             send_sync(&mut dev.slots[i], &me, server, &mut out);
                         }
+                        // Diagnosis of stalls: offer again what waited too long for "held".
+                        if let Some(after) = resend_after() {
+                            let s = &mut dev.slots[i];
+                            if s.pending.first().is_some_and(|(_, sent)| now.duration_since(*sent) > after)
+                                && s.state.in_flight
+                            {
+                                eprintln!("RESEND {} after {:?}", s.id, now.duration_since(s.pending[0].1));
+                                s.state.in_flight = false;
+                                s.state.last_sent_heads.clear();
+                                s.state.sent_hashes.clear();
+                                send_sync(s, &me, server, &mut out);
+                            }
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// `LOADGEN_RESEND_SECS`: offer a document again when its change waited this long.
+fn resend_after() -> Option<Duration> {
+    std::env::var("LOADGEN_RESEND_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
 }
 
 fn offer_all(dev: &mut Device, me: &PeerId, server: &PeerId, out: &mut Vec<Vec<u8>>) {
