@@ -688,7 +688,8 @@ async fn session(
                 }
                 None => {
                     let _ = writes.send(WsMessage::Close(None));
-                    let _ = writer.await;
+                    // A server that stopped reading must not hold the run up.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
                     // What is still unsettled when the coordinator gave up is a failure.
                     for s in dev.slots.iter_mut().filter(|s| !s.settled) {
                         s.settled = true;
