@@ -1002,6 +1002,8 @@ struct Report {
     json: serde_json::Value,
     rows: Vec<[String; 9]>,
     marks: (u64, u64, Option<f64>),
+    /// Failures counted before the current phase.
+    failures_before: u64,
 }
 
 impl Report {
@@ -1022,6 +1024,7 @@ impl Report {
                 "phases": {},
             }),
             rows: Vec::new(),
+            failures_before: 0,
             marks: (
                 0,
                 0,
@@ -1060,9 +1063,23 @@ impl Report {
         } else {
             0.0
         };
+        // Converged means every document settled, not that the failed ones were given up on.
+        let failures = shared.failures.load(Ordering::Relaxed);
+        let phase_failures = failures - self.failures_before;
+        self.failures_before = failures;
+        let outcome = match (r.converged, phase_failures) {
+            (true, 0) => "",
+            (true, _) => " (failures)",
+            (false, _) => " (timed out)",
+        };
+        let r = PhaseResult {
+            converged: r.converged && phase_failures == 0,
+            ..r
+        };
         self.json["phases"][name] = json!({
             "seconds": round3(r.seconds),
             "converged": r.converged,
+            "failures": phase_failures,
             "changes": r.changes,
             "changes_sent": r.sent_changes,
             "changes_per_s": round3(per_s),
@@ -1075,11 +1092,7 @@ impl Report {
         let opt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         self.rows.push([
             name.to_string(),
-            format!(
-                "{:.2}{}",
-                r.seconds,
-                if r.converged { "" } else { " (timed out)" }
-            ),
+            format!("{:.2}{outcome}", r.seconds),
             r.changes.to_string(),
             format!("{per_s:.0}"),
             format!("{:.1}/{:.1}/{:.1}", pct(0.5), pct(0.95), pct(0.99)),
