@@ -370,6 +370,7 @@ impl DocState {
                     // Decided here, per message, so a revocation or a new registration made
                     // while the message waited in the queue is honoured.
                     let access = hub.authorizer.access(&link.principal, self.id);
+                    tracing::trace!(doc = %self.id, conn = %link.conn, ?access, "applying");
                     out.settled.push(in_flight);
                     self.apply_one(hub, link, kind, &data, access, &mut out)
                 }

@@ -288,8 +288,12 @@ impl Hub {
                 data,
                 in_flight,
             };
+            tracing::trace!(doc = %doc, conn = %link.conn, "queueing for the document");
             match tx.send(cmd).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    tracing::trace!(doc = %doc, conn = %link.conn, "queued for the document");
+                    return;
+                }
                 // The actor stopped between lookup and send (evicted and drained, or failed):
                 // look it up again, which waits for it to finish and reloads.
                 Err(mpsc::error::SendError(Cmd::Sync {

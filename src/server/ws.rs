@@ -153,7 +153,15 @@ impl Connection {
         let write_timeout = self.services.config.write_timeout;
         let outbox_len = self.services.config.outbox_len;
         tracing::debug!("connected");
+        let mut paused = false;
         loop {
+            let in_flight = self.link.as_ref().map_or(0, PeerLink::requests_in_flight);
+            let room = self.outbox.capacity();
+            let now_paused = !(room > outbox_len / 2 && in_flight < outbox_len / 2);
+            if now_paused != paused {
+                paused = now_paused;
+                tracing::trace!(paused, in_flight, room, "reading paused or resumed");
+            }
             let effects = tokio::select! {
                 _ = self.closing.cancelled() => session.shutdown(),
                 _ = until(session.join_deadline()) => session.tick(Timestamp::now()),
