@@ -167,6 +167,9 @@ struct Shared {
     failures: AtomicU64,
     failure_examples: Mutex<Vec<String>>,
     stop: AtomicBool,
+    /// Frames handed to the write tasks, and frames they have written.
+    frames_queued: AtomicU64,
+    frames_written: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -608,12 +611,14 @@ async fn session(
     // the other would stall both).
     let (mut sink, mut stream) = ws.split();
     let (writes, mut to_write) = mpsc::unbounded_channel::<WsMessage>();
+    let written = shared.frames_written.clone();
     let writer = tokio::spawn(async move {
         while let Some(frame) = to_write.recv().await {
             let close = matches!(frame, WsMessage::Close(_));
             if sink.send(frame).await.is_err() || close {
                 break;
             }
+            written.fetch_add(1, Ordering::Relaxed);
         }
     });
     let me = PeerId::random("loadgen");
@@ -636,6 +641,7 @@ async fn session(
             shared
                 .bytes_sent
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            shared.frames_queued.fetch_add(1, Ordering::Relaxed);
             if writes.send(WsMessage::Binary(frame.into())).is_err() {
                 fail_rest(&mut dev, &shared, "the connection's writer stopped");
                 return dev;
@@ -948,7 +954,11 @@ async fn wait_settled(name: &str, shared: &Shared, deadline: Instant, started: I
             return true;
         }
         if Instant::now() >= deadline {
-            eprintln!("{name}: gave up with {left} documents unsettled");
+            eprintln!(
+                "{name}: gave up with {left} documents unsettled ({} frames queued for writing, {} written)",
+                shared.frames_queued.load(Ordering::Relaxed),
+                shared.frames_written.load(Ordering::Relaxed)
+            );
             return false;
         }
         if last_print.elapsed() >= Duration::from_secs(2) {

@@ -262,6 +262,7 @@ impl Hub {
             link.release_ungranted(doc);
         }
         loop {
+            tracing::trace!(doc = %doc, conn = %link.conn, "looking up the document");
             let tx = match self.inner.actor_for(doc, kind).await {
                 Ok(Some(tx)) => tx,
                 Ok(None) => {
