@@ -88,15 +88,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn status_field(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    fieldsync::server::process_memory_kib(Some(pid), field).unwrap_or(0)
 }
 
 fn descriptors(pid: u32) -> u64 {

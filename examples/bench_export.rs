@@ -29,15 +29,7 @@ const DEVICES: usize = 4;
 const PASSWORD: &str = "bench staff password";
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    fieldsync::server::process_memory_kib(None, "VmRSS:").unwrap_or(0)
 }
 
 fn agent() -> ureq::Agent {

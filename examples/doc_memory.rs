@@ -13,41 +13,21 @@
 
 use automerge::Automerge;
 use fieldsync::hub::op_count::count_ops;
-use fieldsync::records::{self, Address, NewHousehold, NewVisit, Premises};
+use fieldsync::records::{self, samples};
 
 fn household(i: usize, visits: usize) -> Vec<u8> {
     let mut doc = Automerge::new();
-    let h = NewHousehold {
-        station: "Zhongzheng Station".into(),
-        village: "Linsen".into(),
-        address: Address {
-            township: "Zhongzheng".into(),
-            village: "Linsen".into(),
-            group: (i % 9).to_string(),
-            street: "Linsen S. Rd".into(),
-            house_no: i.to_string(),
-            landmark: String::new(),
-        },
-        premises: Premises::Home,
-    };
-    doc.transact(|tx| records::create_household(tx, &h))
+    doc.transact(|tx| records::create_household(tx, &samples::household(&i.to_string())))
         .expect("a household");
     let mut chunks = doc.save();
     for n in 0..visits {
         let heads = doc.get_heads();
-        let v = NewVisit {
-            officer: "wang".into(),
-            device: "phone-a".into(),
-            started_at_ms: 1_790_000_000_000 + n as i64 * 60_000,
-            ended_at_ms: 1_790_000_600_000 + n as i64 * 60_000,
-            outcome: records::VisitOutcome::Met,
-            mode: records::VisitMode::InHome,
-            people_met: vec!["resident".into()],
-            notes: format!("Visit {n}: the resident asked about scam calls; left the anti-fraud leaflet and the station's number."),
-            publicity: vec!["anti_fraud".into()],
-            security_score: Some(4),
-            satisfaction: Some(5),
-        };
+        let mut v = samples::visit(
+            "wang",
+            &format!("Visit {n}: the resident asked about scam calls; left the anti-fraud leaflet and the station's number."),
+        );
+        v.started_at_ms += n as i64 * 60_000;
+        v.ended_at_ms += n as i64 * 60_000;
         doc.transact(|tx| records::add_visit(tx, &v))
             .expect("a visit");
         // Stored as the server stores an accepted change: one incremental chunk each.
@@ -57,15 +37,7 @@ fn household(i: usize, visits: usize) -> Vec<u8> {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    fieldsync::server::process_memory_kib(None, "VmRSS:").unwrap_or(0)
 }
 
 fn main() {

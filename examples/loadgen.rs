@@ -388,19 +388,14 @@ fn household(d: usize, h: usize, village: &str) -> NewHousehold {
 }
 
 fn visit(d: usize, n: usize) -> NewVisit {
-    NewVisit {
-        officer: format!("loadgen-{d}"),
-        device: format!("loadgen phone {d}"),
-        started_at_ms: 1_790_000_000_000 + n as i64 * 60_000,
-        ended_at_ms: 1_790_000_600_000 + n as i64 * 60_000,
-        outcome: records::VisitOutcome::Met,
-        mode: records::VisitMode::InHome,
-        people_met: vec!["resident".into()],
-        notes: format!("Visit {n}: the resident asked about scam calls; left the anti-fraud leaflet and the station's number."),
-        publicity: vec!["anti_fraud".into()],
-        security_score: Some(4),
-        satisfaction: Some(5),
-    }
+    let mut v = records::samples::visit(
+        &format!("loadgen-{d}"),
+        &format!("Visit {n}: the resident asked about scam calls; left the anti-fraud leaflet and the station's number."),
+    );
+    v.device = format!("loadgen phone {d}");
+    v.started_at_ms += n as i64 * 60_000;
+    v.ended_at_ms += n as i64 * 60_000;
+    v
 }
 
 fn actor_of(d: usize) -> ActorId {
@@ -633,6 +628,7 @@ async fn session(
     let mut out: Vec<Vec<u8>> = vec![codec::encode(&join)];
     let mut server: Option<PeerId> = None;
     let mut offered = false;
+    let resend = resend_after();
     let mut retry = tokio::time::interval(Duration::from_millis(250));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -732,7 +728,7 @@ async fn session(
                             send_sync(&mut dev.slots[i], &me, server, &mut out);
                         }
                         // Diagnosis of stalls: offer again what waited too long for "held".
-                        if let Some(after) = resend_after() {
+                        if let Some(after) = resend {
                             let s = &mut dev.slots[i];
                             if s.pending.first().is_some_and(|(_, sent)| now.duration_since(*sent) > after)
                                 && s.state.in_flight
@@ -1246,15 +1242,8 @@ fn cpu_seconds(stat_path: &str) -> f64 {
 
 /// A `Vm*` line of /proc/PID/status in MB.
 fn status_mb(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| round3(kb / 1024.0))
+    fieldsync::server::process_memory_kib(Some(pid), field)
+        .map(|kib| round3(kib as f64 / 1024.0))
         .unwrap_or(0.0)
 }
 

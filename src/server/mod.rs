@@ -364,6 +364,23 @@ fn effective_listen_config(config: &ListenConfig) -> ListenConfig {
     config
 }
 
+/// A `Vm*` figure (e.g. `VmRSS:`, `VmHWM:`) of a process from /proc, in KiB: this process
+/// when `pid` is `None`. For benchmarks and diagnostics (Linux).
+pub fn process_memory_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The soft limit on open files of this process (Linux), if it can be read.
 pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;

@@ -169,8 +169,7 @@ impl Connection {
                 // Backpressure: while half the outbox waits for the socket, or half as many
                 // requests wait for their answers, the client's frames are not read (they wait
                 // in TCP), so its own burst cannot overflow its outbox.
-                frame = stream.next(), if self.outbox.capacity() > outbox_len / 2
-                    && self.link.as_ref().map_or(0, PeerLink::requests_in_flight) < outbox_len / 2 => match frame {
+                frame = stream.next(), if !paused => match frame {
                     Some(Ok(msg)) if msg.is_binary() => session.handle_binary(msg.as_bytes(), Timestamp::now()),
                     Some(Ok(msg)) if msg.is_text() => session.handle_text(Timestamp::now()),
                     Some(Ok(msg)) if msg.is_close() => {
