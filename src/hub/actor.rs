@@ -138,7 +138,7 @@ impl DocActor {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(doc = %self.id, error = %e, "cannot load document");
-                self.fail_queued(&mut rx, "the server could not load this document");
+                self.fail_queued(None, &mut rx, "the server could not load this document");
                 self.hub.actor_exited(self.id, self.generation);
                 return;
             }
@@ -150,28 +150,28 @@ impl DocActor {
         );
         let idle_unload = self.hub.config.idle_unload_after;
         let mut retired = false;
+        // A command that belongs to the next batch (see `next_batch`).
+        let mut carried: Option<Cmd> = None;
         loop {
-            let first = tokio::select! {
-                cmd = rx.recv() => cmd,
-                _ = self.hub.cancel.cancelled() => None,
-                // Nothing asked of this document for a while: unload it (its peers' sync
-                // states are persisted on the way out; the next message reloads it), so
-                // memory follows what is in use, not what was used since the start.
-                _ = tokio::time::sleep(idle_unload), if !retired => {
-                    tracing::debug!(doc = %self.id, "idle; unloading");
-                    self.hub.retire(self.id, self.generation);
-                    retired = true;
-                    continue;
-                }
+            let first = match carried.take() {
+                Some(cmd) => Some(cmd),
+                None => tokio::select! {
+                    cmd = rx.recv() => cmd,
+                    _ = self.hub.cancel.cancelled() => None,
+                    // Nothing asked of this document for a while: unload it (its peers' sync
+                    // states are persisted on the way out; the next message reloads it), so
+                    // memory follows what is in use, not what was used since the start.
+                    _ = tokio::time::sleep(idle_unload), if !retired => {
+                        tracing::debug!(doc = %self.id, "idle; unloading");
+                        self.hub.retire(self.id, self.generation);
+                        retired = true;
+                        continue;
+                    }
+                },
             };
             let Some(first) = first else { break };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(c) => batch.push(c),
-                    Err(_) => break,
-                }
-            }
+            let batch;
+            (batch, carried) = next_batch(first, &mut rx);
             match self.process(state, batch).await {
                 Ok(s) => {
                     state = s;
@@ -188,6 +188,7 @@ impl DocActor {
                     // must not answer anyone. Stop; the next use reloads from disk.
                     tracing::error!(doc = %self.id, error = %e, "storage failed; unloading document");
                     self.fail_queued(
+                        carried.take(),
                         &mut rx,
                         "the server could not store this change; retry later",
                     );
@@ -207,9 +208,12 @@ impl DocActor {
         self.hub.actor_exited(self.id, self.generation);
     }
 
-    fn fail_queued(&self, rx: &mut mpsc::Receiver<Cmd>, message: &str) {
+    /// Tells everyone whose message waits (`carried`, then the queue) that it will not be
+    /// served.
+    fn fail_queued(&self, carried: Option<Cmd>, rx: &mut mpsc::Receiver<Cmd>, message: &str) {
         rx.close();
-        while let Ok(cmd) = rx.try_recv() {
+        let queued = std::iter::from_fn(|| rx.try_recv().ok());
+        for cmd in carried.into_iter().chain(queued) {
             if let Cmd::Sync { link, .. } = cmd {
                 link.send(Outbound::Fail {
                     code: CloseCode::InternalError,
@@ -488,6 +492,7 @@ impl DocState {
         peer.link = link.clone();
         peer.state.set_read_only(!may_create);
         let before = doc.get_heads();
+        let changes_in = message.changes.len();
         if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
             self.peers.remove(&conn);
             out.failed.push((
@@ -498,6 +503,9 @@ impl DocState {
             return;
         }
         let after = doc.get_heads();
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(doc = %id, conn = %conn, changes = changes_in, changed = after != before, missing_deps = automerge::ReadDoc::get_missing_deps(&*doc, &[]).len(), "received");
+        }
         if access == Access::Create && !after.is_empty() {
             // The first changes of a new document: keep them only if the content may be
             // registered to this peer (its station and an assigned village).
@@ -594,7 +602,9 @@ impl DocState {
             }
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
-            if let Some(msg) = doc.generate_sync_message(&mut peer.state) {
+            let msg = doc.generate_sync_message(&mut peer.state);
+            tracing::trace!(doc = %id, conn = %link.conn, sent = msg.is_some(), "answering");
+            if let Some(msg) = msg {
                 peer.link.send(Outbound::Message(Message::Sync(DocMessage {
                     sender_id: server.clone(),
                     target_id: peer.link.peer_id.clone(),
@@ -620,6 +630,31 @@ impl DocState {
         self.stored_bytes = snapshot.len();
         Ok(())
     }
+}
+
+/// The batch that starts with `first`: what else is queued, up to [`MAX_BATCH`] commands and
+/// at most one `request`/`sync` per connection. A second message from the same peer ends the
+/// batch and is returned to start the next one. The sync protocol needs this: a peer's
+/// message is answered before its next one is received. Received in one batch, a peer's
+/// change and then its next message naming the heads that change made ("I have what you
+/// have") would leave Automerge's state believing the peer already knows the server holds the
+/// change, and the answer that acknowledges it would never be sent.
+fn next_batch(first: Cmd, rx: &mut mpsc::Receiver<Cmd>) -> (Vec<Cmd>, Option<Cmd>) {
+    let mut peers = HashSet::new();
+    if let Cmd::Sync { link, .. } = &first {
+        peers.insert(link.conn);
+    }
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        let Ok(cmd) = rx.try_recv() else { break };
+        if let Cmd::Sync { link, .. } = &cmd {
+            if !peers.insert(link.conn) {
+                return (batch, Some(cmd));
+            }
+        }
+        batch.push(cmd);
+    }
+    (batch, None)
 }
 
 /// The crash-test failpoint: makes the chunk and its provenance durable, says so, and stops

@@ -305,6 +305,7 @@ impl Connection {
                 document_id,
                 data,
             } => {
+                tracing::trace!(doc = %document_id, ?kind, bytes = data.len(), "sync message read");
                 if let Some(link) = &self.link {
                     let in_flight = link.request_started();
                     self.services
