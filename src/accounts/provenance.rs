@@ -5,7 +5,7 @@
 //! a stored change never lacks its row. Must not trust what a change says about itself
 //! (device clocks and self-declared authors are not evidence).
 
-use automerge::{Automerge, ReadDoc};
+use automerge::Automerge;
 
 use super::{lock, read, Accounts};
 use crate::auth::{DeviceId, UserName};
@@ -86,10 +86,12 @@ pub(super) fn record(
     let device = event.principal.device.clone();
     let heads_after: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
     for hash in &event.hashes {
-        let Some(change) = doc.get_change_by_hash(hash) else {
+        // The change's metadata, not the change: rebuilding a change walks the whole
+        // document's operations, its metadata is a lookup in the change graph.
+        let Some(change) = doc.get_change_meta_by_hash(hash) else {
             continue;
         };
-        let actor = change.actor_id().to_bytes().to_vec();
+        let actor = change.actor.to_bytes().to_vec();
         let bound_to = match &device {
             Some(d) => store
                 .table_insert_if_absent_blocking(Table::Actors, &actor, d.as_str().as_bytes())?
