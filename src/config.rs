@@ -252,6 +252,11 @@ pub struct ServeArgs {
     /// the next message).
     #[arg(long, env = "FIELDSYNC_IDLE_UNLOAD_SECS", default_value_t = 15)]
     pub idle_unload_secs: u64,
+    /// Milliseconds a device that has not answered the server's last message about a
+    /// document waits for the next one (its answer gets everything new at once); 0 pushes
+    /// every change at once.
+    #[arg(long, env = "FIELDSYNC_PUSH_HOLD_MS", default_value_t = 1000)]
+    pub push_hold_ms: u64,
     /// Crash tests only.
     #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
     pub failpoint: Option<crate::hub::Failpoint>,
@@ -306,6 +311,7 @@ impl ServeArgs {
         config.hub.max_document_bytes = self.max_document_bytes;
         config.hub.failpoint = self.failpoint;
         config.hub.idle_unload_after = Duration::from_secs(self.idle_unload_secs);
+        config.hub.push_hold = Duration::from_millis(self.push_hold_ms);
         if let Some(n) = self.max_concurrent_password_checks {
             config.accounts.max_concurrent_password_checks = n;
         }

@@ -6,13 +6,14 @@
 //! Automerge and sled work runs in `spawn_blocking`; the actor's state moves into the
 //! blocking closure and back, so no lock is held across an `.await`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{AcceptedChanges, DerivedEdit, HubInner, LocalEdit, Outbound, PeerLink};
 use crate::auth::Access;
@@ -22,6 +23,10 @@ use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 
 /// At most this many queued commands are applied under one flush.
 const MAX_BATCH: usize = 64;
+
+/// At most this many commands wait for a later batch because their connection already has
+/// a message in the current one (see `next_batch`).
+const MAX_DEFERRED: usize = 256;
 
 /// What a loaded document that stores nothing counts against the cache budget, at most. Such
 /// a document (a new upload in progress, or an id a device made up) stores zero bytes but
@@ -60,6 +65,10 @@ struct PeerState {
     state: sync::State,
     /// Shared heads as last persisted, to skip writes that would change nothing.
     persisted: Vec<ChangeHash>,
+    /// When we sent this peer a message that calls for its answer, if it has not answered
+    /// yet. Until it does (or `HubConfig::push_hold` passes) it is sent nothing new: its
+    /// answer gets everything that arrived meanwhile in one message.
+    awaiting_since: Option<Instant>,
 }
 
 /// Everything the actor owns; moved into blocking closures and back.
@@ -74,6 +83,8 @@ struct DocState {
     /// Operations in the stored chunks (counted from their headers).
     ops: u64,
     peers: HashMap<ConnId, PeerState>,
+    /// When the first peer held back by `push_hold` is due its message anyway.
+    push_at: Option<Instant>,
 }
 
 /// What a loaded document with `ops` operations takes in memory (the Automerge document and
@@ -138,7 +149,11 @@ impl DocActor {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(doc = %self.id, error = %e, "cannot load document");
-                self.fail_queued(None, &mut rx, "the server could not load this document");
+                self.fail_queued(
+                    VecDeque::new(),
+                    &mut rx,
+                    "the server could not load this document",
+                );
                 self.hub.actor_exited(self.id, self.generation);
                 return;
             }
@@ -150,13 +165,27 @@ impl DocActor {
         );
         let idle_unload = self.hub.config.idle_unload_after;
         let mut retired = false;
-        // A command that belongs to the next batch (see `next_batch`).
-        let mut carried: Option<Cmd> = None;
+        // Commands taken from the queue that belong to a later batch (see `next_batch`).
+        let mut deferred: VecDeque<Cmd> = VecDeque::new();
         loop {
-            let first = match carried.take() {
+            let push_at = state.push_at;
+            let first = match deferred.pop_front() {
                 Some(cmd) => Some(cmd),
                 None => tokio::select! {
                     cmd = rx.recv() => cmd,
+                    // Peers held back because they owed us an answer get their message now.
+                    _ = sleep_until(push_at), if push_at.is_some() => {
+                        match self.push_held(state).await {
+                            Ok(s) => state = s,
+                            Err(e) => {
+                                tracing::error!(doc = %self.id, error = %e, "storage failed; unloading document");
+                                self.fail_queued(deferred, &mut rx, "the server could not store this change; retry later");
+                                self.hub.actor_exited(self.id, self.generation);
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                     _ = self.hub.cancel.cancelled() => None,
                     // Nothing asked of this document for a while: unload it (its peers' sync
                     // states are persisted on the way out; the next message reloads it), so
@@ -170,8 +199,7 @@ impl DocActor {
                 },
             };
             let Some(first) = first else { break };
-            let batch;
-            (batch, carried) = next_batch(first, &mut rx);
+            let batch = next_batch(first, &mut deferred, &mut rx);
             match self.process(state, batch).await {
                 Ok(s) => {
                     state = s;
@@ -188,7 +216,7 @@ impl DocActor {
                     // must not answer anyone. Stop; the next use reloads from disk.
                     tracing::error!(doc = %self.id, error = %e, "storage failed; unloading document");
                     self.fail_queued(
-                        carried.take(),
+                        deferred,
                         &mut rx,
                         "the server could not store this change; retry later",
                     );
@@ -197,9 +225,16 @@ impl DocActor {
                 }
             }
         }
-        // Evicted or shutting down: keep the peers' sync states for their next visit.
+        // Evicted or shutting down: keep the peers' sync states for their next visit, and
+        // send what held-back peers are still owed.
         let store = self.hub.store.clone();
+        let hub = self.hub.clone();
+        let targets = match state.push_at {
+            Some(_) => self.hub.subscribers(self.id),
+            None => Vec::new(),
+        };
         let _ = tokio::task::spawn_blocking(move || {
+            state.answer(&hub, targets, &HashSet::new(), None);
             for p in state.peers.values_mut() {
                 persist_sync_state(&store, state.id, p);
             }
@@ -208,12 +243,12 @@ impl DocActor {
         self.hub.actor_exited(self.id, self.generation);
     }
 
-    /// Tells everyone whose message waits (`carried`, then the queue) that it will not be
+    /// Tells everyone whose message waits (`deferred`, then the queue) that it will not be
     /// served.
-    fn fail_queued(&self, carried: Option<Cmd>, rx: &mut mpsc::Receiver<Cmd>, message: &str) {
+    fn fail_queued(&self, deferred: VecDeque<Cmd>, rx: &mut mpsc::Receiver<Cmd>, message: &str) {
         rx.close();
         let queued = std::iter::from_fn(|| rx.try_recv().ok());
-        for cmd in carried.into_iter().chain(queued) {
+        for cmd in deferred.into_iter().chain(queued) {
             if let Cmd::Sync { link, .. } = cmd {
                 link.send(Outbound::Fail {
                     code: CloseCode::InternalError,
@@ -252,6 +287,7 @@ impl DocActor {
                 incrementals,
                 doc,
                 peers: HashMap::new(),
+                push_at: None,
             })
         })
         .await
@@ -316,16 +352,17 @@ impl DocActor {
             });
         }
 
+        let responders: HashSet<ConnId> = applied.responders.iter().copied().collect();
         let targets: Vec<PeerLink> = if applied.changed {
             self.hub.subscribers(self.id)
         } else {
-            let wanted: HashSet<ConnId> = applied.responders.iter().copied().collect();
             self.hub
                 .subscribers(self.id)
                 .into_iter()
-                .filter(|l| wanted.contains(&l.conn))
+                .filter(|l| responders.contains(&l.conn))
                 .collect()
         };
+        let hold = Some((Instant::now(), self.hub.config.push_hold));
         let store = self.hub.store.clone();
         let hub = self.hub.clone();
         let compact_after = self.hub.config.compact_after_chunks;
@@ -336,7 +373,13 @@ impl DocActor {
                 // Flushed above: the projection is as durable as the chunk.
                 store.settle_blocking(state.id)?;
             }
-            state.answer(&hub, targets);
+            let push_at = state.answer(&hub, targets, &responders, hold);
+            // A batch that changed nothing answered only its senders: peers held back
+            // earlier are still owed their message.
+            state.push_at = match (changed, state.push_at) {
+                (false, Some(earlier)) => Some(push_at.map_or(earlier, |p| p.min(earlier))),
+                _ => push_at,
+            };
             if state.incrementals >= compact_after {
                 state.compact(&store)?;
             }
@@ -350,6 +393,19 @@ impl DocActor {
             state.cost(self.hub.config.cache_budget_bytes),
         );
         Ok(state)
+    }
+
+    /// Sends the peers held back by `push_hold` what they are owed, answered or not.
+    async fn push_held(&self, state: DocState) -> Result<DocState, StorageError> {
+        let targets = self.hub.subscribers(self.id);
+        let hub = self.hub.clone();
+        let hold = Some((Instant::now(), self.hub.config.push_hold));
+        blocking(move || {
+            let mut state = state;
+            state.push_at = state.answer(&hub, targets, &HashSet::new(), hold);
+            Ok(state)
+        })
+        .await
     }
 }
 
@@ -490,6 +546,7 @@ impl DocState {
         let doc = &mut self.doc;
         let peer = peer_state(&mut self.peers, store, id, &link);
         peer.link = link.clone();
+        peer.awaiting_since = None; // it answered
         peer.state.set_read_only(!may_create);
         let before = doc.get_heads();
         let changes_in = message.changes.len();
@@ -586,10 +643,23 @@ impl DocState {
         Ok(())
     }
 
-    /// Generates and queues a sync message for each target that needs one.
-    fn answer(&mut self, hub: &HubInner, targets: Vec<PeerLink>) {
+    /// Generates and queues a sync message for each target that needs one. `responders` sent
+    /// a message in this batch and are always answered. With `hold` (now, how long), a peer
+    /// that has not answered a message sent less than that long ago is passed over: it gets
+    /// everything new in the answer to its answer, so a document many devices edit at once
+    /// costs one message per round trip per device, not one per change per device.
+    /// Returns when the first passed-over peer is due its message anyway. Without `hold`
+    /// everyone who needs a message gets one.
+    fn answer(
+        &mut self,
+        hub: &HubInner,
+        targets: Vec<PeerLink>,
+        responders: &HashSet<ConnId>,
+        hold: Option<(Instant, std::time::Duration)>,
+    ) -> Option<Instant> {
         let store = &hub.store;
         let server = &hub.server_peer_id;
+        let mut push_at: Option<Instant> = None;
         for link in targets {
             let id = self.id;
             if !matches!(
@@ -602,9 +672,28 @@ impl DocState {
             }
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
+            if let (Some((now, hold)), Some(since), false) =
+                (hold, peer.awaiting_since, responders.contains(&link.conn))
+            {
+                let due = since + hold;
+                if now < due {
+                    push_at = Some(push_at.map_or(due, |p| p.min(due)));
+                    continue;
+                }
+            }
             let msg = doc.generate_sync_message(&mut peer.state);
             tracing::trace!(doc = %id, conn = %link.conn, sent = msg.is_some(), "answering");
             if let Some(msg) = msg {
+                // The peer answers unless the message only confirms what it already knows
+                // (its own heads, nothing to send, nothing needed): Automerge generates no
+                // reply then.
+                let answers = !msg.changes.is_empty()
+                    || !msg.need.is_empty()
+                    || peer.state.their_heads.as_ref() != Some(&msg.heads);
+                peer.awaiting_since = match (answers, hold) {
+                    (true, Some((now, _))) => Some(now),
+                    _ => None,
+                };
                 peer.link.send(Outbound::Message(Message::Sync(DocMessage {
                     sender_id: server.clone(),
                     target_id: peer.link.peer_id.clone(),
@@ -614,6 +703,7 @@ impl DocState {
             }
             persist_sync_state(store, id, peer);
         }
+        push_at
     }
 
     fn compact(&mut self, store: &crate::storage::Store) -> Result<(), StorageError> {
@@ -632,29 +722,63 @@ impl DocState {
     }
 }
 
-/// The batch that starts with `first`: what else is queued, up to [`MAX_BATCH`] commands and
-/// at most one `request`/`sync` per connection. A second message from the same peer ends the
-/// batch and is returned to start the next one. The sync protocol needs this: a peer's
-/// message is answered before its next one is received. Received in one batch, a peer's
-/// change and then its next message naming the heads that change made ("I have what you
-/// have") would leave Automerge's state believing the peer already knows the server holds the
-/// change, and the answer that acknowledges it would never be sent.
-fn next_batch(first: Cmd, rx: &mut mpsc::Receiver<Cmd>) -> (Vec<Cmd>, Option<Cmd>) {
-    let mut peers = HashSet::new();
-    if let Cmd::Sync { link, .. } = &first {
-        peers.insert(link.conn);
+/// Completes at `at`; never if `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
-        let Ok(cmd) = rx.try_recv() else { break };
-        if let Cmd::Sync { link, .. } = &cmd {
-            if !peers.insert(link.conn) {
-                return (batch, Some(cmd));
+}
+
+/// The batch that starts with `first`: then what was deferred before, then what is queued,
+/// up to [`MAX_BATCH`] commands with at most one `request`/`sync` per connection. A
+/// connection's second message, and everything of that connection after it, waits in
+/// `deferred` (in order) for a later batch. The sync protocol needs this: a peer's message
+/// is answered before its next one is received. Received in one batch, a peer's change and
+/// then its next message naming the heads that change made ("I have what you have") would
+/// leave Automerge's state believing the peer already knows the server holds the change, and
+/// the answer that acknowledges it would never be sent. Other connections' messages are not
+/// held up by it: a document many devices sync at once still takes many of them per batch.
+fn next_batch(first: Cmd, deferred: &mut VecDeque<Cmd>, rx: &mut mpsc::Receiver<Cmd>) -> Vec<Cmd> {
+    let mut in_batch: HashSet<ConnId> = HashSet::new();
+    let mut waiting: HashSet<ConnId> = HashSet::new();
+    let mut batch = Vec::new();
+    let mut later = VecDeque::new();
+    let mut take = |cmd: Cmd, batch: &mut Vec<Cmd>, later: &mut VecDeque<Cmd>| {
+        let conn = match &cmd {
+            Cmd::Sync { link, .. } => Some(link.conn),
+            Cmd::Leave { conn } => Some(*conn),
+            Cmd::Local { .. } | Cmd::Read { .. } => None,
+        };
+        let wait = match (conn, &cmd) {
+            (Some(c), _) if waiting.contains(&c) => true,
+            (Some(c), Cmd::Sync { .. }) if !in_batch.insert(c) => {
+                waiting.insert(c);
+                true
             }
+            _ => false,
+        };
+        if wait {
+            later.push_back(cmd);
+        } else {
+            batch.push(cmd);
         }
-        batch.push(cmd);
+    };
+    take(first, &mut batch, &mut later);
+    while batch.len() < MAX_BATCH {
+        let Some(cmd) = deferred.pop_front() else {
+            break;
+        };
+        take(cmd, &mut batch, &mut later);
     }
-    (batch, None)
+    while batch.len() < MAX_BATCH && later.len() + deferred.len() < MAX_DEFERRED {
+        let Ok(cmd) = rx.try_recv() else { break };
+        take(cmd, &mut batch, &mut later);
+    }
+    // What waited before and was not looked at stays behind what was looked at.
+    later.append(deferred);
+    *deferred = later;
+    batch
 }
 
 /// The crash-test failpoint: makes the chunk and its provenance durable, says so, and stops
@@ -687,6 +811,7 @@ fn peer_state<'a>(
             link: link.clone(),
             persisted: state.shared_heads.clone(),
             state,
+            awaiting_since: None,
         }
     })
 }

@@ -52,6 +52,10 @@ pub struct HubConfig {
     pub max_ungranted_docs_per_connection: usize,
     /// A loaded document nobody has sent or asked anything of for this long is unloaded.
     pub idle_unload_after: std::time::Duration,
+    /// A peer that has not answered the server's last message about a document is sent
+    /// nothing new about it for at most this long (its answer is answered with everything
+    /// new at once).
+    pub push_hold: std::time::Duration,
     /// For crash tests only: a place where the hub stops on purpose.
     pub failpoint: Option<Failpoint>,
 }
@@ -85,6 +89,7 @@ impl Default for HubConfig {
             max_document_bytes: 16 * 1024 * 1024,
             max_ungranted_docs_per_connection: 256,
             idle_unload_after: std::time::Duration::from_secs(15),
+            push_hold: std::time::Duration::from_secs(1),
             failpoint: None,
         }
     }
@@ -699,6 +704,168 @@ mod tests {
             acknowledged,
             "the phone never heard that its change is held"
         );
+        hub.shutdown().await;
+    }
+
+    /// A simulated device for the tests below: its link, what the server queued for it, its
+    /// copy of the document and its sync state.
+    struct Device {
+        link: PeerLink,
+        outbox: mpsc::Receiver<Outbound>,
+        doc: Automerge,
+        state: sync::State,
+    }
+
+    impl Device {
+        fn new(name: &str) -> Self {
+            let (tx, outbox) = mpsc::channel(64);
+            let link = PeerLink::new(
+                ConnId::next(),
+                PeerId::new(name).unwrap(),
+                Some(StorageId::random()),
+                Principal::local(name),
+                Outbox::new(tx, 1 << 20),
+                Arc::new(KillSwitch::default()),
+            );
+            Self {
+                link,
+                outbox,
+                doc: Automerge::new(),
+                state: sync::State::new(),
+            }
+        }
+
+        fn note(&mut self, text: &str) {
+            self.doc
+                .transact::<_, _, automerge::AutomergeError>(|tx| {
+                    tx.put(automerge::ROOT, "note", text)
+                })
+                .unwrap();
+        }
+
+        /// The sync messages the server has queued for this device, unapplied.
+        fn inbox(&mut self) -> Vec<sync::Message> {
+            let mut messages = Vec::new();
+            while let Ok(out) = self.outbox.try_recv() {
+                if let Outbound::Message(Message::Sync(m)) = out {
+                    messages.push(sync::Message::decode(&m.data).unwrap());
+                }
+            }
+            messages
+        }
+
+        fn receive(&mut self, messages: Vec<sync::Message>) {
+            for m in messages {
+                self.doc.receive_sync_message(&mut self.state, m).unwrap();
+            }
+        }
+
+        /// Applies what the server sent and answers, until neither side has anything to say.
+        /// Each message is handed to the hub and waited for until its actor has queued every
+        /// answer it makes (the link's in-flight count), so nothing here depends on timing.
+        async fn sync(&mut self, hub: &Hub, doc: DocumentId) {
+            loop {
+                let inbox = self.inbox();
+                self.receive(inbox);
+                let Some(m) = self.doc.generate_sync_message(&mut self.state) else {
+                    return;
+                };
+                let in_flight = self.link.request_started();
+                hub.sync(&self.link, SyncKind::Sync, doc, m.encode(), in_flight)
+                    .await;
+                while self.link.requests_in_flight() > 0 {
+                    tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        self.link.request_settled(),
+                    )
+                    .await
+                    .expect("the server handles every message");
+                }
+            }
+        }
+    }
+
+    fn hub_holding_pushes_for(hold: std::time::Duration) -> (Hub, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
+        let config = HubConfig {
+            push_hold: hold,
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(
+            store,
+            PeerId::new("server").unwrap(),
+            config,
+            Arc::new(OpenAccess),
+            Arc::new(NoObserver),
+            Arc::new(SystemClock),
+        );
+        (hub, dir)
+    }
+
+    /// Many changes to a document a device watches reach it as one message per round trip:
+    /// while it has not answered the last push, new changes wait for its answer, which gets
+    /// them all at once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_watching_device_gets_one_push_per_round_trip_not_one_per_change() {
+        let (hub, _dir) = hub_holding_pushes_for(std::time::Duration::from_secs(60));
+        let doc = DocumentId::random();
+        let mut amy = Device::new("amy");
+        amy.note("registered");
+        amy.sync(&hub, doc).await;
+        let mut ben = Device::new("ben");
+        ben.sync(&hub, doc).await;
+        assert_eq!(ben.doc.get_heads(), amy.doc.get_heads());
+
+        for visit in ["visit 1", "visit 2", "visit 3"] {
+            amy.note(visit);
+            amy.sync(&hub, doc).await;
+        }
+        let pushed = ben.inbox();
+        assert_eq!(pushed.len(), 1, "ben is pushed the first change only");
+        ben.receive(pushed);
+        assert_ne!(ben.doc.get_heads(), amy.doc.get_heads());
+        // Ben's answer is answered with the other two changes.
+        ben.sync(&hub, doc).await;
+        assert_eq!(ben.doc.get_heads(), amy.doc.get_heads());
+        hub.shutdown().await;
+    }
+
+    /// A device that never answers a push is still sent what came after it, once the hold
+    /// has passed: holding back saves messages, it never loses a change.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_device_that_does_not_answer_still_gets_every_change() {
+        let (hub, _dir) = hub_holding_pushes_for(std::time::Duration::from_millis(100));
+        let doc = DocumentId::random();
+        let mut amy = Device::new("amy");
+        amy.note("registered");
+        amy.sync(&hub, doc).await;
+        let mut ben = Device::new("ben");
+        ben.sync(&hub, doc).await;
+
+        amy.note("visit 1");
+        amy.sync(&hub, doc).await;
+        amy.note("visit 2");
+        amy.sync(&hub, doc).await;
+        // Ben never answers; he waits (at most 10 s) for messages until he has everything.
+        let mut received = ben.inbox();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let mut copy = ben.doc.fork();
+                let mut state = ben.state.clone();
+                for m in received.clone() {
+                    copy.receive_sync_message(&mut state, m).unwrap();
+                }
+                if copy.get_heads() == amy.doc.get_heads() {
+                    break;
+                }
+                if let Some(Outbound::Message(Message::Sync(m))) = ben.outbox.recv().await {
+                    received.push(sync::Message::decode(&m.data).unwrap());
+                }
+            }
+        })
+        .await
+        .expect("ben got visit 2 without answering");
         hub.shutdown().await;
     }
 }

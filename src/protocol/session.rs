@@ -185,6 +185,22 @@ impl Session {
         self.last_heard = now;
     }
 
+    /// The transport did not read from the peer between `from` and `to` (the server was
+    /// busy, or paused reading to pace the peer): that time is not the peer's silence.
+    pub fn not_listening(&mut self, from: Timestamp, to: Timestamp) {
+        let gap = to.since(from);
+        let moved = Timestamp::from_millis(
+            self.last_heard
+                .as_millis()
+                .saturating_add(u64::try_from(gap.as_millis()).unwrap_or(u64::MAX)),
+        );
+        self.last_heard = if moved.as_millis() > to.as_millis() {
+            to
+        } else {
+            moved
+        };
+    }
+
     /// Called by the transport every `ping_interval`.
     pub fn tick(&mut self, now: Timestamp) -> Vec<Effect> {
         if self.is_closed() {
@@ -538,6 +554,20 @@ mod tests {
             vec![Effect::Ping]
         );
         let effects = s.tick(T0.saturating_add(Duration::from_secs(80)));
+        assert_eq!(close_code(&effects), Some(CloseCode::GoingAway));
+    }
+
+    #[test]
+    fn time_the_server_did_not_read_is_not_the_peers_silence() {
+        // The idle timeout is 50 s. The server stops reading from 10 s to 70 s (busy, or
+        // pacing the peer); the peer's pongs wait unread meanwhile.
+        let mut s = joined();
+        let at = |secs| T0.saturating_add(Duration::from_secs(secs));
+        s.not_listening(at(10), at(70));
+        assert_eq!(s.tick(at(70)), vec![Effect::Ping]);
+        // Silence while the server does read still counts: 50 s of it after 70 s.
+        assert_eq!(s.tick(at(100)), vec![Effect::Ping]);
+        let effects = s.tick(at(120));
         assert_eq!(close_code(&effects), Some(CloseCode::GoingAway));
     }
 

@@ -154,6 +154,8 @@ impl Connection {
         let outbox_len = self.services.config.outbox_len;
         tracing::debug!("connected");
         let mut paused = false;
+        // Since when reading is paused: that time does not count as the peer's silence.
+        let mut deaf_since: Option<Timestamp> = None;
         loop {
             let in_flight = self.link.as_ref().map_or(0, PeerLink::requests_in_flight);
             let room = self.outbox.capacity();
@@ -161,6 +163,11 @@ impl Connection {
             if now_paused != paused {
                 paused = now_paused;
                 tracing::trace!(paused, in_flight, room, "reading paused or resumed");
+                let now = Timestamp::now();
+                match deaf_since.take() {
+                    Some(since) => session.not_listening(since, now),
+                    None => deaf_since = Some(now),
+                }
             }
             let effects = tokio::select! {
                 _ = self.closing.cancelled() => session.shutdown(),
@@ -195,9 +202,19 @@ impl Connection {
                         None => Vec::new(),
                     }
                 },
-                _ = ticker.tick() => session.tick(Timestamp::now()),
+                _ = ticker.tick() => {
+                    let now = Timestamp::now();
+                    if let Some(since) = deaf_since.as_mut() {
+                        session.not_listening(*since, now);
+                        *since = now;
+                    }
+                    session.tick(now)
+                }
             };
             let mut stop = Stop::Continue;
+            // Handing a message to a busy document waits for room in its queue; the peer's
+            // pongs wait meanwhile, through no fault of the peer.
+            let busy_from = Timestamp::now();
             for effect in effects {
                 match self.execute(effect, &mut sink, write_timeout).await {
                     Stop::Continue => {}
@@ -207,6 +224,7 @@ impl Connection {
                     }
                 }
             }
+            session.not_listening(busy_from, Timestamp::now());
             if matches!(stop, Stop::Done) {
                 // Linger briefly so the peer can read our error and close frame: dropping a
                 // socket with unread input (the rest of an oversized frame) sends a TCP reset,
