@@ -681,6 +681,9 @@ async fn session(
                     Ok(_) => {}
                     Err(e) => shared.fail(format!("device {}: undecodable frame: {e}", dev.index)),
                 }
+                // Automerge work per frame can take milliseconds: let the other phones run
+                // (and answer the server's pings) between frames, as separate phones would.
+                tokio::task::yield_now().await;
             }
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Edit) => {
