@@ -177,6 +177,8 @@ impl Shared {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let mut ex = self.failure_examples.lock().unwrap();
         if ex.len() < 10 {
+            // Said at once too: a run that stalls later is diagnosed from its first failures.
+            eprintln!("  failed: {what}");
             ex.push(what);
         }
     }
@@ -605,6 +607,19 @@ async fn session(
     // never stops reading while a write waits for the server to read (each side waiting on
     // the other would stall both).
     let (mut sink, mut stream) = ws.split();
+    // Reads go through their own task too: it keeps reading while this phone's Automerge
+    // work runs, so the server's pings are answered at once (tungstenite answers them as it
+    // reads), as a phone's network stack does while its app is busy. With 200 phones on two
+    // cores a phone's turn can come tens of seconds apart, longer than the server's
+    // patience with a silent peer.
+    let (frames_in, mut frames) = mpsc::unbounded_channel();
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        while let Some(frame) = stream.next().await {
+            if frames_in.send(frame).is_err() {
+                break;
+            }
+        }
+    }));
     let (writes, mut to_write) = mpsc::unbounded_channel::<WsMessage>();
     let written = shared.frames_written.clone();
     let writer = tokio::spawn(async move {
@@ -649,7 +664,7 @@ async fn session(
             continue;
         }
         tokio::select! {
-            frame = stream.next() => {
+            frame = frames.recv() => {
                 let bytes = match frame {
                     Some(Ok(WsMessage::Binary(b))) => b,
                     Some(Ok(WsMessage::Close(c))) => {
@@ -747,6 +762,15 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// Stops a task when the handle is dropped (a session's reader ends with its session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

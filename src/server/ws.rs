@@ -170,6 +170,10 @@ impl Connection {
                 }
             }
             let effects = tokio::select! {
+                // In this order: a busy server that gets to this connection late reads the
+                // frames already waiting (the peer's pongs among them) before its ping timer
+                // can call the peer silent.
+                biased;
                 _ = self.closing.cancelled() => session.shutdown(),
                 _ = until(session.join_deadline()) => session.tick(Timestamp::now()),
                 (code, reason) = kill.killed() => session.fail(code, reason),
@@ -293,6 +297,9 @@ impl Connection {
             Effect::Close { code, reason } => {
                 if code != CloseCode::Normal && code != CloseCode::GoingAway {
                     tracing::info!(code = code.as_u16(), reason = %reason, "closing connection");
+                } else {
+                    // Phones leave and go out of coverage all day: not worth an info line.
+                    tracing::debug!(code = code.as_u16(), reason = %reason, "closing connection");
                 }
                 let _ = tokio::time::timeout(
                     write_timeout,
