@@ -3,6 +3,11 @@
 //! changes as one chunk, wait for the (shared) flush, and only then generate the messages
 //! that reveal those changes: to the senders and to every other subscribed peer.
 //!
+//! A batch holds at most one message per connection (Automerge's sync protocol answers each
+//! message before the next), and a peer that has not answered its last push is sent nothing
+//! new until it does or `push_hold` passes, so a document many devices edit costs one
+//! message per round trip per device.
+//!
 //! Automerge and sled work runs in `spawn_blocking`; the actor's state moves into the
 //! blocking closure and back, so no lock is held across an `.await`.
 

@@ -609,79 +609,27 @@ mod tests {
     use automerge::sync::{self, SyncDoc};
     use automerge::transaction::Transactable;
 
-    /// The next sync message the server queued for the peer, if one comes within 10 s.
-    async fn next_reply(outbox: &mut mpsc::Receiver<Outbound>) -> Option<sync::Message> {
-        let wait = std::time::Duration::from_secs(10);
-        loop {
-            match tokio::time::timeout(wait, outbox.recv()).await {
-                Ok(Some(Outbound::Message(Message::Sync(m)))) => {
-                    return Some(sync::Message::decode(&m.data).unwrap())
-                }
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    }
-
     /// A phone's change and its next message ("my heads are these") can wait in the same
     /// queue when the server is busy. The change must still be acknowledged: the phone waits
     /// for a message whose heads include it, and without one it never learns it is held.
     #[tokio::test(flavor = "current_thread")]
     async fn a_change_and_the_next_message_queued_together_are_both_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
-        let hub = Hub::new(
-            store,
-            PeerId::new("server").unwrap(),
-            HubConfig::default(),
-            Arc::new(OpenAccess),
-            Arc::new(NoObserver),
-            Arc::new(SystemClock),
-        );
-        let (tx, mut outbox) = mpsc::channel(16);
-        let link = PeerLink::new(
-            ConnId::next(),
-            PeerId::new("phone").unwrap(),
-            Some(StorageId::random()),
-            Principal::local("officer"),
-            Outbox::new(tx, 1 << 20),
-            Arc::new(KillSwitch::default()),
-        );
+        let (hub, _dir) = hub_holding_pushes_for(HubConfig::default().push_hold);
         let doc = DocumentId::random();
-        let send = |message: sync::Message| {
-            let in_flight = link.request_started();
-            hub.sync(&link, SyncKind::Sync, doc, message.encode(), in_flight)
-        };
-        let note = |phone: &mut Automerge, text: &str| {
-            phone
-                .transact::<_, _, automerge::AutomergeError>(|tx| {
-                    tx.put(automerge::ROOT, "note", text)
-                })
-                .unwrap();
-        };
-
         // The phone uploads a household and the two sides settle, as on any connection.
-        let mut phone = Automerge::new();
-        note(&mut phone, "the gate is broken");
-        let mut state = sync::State::new();
-        let mut message = phone.generate_sync_message(&mut state);
-        while let Some(m) = message {
-            send(m).await;
-            let reply = next_reply(&mut outbox)
-                .await
-                .expect("the server answers every offer");
-            phone.receive_sync_message(&mut state, reply).unwrap();
-            message = phone.generate_sync_message(&mut state);
-        }
+        let mut phone = Device::new("phone");
+        phone.note("the gate is broken");
+        phone.sync(&hub, doc).await;
 
-        // A second visit note: the message that carries it...
-        note(&mut phone, "the gate is fixed");
-        let change = phone.get_heads();
-        let with_change = phone.generate_sync_message(&mut state).unwrap();
+        // A second note: the message that carries it...
+        phone.note("the gate is fixed");
+        let change = phone.doc.get_heads();
+        let with_change = phone.doc.generate_sync_message(&mut phone.state).unwrap();
         assert_eq!(with_change.changes.len(), 1);
         // ...and, right behind it, a message naming the heads it made and carrying nothing
         // (the phone's answer to an earlier server message crossing its change).
         let heads_only = phone
+            .doc
             .generate_sync_message(&mut sync::State::new())
             .unwrap();
         assert!(heads_only.changes.is_empty());
@@ -689,17 +637,15 @@ mod tests {
 
         // Both are queued before the actor runs again (one thread: it cannot run until this
         // task waits), so they arrive together.
-        send(with_change).await;
-        send(heads_only).await;
+        phone.hand_over(&hub, doc, with_change).await;
+        phone.hand_over(&hub, doc, heads_only).await;
+        phone.handled().await;
 
         // The server answers with heads that include the change.
-        let mut acknowledged = false;
-        while let Some(reply) = next_reply(&mut outbox).await {
-            if change.iter().all(|h| reply.heads.contains(h)) {
-                acknowledged = true;
-                break;
-            }
-        }
+        let acknowledged = phone
+            .inbox()
+            .iter()
+            .any(|reply| change.iter().all(|h| reply.heads.contains(h)));
         assert!(
             acknowledged,
             "the phone never heard that its change is held"
@@ -770,17 +716,28 @@ mod tests {
                 let Some(m) = self.doc.generate_sync_message(&mut self.state) else {
                     return;
                 };
-                let in_flight = self.link.request_started();
-                hub.sync(&self.link, SyncKind::Sync, doc, m.encode(), in_flight)
-                    .await;
-                while self.link.requests_in_flight() > 0 {
-                    tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        self.link.request_settled(),
-                    )
-                    .await
-                    .expect("the server handles every message");
-                }
+                self.hand_over(hub, doc, m).await;
+                self.handled().await;
+            }
+        }
+
+        /// Hands one message to the hub (it is queued for the document, not yet handled).
+        async fn hand_over(&self, hub: &Hub, doc: DocumentId, m: sync::Message) {
+            let in_flight = self.link.request_started();
+            hub.sync(&self.link, SyncKind::Sync, doc, m.encode(), in_flight)
+                .await;
+        }
+
+        /// Waits (at most 10 s) until every message handed over has been handled and its
+        /// answers, if any, are queued.
+        async fn handled(&self) {
+            while self.link.requests_in_flight() > 0 {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    self.link.request_settled(),
+                )
+                .await
+                .expect("the server handles every message");
             }
         }
     }
