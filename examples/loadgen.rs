@@ -427,11 +427,13 @@ async fn precompute(
     enrolments: Vec<Enrolment>,
     catalogs: bool,
 ) -> anyhow::Result<Vec<Device>> {
-    // The shared households: created once (by device 0's actor, as if device 0 had
-    // registered them and every other phone had fetched them), then visited by everyone.
+    // The shared households: created once (by an actor of their own, as if another phone
+    // had registered them and every phone had fetched them), then visited by everyone. (With
+    // device 0's actor, whichever phone uploaded a base first got that actor bound to it, and
+    // device 0's own changes were then flagged as another device's.)
     let mut bases = Vec::new();
     for s in 0..args.shared {
-        let mut doc = Automerge::new().with_actor(actor_of(0));
+        let mut doc = Automerge::new().with_actor(actor_of(usize::MAX));
         doc.transact(|tx| records::create_household(tx, &household(usize::MAX, s, SHARED_VILLAGE)))
             .map_err(|f| anyhow::anyhow!("creating a shared household: {}", f.error))?;
         bases.push((DocumentId::random(), doc));
