@@ -760,6 +760,17 @@ mod tests {
         (hub, dir)
     }
 
+    /// Amy uploads a household, then Ben's device fetches it: both in sync, both subscribed.
+    async fn amy_registers_and_ben_fetches(hub: &Hub, doc: DocumentId) -> (Device, Device) {
+        let mut amy = Device::new("amy");
+        amy.note("registered");
+        amy.sync(hub, doc).await;
+        let mut ben = Device::new("ben");
+        ben.sync(hub, doc).await;
+        assert_eq!(ben.doc.get_heads(), amy.doc.get_heads());
+        (amy, ben)
+    }
+
     /// Many changes to a document a device watches reach it as one message per round trip:
     /// while it has not answered the last push, new changes wait for its answer, which gets
     /// them all at once.
@@ -767,12 +778,7 @@ mod tests {
     async fn a_watching_device_gets_one_push_per_round_trip_not_one_per_change() {
         let (hub, _dir) = hub_holding_pushes_for(std::time::Duration::from_secs(60));
         let doc = DocumentId::random();
-        let mut amy = Device::new("amy");
-        amy.note("registered");
-        amy.sync(&hub, doc).await;
-        let mut ben = Device::new("ben");
-        ben.sync(&hub, doc).await;
-        assert_eq!(ben.doc.get_heads(), amy.doc.get_heads());
+        let (mut amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
 
         for visit in ["visit 1", "visit 2", "visit 3"] {
             amy.note(visit);
@@ -794,11 +800,7 @@ mod tests {
     async fn a_device_that_does_not_answer_still_gets_every_change() {
         let (hub, _dir) = hub_holding_pushes_for(std::time::Duration::from_millis(100));
         let doc = DocumentId::random();
-        let mut amy = Device::new("amy");
-        amy.note("registered");
-        amy.sync(&hub, doc).await;
-        let mut ben = Device::new("ben");
-        ben.sync(&hub, doc).await;
+        let (mut amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
 
         amy.note("visit 1");
         amy.sync(&hub, doc).await;
