@@ -185,6 +185,19 @@ pub(crate) struct HubInner {
     clock: Arc<dyn Clock>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// Signalled when an actor exits (its memory is free for the next load).
+    room: tokio::sync::Notify,
+}
+
+/// Whether starting an actor may wait for memory (see [`cache::Cache::make_room`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    /// A peer's message: waits while evicted documents still hold the budget, so a burst of
+    /// uploads from many phones cannot load more than the budget at once.
+    WaitForRoom,
+    /// The server's own edits and reads: actors make these (catalog entries) while others
+    /// wait for them to exit, so they must never wait for room themselves.
+    Now,
 }
 
 impl Hub {
@@ -209,6 +222,7 @@ impl Hub {
                 clock,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
+                room: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -268,7 +282,11 @@ impl Hub {
         }
         loop {
             tracing::trace!(doc = %doc, conn = %link.conn, "looking up the document");
-            let tx = match self.inner.actor_for(doc, kind).await {
+            let tx = match self
+                .inner
+                .actor_for(doc, kind, Admission::WaitForRoom)
+                .await
+            {
                 Ok(Some(tx)) => tx,
                 Ok(None) => {
                     // A request for a document the server does not have.
@@ -454,7 +472,7 @@ impl Hub {
     ) -> Result<Option<bool>, HubError> {
         if self
             .inner
-            .actor_for(doc, SyncKind::Request)
+            .actor_for(doc, SyncKind::Request, Admission::Now)
             .await?
             .is_none()
         {
@@ -473,7 +491,11 @@ impl Hub {
         doc: DocumentId,
         read: impl FnOnce(&Automerge) -> R + Send + 'static,
     ) -> Result<Option<R>, HubError> {
-        let Some(tx) = self.inner.actor_for(doc, SyncKind::Request).await? else {
+        let Some(tx) = self
+            .inner
+            .actor_for(doc, SyncKind::Request, Admission::Now)
+            .await?
+        else {
             return Ok(None);
         };
         let (done, result) = oneshot::channel();
@@ -494,6 +516,7 @@ impl HubInner {
         self: &Arc<Self>,
         doc: DocumentId,
         kind: SyncKind,
+        admission: Admission,
     ) -> Result<Option<mpsc::Sender<Cmd>>, crate::storage::StorageError> {
         let mut checked_exists = false;
         loop {
@@ -509,8 +532,19 @@ impl HubInner {
                         checked_exists = true;
                         continue; // the cache may have changed while we looked
                     }
+                    let bytes = actor::memory_estimate(0);
+                    if admission == Admission::WaitForRoom {
+                        // Registered before the check, so an exit in between is not missed.
+                        let room = self.room.notified();
+                        tokio::pin!(room);
+                        room.as_mut().enable();
+                        if !lock(&self.cache).make_room(bytes) {
+                            room.await;
+                            continue;
+                        }
+                    }
                     let (tx, rx) = mpsc::channel(self.config.actor_queue_len);
-                    let Some(generation) = lock(&self.cache).insert(doc, tx.clone()) else {
+                    let Some(generation) = lock(&self.cache).insert(doc, tx.clone(), bytes) else {
                         continue; // someone else started it first
                     };
                     let actor = DocActor::new(self.clone(), doc, generation);
@@ -533,7 +567,7 @@ impl HubInner {
         let this = self.clone();
         Box::pin(async move {
             let tx = this
-                .actor_for(doc, SyncKind::Sync)
+                .actor_for(doc, SyncKind::Sync, Admission::Now)
                 .await?
                 .ok_or(HubError::Stopped)?;
             let (done, result) = oneshot::channel();
@@ -569,6 +603,7 @@ impl HubInner {
 
     fn actor_exited(&self, doc: DocumentId, generation: u64) {
         lock(&self.cache).exited(doc, generation);
+        self.room.notify_waiters();
     }
 
     fn subscribers(&self, doc: DocumentId) -> Vec<PeerLink> {
@@ -758,6 +793,56 @@ mod tests {
             Arc::new(SystemClock),
         );
         (hub, dir)
+    }
+
+    /// Phones pushing many households at once cannot load more than the memory budget:
+    /// an evicted document still holds its memory until its actor has finished its queue,
+    /// so the next load waits for it. Every upload is still held and acknowledged.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_of_uploads_loads_no_more_than_the_budget_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
+        let budget = 3 * actor::memory_estimate(0);
+        let config = HubConfig {
+            cache_budget_bytes: budget,
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(
+            store,
+            PeerId::new("server").unwrap(),
+            config,
+            Arc::new(OpenAccess),
+            Arc::new(NoObserver),
+            Arc::new(SystemClock),
+        );
+        // Twelve phones open twelve new households at once (their first messages, handed
+        // over back to back): the fourth and later wait for room, which the earlier ones'
+        // actors make by finishing their queue and exiting.
+        let mut phones = Vec::new();
+        for n in 0..12 {
+            let mut phone = Device::new(&format!("phone-{n}"));
+            phone.note(&format!("household {n}"));
+            let doc = DocumentId::random();
+            let first = phone.doc.generate_sync_message(&mut phone.state).unwrap();
+            phone.hand_over(&hub, doc, first).await;
+            phones.push((phone, doc));
+        }
+        // Each goes on syncing; every household ends up stored and acknowledged.
+        for (phone, doc) in &mut phones {
+            phone.handled().await;
+            phone.sync(&hub, *doc).await;
+            assert_eq!(phone.state.shared_heads, phone.doc.get_heads(), "{doc}");
+            assert!(hub.store().exists(*doc).await.unwrap());
+        }
+        let stats = hub.cache_stats();
+        assert!(stats.waits_for_room > 0, "{stats:?}");
+        // Loaded and closing together: the budget, plus what the loaded ones grew by
+        // (a peer's sync state and a few operations each) before the next eviction.
+        assert!(
+            stats.peak_loaded_bytes < budget + actor::memory_estimate(0),
+            "{stats:?}"
+        );
+        hub.shutdown().await;
     }
 
     /// Amy uploads a household, then Ben's device fetches it: both in sync, both subscribed.
