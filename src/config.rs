@@ -257,6 +257,11 @@ pub struct ServeArgs {
     /// every change at once.
     #[arg(long, env = "FIELDSYNC_PUSH_HOLD_MS", default_value_t = 1000)]
     pub push_hold_ms: u64,
+    /// Bytes waiting to be written to a device's socket beyond which the server pushes it
+    /// nothing new (it catches up once they are written); bounds memory when many devices
+    /// watch busy households.
+    #[arg(long, env = "FIELDSYNC_PUSH_BACKLOG_BYTES", default_value_t = 256 * 1024)]
+    pub push_backlog_bytes: usize,
     /// Crash tests only.
     #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
     pub failpoint: Option<crate::hub::Failpoint>,
@@ -288,6 +293,7 @@ impl ServeArgs {
             ("--max-ops-per-document", self.max_ops_per_document),
             ("--max-document-bytes", self.max_document_bytes as u64),
             ("--idle-unload-secs", self.idle_unload_secs),
+            ("--push-backlog-bytes", self.push_backlog_bytes as u64),
             ("--store-cache-bytes", self.store_cache_bytes),
             (
                 "--max-concurrent-password-checks",
@@ -312,6 +318,7 @@ impl ServeArgs {
         config.hub.failpoint = self.failpoint;
         config.hub.idle_unload_after = Duration::from_secs(self.idle_unload_secs);
         config.hub.push_hold = Duration::from_millis(self.push_hold_ms);
+        config.hub.push_backlog_bytes = self.push_backlog_bytes;
         if let Some(n) = self.max_concurrent_password_checks {
             config.accounts.max_concurrent_password_checks = n;
         }

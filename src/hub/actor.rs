@@ -104,6 +104,9 @@ pub(super) fn memory_estimate(ops: u64) -> usize {
     BASE_BYTES.saturating_add((ops as usize).saturating_mul(BYTES_PER_OP))
 }
 
+/// How soon a push held back by a peer's socket backlog is tried again.
+const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A peer's sync state (heads, the last have-filter, hashes sent this session).
 const PEER_STATE_BYTES: usize = 1024;
 
@@ -683,11 +686,17 @@ impl DocState {
             }
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
-            if let (Some((now, hold)), Some(since), false) =
-                (hold, peer.awaiting_since, responders.contains(&link.conn))
-            {
-                let due = since + hold;
-                if now < due {
+            if let (Some((now, hold)), false) = (hold, responders.contains(&link.conn)) {
+                // A push (nobody asked): held while the peer owes an answer to the last one,
+                // or while its socket is behind.
+                let due = match peer.awaiting_since.map(|since| since + hold) {
+                    Some(due) if now < due => Some(due),
+                    _ if link.queued_bytes() >= hub.config.push_backlog_bytes => {
+                        Some(now + BACKLOG_RETRY)
+                    }
+                    _ => None,
+                };
+                if let Some(due) = due {
                     push_at = Some(push_at.map_or(due, |p| p.min(due)));
                     continue;
                 }

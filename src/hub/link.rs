@@ -182,6 +182,11 @@ impl PeerLink {
     /// A `request` or `sync` of this connection goes to the hub: it counts as in flight until
     /// the returned guard is dropped (by the hub or the document's actor, once the answer,
     /// if any, is queued; on every other way out it is dropped too).
+    /// Bytes queued for this peer's socket and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.queued_bytes()
+    }
+
     pub fn request_started(&self) -> InFlight {
         self.in_flight.count.fetch_add(1, Ordering::Relaxed);
         InFlight(self.in_flight.clone())

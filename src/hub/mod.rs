@@ -56,6 +56,12 @@ pub struct HubConfig {
     /// nothing new about it for at most this long (its answer is answered with everything
     /// new at once).
     pub push_hold: std::time::Duration,
+    /// A peer with this many bytes already waiting to be written to its socket is pushed
+    /// nothing new until they are written (retried every quarter second): a push is
+    /// generated fresh from the document when it goes, so waiting loses nothing, and the
+    /// server's memory holds at most about this much of pushes per connection. Answers to
+    /// the peer's own messages are never held back.
+    pub push_backlog_bytes: usize,
     /// For crash tests only: a place where the hub stops on purpose.
     pub failpoint: Option<Failpoint>,
 }
@@ -90,6 +96,7 @@ impl Default for HubConfig {
             max_ungranted_docs_per_connection: 256,
             idle_unload_after: std::time::Duration::from_secs(15),
             push_hold: std::time::Duration::from_secs(1),
+            push_backlog_bytes: 256 * 1024,
             failpoint: None,
         }
     }
@@ -693,6 +700,8 @@ mod tests {
     struct Device {
         link: PeerLink,
         outbox: mpsc::Receiver<Outbound>,
+        /// The sending side's byte count: what the socket task marks written.
+        sent: Outbox,
         doc: Automerge,
         state: sync::State,
     }
@@ -700,17 +709,19 @@ mod tests {
     impl Device {
         fn new(name: &str) -> Self {
             let (tx, outbox) = mpsc::channel(64);
+            let sent = Outbox::new(tx, 1 << 20);
             let link = PeerLink::new(
                 ConnId::next(),
                 PeerId::new(name).unwrap(),
                 Some(StorageId::random()),
                 Principal::local(name),
-                Outbox::new(tx, 1 << 20),
+                sent.clone(),
                 Arc::new(KillSwitch::default()),
             );
             Self {
                 link,
                 outbox,
+                sent,
                 doc: Automerge::new(),
                 state: sync::State::new(),
             }
@@ -728,6 +739,7 @@ mod tests {
         fn inbox(&mut self) -> Vec<sync::Message> {
             let mut messages = Vec::new();
             while let Ok(out) = self.outbox.try_recv() {
+                self.sent.written(&out);
                 if let Outbound::Message(Message::Sync(m)) = out {
                     messages.push(sync::Message::decode(&m.data).unwrap());
                 }
@@ -910,6 +922,44 @@ mod tests {
         })
         .await
         .expect("ben got visit 2 without answering");
+        hub.shutdown().await;
+    }
+
+    /// A device whose socket is behind (bytes queued for it, not yet written) is pushed
+    /// nothing new until they are written; then it gets what it missed. Memory holds at
+    /// most about `push_backlog_bytes` of pushes per connection, however busy the document.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_device_whose_socket_is_behind_is_pushed_nothing_until_it_catches_up() {
+        let (hub, _dir) = hub_holding_pushes_for(std::time::Duration::from_millis(100));
+        let doc = DocumentId::random();
+        let (mut amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
+
+        // Something big waits for ben's socket (another document's message).
+        let backlog = Outbound::Message(Message::Sync(DocMessage {
+            sender_id: PeerId::new("server").unwrap(),
+            target_id: ben.link.peer_id.clone(),
+            document_id: DocumentId::random(),
+            data: vec![0; HubConfig::default().push_backlog_bytes],
+        }));
+        ben.link.send(backlog);
+        amy.note("visit 1");
+        amy.sync(&hub, doc).await;
+        let waiting = ben.outbox.try_recv().expect("the backlog is queued");
+        assert!(
+            ben.outbox.try_recv().is_err(),
+            "ben was pushed visit 1 while his socket was behind"
+        );
+
+        // The socket writes the backlog; within the retry ben is pushed visit 1.
+        ben.sent.written(&waiting);
+        let pushed = tokio::time::timeout(std::time::Duration::from_secs(10), ben.outbox.recv())
+            .await
+            .expect("ben is pushed visit 1 once his socket caught up");
+        let Some(Outbound::Message(Message::Sync(m))) = pushed else {
+            panic!("expected a sync message, got {pushed:?}");
+        };
+        ben.receive(vec![sync::Message::decode(&m.data).unwrap()]);
+        assert_eq!(ben.doc.get_heads(), amy.doc.get_heads());
         hub.shutdown().await;
     }
 }
