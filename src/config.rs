@@ -262,6 +262,11 @@ pub struct ServeArgs {
     /// watch busy households.
     #[arg(long, env = "FIELDSYNC_PUSH_BACKLOG_BYTES", default_value_t = 256 * 1024)]
     pub push_backlog_bytes: usize,
+    /// Bytes waiting for all devices' sockets together beyond which pushes wait and no
+    /// device's new messages are read until the sockets have taken enough: what hundreds of
+    /// phones downloading at once may hold in memory.
+    #[arg(long, env = "FIELDSYNC_OUTBOUND_BUDGET_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub outbound_budget_bytes: usize,
     /// Crash tests only.
     #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
     pub failpoint: Option<crate::hub::Failpoint>,
@@ -294,6 +299,7 @@ impl ServeArgs {
             ("--max-document-bytes", self.max_document_bytes as u64),
             ("--idle-unload-secs", self.idle_unload_secs),
             ("--push-backlog-bytes", self.push_backlog_bytes as u64),
+            ("--outbound-budget-bytes", self.outbound_budget_bytes as u64),
             ("--store-cache-bytes", self.store_cache_bytes),
             (
                 "--max-concurrent-password-checks",
@@ -319,6 +325,7 @@ impl ServeArgs {
         config.hub.idle_unload_after = Duration::from_secs(self.idle_unload_secs);
         config.hub.push_hold = Duration::from_millis(self.push_hold_ms);
         config.hub.push_backlog_bytes = self.push_backlog_bytes;
+        config.outbound_budget_bytes = self.outbound_budget_bytes;
         if let Some(n) = self.max_concurrent_password_checks {
             config.accounts.max_concurrent_password_checks = n;
         }

@@ -691,7 +691,9 @@ impl DocState {
                 // or while its socket is behind.
                 let due = match peer.awaiting_since.map(|since| since + hold) {
                     Some(due) if now < due => Some(due),
-                    _ if link.queued_bytes() >= hub.config.push_backlog_bytes => {
+                    _ if link.queued_bytes() >= hub.config.push_backlog_bytes
+                        || link.outbound_over_budget() =>
+                    {
                         Some(now + BACKLOG_RETRY)
                     }
                     _ => None,

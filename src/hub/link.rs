@@ -2,7 +2,9 @@
 //! The outbox is bounded in messages and in bytes; a full outbox means the client is not
 //! reading: it is disconnected, never buffered forever. (A client that keeps reading is never
 //! cut off: the connection stops reading its requests while the outbox is half full, so its
-//! own burst of requests waits in TCP instead of overflowing the outbox.)
+//! own burst of requests waits in TCP instead of overflowing the outbox.) Every outbox also
+//! counts against one [`OutboundBudget`] shared by all connections, so hundreds of phones
+//! downloading at once cannot fill memory with messages their sockets have not taken yet.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,27 +55,88 @@ impl KillSwitch {
     }
 }
 
+/// Bytes queued for all connections' sockets together, with a soft limit. Nothing is
+/// refused over it: pushes wait and connections stop reading new messages (which would
+/// queue answers) until the sockets have taken enough to fall below it.
+#[derive(Debug)]
+pub struct OutboundBudget {
+    queued: AtomicUsize,
+    limit: usize,
+    room: tokio::sync::Notify,
+}
+
+impl OutboundBudget {
+    pub fn new(limit_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queued: AtomicUsize::new(0),
+            limit: limit_bytes,
+            room: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Bytes queued for every socket together.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn is_over(&self) -> bool {
+        self.queued_bytes() >= self.limit
+    }
+
+    /// Completes once the total is below the limit (at once if it is).
+    pub async fn room(&self) {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if !self.is_over() {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    fn charge(&self, bytes: usize) {
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn refund(&self, bytes: usize) {
+        let before = self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        if before >= self.limit && before - bytes < self.limit {
+            self.room.notify_waiters();
+        }
+    }
+}
+
 /// The sending side of a connection's outbox, with its byte count.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     tx: mpsc::Sender<Outbound>,
     queued_bytes: Arc<AtomicUsize>,
     max_bytes: usize,
+    budget: Arc<OutboundBudget>,
 }
 
 impl Outbox {
-    /// `max_bytes`: what may wait for the socket at once (beyond it the peer is too slow).
-    pub fn new(tx: mpsc::Sender<Outbound>, max_bytes: usize) -> Self {
+    /// `max_bytes`: what may wait for the socket at once (beyond it the peer is too slow);
+    /// `budget`: the total shared with every other connection.
+    pub fn new(tx: mpsc::Sender<Outbound>, max_bytes: usize, budget: Arc<OutboundBudget>) -> Self {
         Self {
             tx,
             queued_bytes: Arc::default(),
             max_bytes,
+            budget,
         }
     }
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The budget this outbox shares with every other connection's.
+    pub fn budget(&self) -> &OutboundBudget {
+        &self.budget
     }
 
     /// Messages that can still be queued.
@@ -83,7 +146,18 @@ impl Outbox {
 
     /// The connection wrote `out` (or dropped it): it no longer counts.
     pub fn written(&self, out: &Outbound) {
-        self.queued_bytes.fetch_sub(weight(out), Ordering::Relaxed);
+        self.refund(weight(out));
+    }
+
+    /// Counts `bytes` as queued; returns what was queued before.
+    fn charge(&self, bytes: usize) -> usize {
+        self.budget.charge(bytes);
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed)
+    }
+
+    fn refund(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.refund(bytes);
     }
 }
 
@@ -187,6 +261,11 @@ impl PeerLink {
         self.outbox.queued_bytes()
     }
 
+    /// Whether every connection's queued bytes together are over the shared budget.
+    pub fn outbound_over_budget(&self) -> bool {
+        self.outbox.budget().is_over()
+    }
+
     pub fn request_started(&self) -> InFlight {
         self.in_flight.count.fetch_add(1, Ordering::Relaxed);
         InFlight(self.in_flight.clone())
@@ -205,9 +284,9 @@ impl PeerLink {
     /// peer.
     pub fn send(&self, out: Outbound) {
         let w = weight(&out);
-        let queued = self.outbox.queued_bytes.fetch_add(w, Ordering::Relaxed);
+        let queued = self.outbox.charge(w);
         if queued > 0 && queued + w > self.outbox.max_bytes {
-            self.outbox.queued_bytes.fetch_sub(w, Ordering::Relaxed);
+            self.outbox.refund(w);
             tracing::warn!(conn = %self.conn, queued_bytes = queued, "outbound bytes over the limit; disconnecting slow peer");
             self.kill.kill(
                 CloseCode::PolicyViolation,
@@ -218,7 +297,7 @@ impl PeerLink {
         match self.outbox.tx.try_send(out) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.outbox.queued_bytes.fetch_sub(w, Ordering::Relaxed);
+                self.outbox.refund(w);
                 tracing::warn!(conn = %self.conn, "outbound queue full; disconnecting slow peer");
                 self.kill.kill(
                     CloseCode::PolicyViolation,
@@ -226,7 +305,7 @@ impl PeerLink {
                 );
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.outbox.queued_bytes.fetch_sub(w, Ordering::Relaxed);
+                self.outbox.refund(w);
             }
         }
     }
@@ -245,7 +324,7 @@ mod tests {
             PeerId::new("slow").unwrap(),
             None,
             Principal::local("test"),
-            Outbox::new(tx, 1 << 20),
+            Outbox::new(tx, 1 << 20, OutboundBudget::new(usize::MAX)),
             kill.clone(),
         );
         let leave = || {
@@ -269,7 +348,7 @@ mod tests {
     async fn large_messages_are_bounded_in_bytes_not_only_in_number() {
         let (tx, _rx) = mpsc::channel(100);
         let kill = Arc::new(KillSwitch::default());
-        let outbox = Outbox::new(tx, 10_000);
+        let outbox = Outbox::new(tx, 10_000, OutboundBudget::new(usize::MAX));
         let link = PeerLink::new(
             ConnId::next(),
             PeerId::new("slow").unwrap(),
@@ -301,10 +380,69 @@ mod tests {
             PeerId::new("reader").unwrap(),
             None,
             Principal::local("test"),
-            Outbox::new(tx, 100),
+            Outbox::new(tx, 100, OutboundBudget::new(usize::MAX)),
             kill.clone(),
         );
         link.send(big());
         assert!(!kill.token.is_cancelled());
+    }
+
+    /// Two connections share one budget: over it, waiters learn of room as soon as a
+    /// socket takes enough, and a closed connection's unwritten messages give theirs back.
+    #[tokio::test]
+    async fn connections_share_one_outbound_budget() {
+        let budget = OutboundBudget::new(1000);
+        let (tx_a, mut rx_a) = mpsc::channel(8);
+        let (tx_b, rx_b) = mpsc::channel(8);
+        let a = Outbox::new(tx_a, 1 << 20, budget.clone());
+        let b = Outbox::new(tx_b, 1 << 20, budget.clone());
+        let message = |bytes: usize| {
+            Outbound::Message(Message::Sync(crate::protocol::DocMessage {
+                sender_id: PeerId::new("server").unwrap(),
+                target_id: PeerId::new("phone").unwrap(),
+                document_id: DocumentId::random(),
+                data: vec![0; bytes],
+            }))
+        };
+        let link = |outbox: Outbox| {
+            PeerLink::new(
+                ConnId::next(),
+                PeerId::new("phone").unwrap(),
+                None,
+                Principal::local("amy"),
+                outbox,
+                Arc::new(KillSwitch::default()),
+            )
+        };
+        let (la, lb) = (link(a.clone()), link(b.clone()));
+        la.send(message(500));
+        assert!(!la.outbound_over_budget());
+        lb.send(message(500));
+        assert!(la.outbound_over_budget() && lb.outbound_over_budget());
+        assert_eq!(budget.queued_bytes(), 2 * (500 + 128));
+
+        // A's socket writes its message: both have room again, and a waiter hears of it.
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.room().await }
+        });
+        let written = rx_a.recv().await.unwrap();
+        a.written(&written);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter learns of room")
+            .unwrap();
+        assert!(!lb.outbound_over_budget());
+
+        // B's connection ends with its message unwritten; the socket task gives it back.
+        drop(rx_b);
+        lb.send(message(100)); // after the close: given back by `send` itself
+        assert_eq!(
+            budget.queued_bytes(),
+            500 + 128,
+            "only B's queued message counts"
+        );
+        b.written(&message(500));
+        assert_eq!(budget.queued_bytes(), 0);
     }
 }

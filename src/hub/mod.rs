@@ -28,7 +28,7 @@ use crate::storage::Store;
 use actor::{Cmd, DocActor};
 pub use cache::CacheStats;
 use cache::{Cache, Lookup};
-pub use link::{InFlight, KillSwitch, Outbound, Outbox, PeerLink};
+pub use link::{InFlight, KillSwitch, Outbound, OutboundBudget, Outbox, PeerLink};
 
 /// Tuning for the hub; every field has a unit in its name.
 #[derive(Clone, Debug)]
@@ -709,7 +709,7 @@ mod tests {
     impl Device {
         fn new(name: &str) -> Self {
             let (tx, outbox) = mpsc::channel(64);
-            let sent = Outbox::new(tx, 1 << 20);
+            let sent = Outbox::new(tx, 1 << 20, OutboundBudget::new(usize::MAX));
             let link = PeerLink::new(
                 ConnId::next(),
                 PeerId::new(name).unwrap(),

@@ -57,6 +57,12 @@ pub struct ServerConfig {
     pub outbox_len: usize,
     /// Bytes queued for one connection before it counts as too slow.
     pub outbox_bytes: usize,
+    /// Bytes queued for one connection beyond which its messages are not read (they wait in
+    /// TCP) until its socket catches up: what it asks for cannot pile up in memory.
+    pub pause_reading_bytes: usize,
+    /// Bytes queued for all connections' sockets together beyond which pushes wait and no
+    /// connection's new messages are read until the sockets catch up.
+    pub outbound_budget_bytes: usize,
     /// How long one write to a socket may take before the peer is dropped.
     pub write_timeout: Duration,
     /// How long shutdown waits for connections to close.
@@ -80,6 +86,8 @@ impl ServerConfig {
             join_timeout: Duration::from_secs(10),
             outbox_len: 1024,
             outbox_bytes: 32 * 1024 * 1024,
+            pause_reading_bytes: 1024 * 1024,
+            outbound_budget_bytes: 32 * 1024 * 1024,
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             secure_cookies: false,
@@ -98,6 +106,8 @@ pub struct Services {
     config: Arc<ServerConfig>,
     /// The admin socket, when bound before [`run`].
     admin_listener: Arc<std::sync::Mutex<Option<tokio::net::UnixListener>>>,
+    /// What every connection's outbox counts against together.
+    outbound: Arc<crate::hub::OutboundBudget>,
 }
 
 impl Services {
@@ -152,6 +162,7 @@ impl Services {
             accounts,
             projection,
             session,
+            outbound: crate::hub::OutboundBudget::new(config.outbound_budget_bytes),
             config: Arc::new(config),
             admin_listener: Arc::default(),
         })

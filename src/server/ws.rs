@@ -118,7 +118,11 @@ impl Connection {
         principal: Principal,
     ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(services.config.outbox_len);
-        let outbox = Outbox::new(outbox_tx, services.config.outbox_bytes);
+        let outbox = Outbox::new(
+            outbox_tx,
+            services.config.outbox_bytes,
+            services.outbound.clone(),
+        );
         let kill = Arc::new(KillSwitch::default());
         let live = services
             .accounts
@@ -152,6 +156,7 @@ impl Connection {
         let kill = self.kill.clone();
         let write_timeout = self.services.config.write_timeout;
         let outbox_len = self.services.config.outbox_len;
+        let pause_bytes = self.services.config.pause_reading_bytes;
         tracing::debug!("connected");
         let mut paused = false;
         // Since when reading is paused: that time does not count as the peer's silence.
@@ -159,7 +164,12 @@ impl Connection {
         loop {
             let in_flight = self.link.as_ref().map_or(0, PeerLink::requests_in_flight);
             let room = self.outbox.capacity();
-            let now_paused = !(room > outbox_len / 2 && in_flight < outbox_len / 2);
+            // Over the shared budget, every connection stops reading until it has room.
+            let over_budget = self.outbox.budget().is_over();
+            let now_paused = over_budget
+                || !(room > outbox_len / 2
+                    && in_flight < outbox_len / 2
+                    && self.outbox.queued_bytes() < pause_bytes);
             if now_paused != paused {
                 paused = now_paused;
                 tracing::trace!(paused, in_flight, room, "reading paused or resumed");
@@ -177,9 +187,10 @@ impl Connection {
                 _ = self.closing.cancelled() => session.shutdown(),
                 _ = until(session.join_deadline()) => session.tick(Timestamp::now()),
                 (code, reason) = kill.killed() => session.fail(code, reason),
-                // Backpressure: while half the outbox waits for the socket, or half as many
-                // requests wait for their answers, the client's frames are not read (they wait
-                // in TCP), so its own burst cannot overflow its outbox.
+                // Backpressure: while half the outbox (or `pause_reading_bytes`) waits for
+                // the socket, or half as many requests wait for their answers, the client's
+                // frames are not read (they wait in TCP), so its own burst cannot overflow
+                // its outbox.
                 frame = stream.next(), if !paused => match frame {
                     Some(Ok(msg)) if msg.is_binary() => session.handle_binary(msg.as_bytes(), Timestamp::now()),
                     Some(Ok(msg)) if msg.is_text() => session.handle_text(Timestamp::now()),
@@ -196,6 +207,7 @@ impl Connection {
                 },
                 // A settled request may let reading resume (re-checked at the loop's top).
                 _ = settled(self.link.as_ref()) => Vec::new(),
+                _ = self.outbox.budget().room(), if over_budget => Vec::new(),
                 out = self.outbox_rx.recv() => {
                     if let Some(o) = &out {
                         self.outbox.written(o);
@@ -259,6 +271,12 @@ impl Connection {
         }
         if self.link.is_some() {
             self.services.hub.disconnect(self.conn).await;
+        }
+        // What was queued and never written leaves the shared outbound budget (later sends
+        // find the queue closed and give theirs back themselves).
+        self.outbox_rx.close();
+        while let Ok(out) = self.outbox_rx.try_recv() {
+            self.outbox.written(&out);
         }
         self.live.take();
         tracing::debug!("disconnected");

