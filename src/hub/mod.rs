@@ -790,12 +790,16 @@ mod tests {
     }
 
     fn hub_holding_pushes_for(hold: std::time::Duration) -> (Hub, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
-        let config = HubConfig {
+        test_hub(HubConfig {
             push_hold: hold,
             ..HubConfig::default()
-        };
+        })
+    }
+
+    /// A hub on a fresh store in a temp dir, open to every peer, with no observer.
+    fn test_hub(config: HubConfig) -> (Hub, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
         let hub = Hub::new(
             store,
             PeerId::new("server").unwrap(),
@@ -812,21 +816,11 @@ mod tests {
     /// so the next load waits for it. Every upload is still held and acknowledged.
     #[tokio::test(flavor = "current_thread")]
     async fn a_burst_of_uploads_loads_no_more_than_the_budget_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
         let budget = 3 * actor::memory_estimate(0);
-        let config = HubConfig {
+        let (hub, _dir) = test_hub(HubConfig {
             cache_budget_bytes: budget,
             ..HubConfig::default()
-        };
-        let hub = Hub::new(
-            store,
-            PeerId::new("server").unwrap(),
-            config,
-            Arc::new(OpenAccess),
-            Arc::new(NoObserver),
-            Arc::new(SystemClock),
-        );
+        });
         // Twelve phones open twelve new households at once (their first messages, handed
         // over back to back): the fourth and later wait for room, which the earlier ones'
         // actors make by finishing their queue and exiting.

@@ -188,17 +188,7 @@ impl Session {
     /// The transport did not read from the peer between `from` and `to` (the server was
     /// busy, or paused reading to pace the peer): that time is not the peer's silence.
     pub fn not_listening(&mut self, from: Timestamp, to: Timestamp) {
-        let gap = to.since(from);
-        let moved = Timestamp::from_millis(
-            self.last_heard
-                .as_millis()
-                .saturating_add(u64::try_from(gap.as_millis()).unwrap_or(u64::MAX)),
-        );
-        self.last_heard = if moved.as_millis() > to.as_millis() {
-            to
-        } else {
-            moved
-        };
+        self.last_heard = self.last_heard.saturating_add(to.since(from)).min(to);
     }
 
     /// Called by the transport every `ping_interval`.
