@@ -116,7 +116,7 @@ pub(super) fn record(
             actor_bound_to: bound_to,
             heads_after: heads_after.clone(),
         };
-        store.table_write_blocking(
+        store.table_write_in_order_blocking(
             Table::Provenance,
             vec![(
                 provenance_key(event.doc, seq),
@@ -125,7 +125,7 @@ pub(super) fn record(
         )?;
         let mut feed = event.doc.as_bytes().to_vec();
         feed.extend_from_slice(&hash.0);
-        store.table_write_blocking(
+        store.table_write_in_order_blocking(
             Table::Changes,
             vec![(seq.to_be_bytes().to_vec(), Some(feed))],
         )?;

@@ -86,8 +86,7 @@ impl VillageCounts {
     }
 }
 
-/// Key layout of [`Table::Projection`] (one tree, so a household's row, its visits and its
-/// village's counters change in one atomic batch).
+/// Key layout of [`Table::Projection`].
 mod keys {
     use crate::ids::DocumentId;
 
@@ -191,8 +190,11 @@ impl Projection {
         self.write_row_blocking(row)
     }
 
-    /// Replaces a household's row and visit rows and moves its contribution to the counters,
-    /// in one atomic batch. Call with the write lock held.
+    /// Replaces a household's row and visit rows and moves its contribution to the counters.
+    /// Call with the write lock held. The writes are ordered, not atomic: they follow the
+    /// document's unsettled mark (written with its chunk), so a crash that keeps only some of
+    /// them leaves the mark too, and [`Projection::catch_up_blocking`] rewrites the row and
+    /// recounts the counters on start-up.
     fn write_row_blocking(&self, mut row: HouseholdRow) -> Result<(), StorageError> {
         let store = &self.inner.store;
         let key = keys::household(&row.station, row.id);
@@ -227,7 +229,7 @@ impl Projection {
             writes.push((k, value));
         }
         writes.push((key, Some(serde_json::to_vec(&row).expect("rows serialise"))));
-        store.table_write_blocking(Table::Projection, writes)
+        store.table_write_in_order_blocking(Table::Projection, writes)
     }
 
     fn counts_entry<'a>(
@@ -275,7 +277,10 @@ impl Projection {
 
     /// Brings the projection up to date for every document whose change may have outlived
     /// its projection row in a crash (marked unsettled by the store), then clears the marks.
-    /// Run at start-up, before serving. Returns how many documents were re-projected.
+    /// A crash may also have kept only part of a row's writes (they are ordered, not atomic),
+    /// so the counters, which move by the difference between a row's old and new values, are
+    /// then recounted from the rows. Run at start-up, before serving. Returns how many
+    /// documents were re-projected.
     pub fn catch_up_blocking(&self) -> Result<usize, StorageError> {
         let store = &self.inner.store;
         let docs = store.unsettled_blocking()?;
@@ -284,12 +289,50 @@ impl Projection {
             self.update_blocking(doc, &content)?;
         }
         if !docs.is_empty() {
+            self.recount_blocking()?;
             store.flush_blocking()?;
             for &doc in &docs {
                 store.settle_blocking(doc)?;
             }
         }
         Ok(docs.len())
+    }
+
+    /// Replaces every village's counters by a count of the household rows (read one at a
+    /// time).
+    fn recount_blocking(&self) -> Result<(), StorageError> {
+        let _w = lock(&self.inner.write);
+        let store = &self.inner.store;
+        let mut counts: BTreeMap<Vec<u8>, VillageCounts> = BTreeMap::new();
+        let mut unreadable = None;
+        store.table_for_each_blocking(Table::Projection, b"h", None, |_, v| {
+            match parse::<HouseholdRow>(v, "household row") {
+                Ok(row) => {
+                    counts
+                        .entry(keys::counts(&row.station, &row.village))
+                        .or_default()
+                        .add(&row, 1);
+                    true
+                }
+                Err(e) => {
+                    unreadable = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = unreadable {
+            return Err(e);
+        }
+        let mut writes: Vec<TableWrite> = store
+            .table_scan_blocking(Table::Projection, b"c")?
+            .into_iter()
+            .filter(|(k, _)| !counts.contains_key(k))
+            .map(|(k, _)| (k, None))
+            .collect();
+        for (k, c) in counts {
+            writes.push((k, Some(serde_json::to_vec(&c).expect("counts serialise"))));
+        }
+        store.table_write_blocking(Table::Projection, writes)
     }
 
     /// Every row of the projection, for comparing an incremental projection with a rebuilt
@@ -382,4 +425,86 @@ fn parse<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, Stor
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::AccountsConfig;
+    use crate::ids::ManualClock;
+    use crate::records::samples;
+
+    fn household(house_no: &str, visits: usize) -> Automerge {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        crate::records::create_household(&mut tx, &samples::household(house_no)).unwrap();
+        for i in 0..visits {
+            crate::records::add_visit(&mut tx, &samples::visit("amy", &format!("visit {i}")))
+                .unwrap();
+        }
+        tx.commit();
+        doc
+    }
+
+    fn row(id: DocumentId, doc: &Automerge) -> HouseholdRow {
+        HouseholdRow {
+            id,
+            station: "north".into(),
+            village: "east".into(),
+            updated_at_ms: 0,
+            summary: summarise(doc, &Attribution::new(doc, HashMap::new())),
+        }
+    }
+
+    /// A crash can keep part of a row's ordered writes: here the counters moved for a new
+    /// visit but the row did not. The document's unsettled mark survives with them, and
+    /// catch-up recounts the counters from the rows (and drops counters of no household).
+    #[tokio::test]
+    async fn catch_up_recounts_counters_a_crash_left_half_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &Default::default()).unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
+        let accounts = Accounts::open(store.clone(), clock, AccountsConfig::default())
+            .await
+            .unwrap();
+        let projection = Projection::new(store.clone(), accounts);
+        let (a, b) = (DocumentId::random(), DocumentId::random());
+        let (doc_a, doc_b) = (household("1", 2), household("2", 1));
+        {
+            let _w = lock(&projection.inner.write);
+            projection.write_row_blocking(row(a, &doc_a)).unwrap();
+            projection.write_row_blocking(row(b, &doc_b)).unwrap();
+        }
+        let before = projection.counts_blocking("north", "east").unwrap();
+        assert_eq!((before.households, before.visits), (2, 3));
+
+        let mut torn = before.clone();
+        torn.visits += 1;
+        torn.visited -= 1;
+        store
+            .table_write_in_order_blocking(
+                Table::Projection,
+                vec![
+                    (
+                        keys::counts("north", "east"),
+                        Some(serde_json::to_vec(&torn).unwrap()),
+                    ),
+                    (
+                        keys::counts("north", "gone"),
+                        Some(serde_json::to_vec(&torn).unwrap()),
+                    ),
+                ],
+            )
+            .unwrap();
+        store.put_change_blocking(a, &doc_a.save()).unwrap();
+        assert_ne!(projection.counts_blocking("north", "east").unwrap(), before);
+
+        assert_eq!(projection.catch_up_blocking().unwrap(), 1);
+        assert_eq!(projection.counts_blocking("north", "east").unwrap(), before);
+        assert_eq!(
+            projection.counts_blocking("north", "gone").unwrap(),
+            VillageCounts::default()
+        );
+        assert!(store.unsettled_blocking().unwrap().is_empty());
+    }
 }

@@ -388,29 +388,22 @@ impl Store {
         Ok(key)
     }
 
-    /// Stores the server's new changes of `doc` as one chunk and, in the same atomic sled
-    /// transaction, marks the document *unsettled*: what is derived from its content (the
-    /// staff projection) may lag behind it until [`Store::settle_blocking`] is called after
-    /// the flush. After a crash, whatever chunk survived has its mark, and start-up brings the
-    /// derived views up to date ([`Store::unsettled_blocking`]). Not durable until
-    /// [`Store::flush`].
+    /// Stores the server's new changes of `doc` as one chunk, after marking the document
+    /// *unsettled*: what is derived from its content (the staff projection) may lag behind it
+    /// until [`Store::settle_blocking`] is called after the flush. After a crash, whatever
+    /// chunk survived has its mark, and start-up brings the derived views up to date
+    /// ([`Store::unsettled_blocking`]). Not durable until [`Store::flush`].
+    ///
+    /// Two plain writes in order, not a sled transaction: sled recovers a prefix of its log
+    /// (see [`Store::table_write_in_order_blocking`]), so the chunk never survives without
+    /// the mark written before it, and a transaction would cost two more log writes and
+    /// syncs per accepted change.
     pub fn put_change_blocking(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
-        use sled::Transactional;
         let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
-        let value = versioned(bytes);
-        let mark = unsettled_key(doc);
-        (&self.inner.chunks, &self.inner.meta)
-            .transaction(|(chunks, meta)| {
-                chunks.insert(&key.encode()[..], value.clone())?;
-                meta.insert(mark.clone(), versioned(&[]))?;
-                Ok(())
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StorageError::from(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    StorageError::Io("a chunk transaction aborted".into())
-                }
-            })?;
+        self.inner.meta.insert(unsettled_key(doc), versioned(&[]))?;
+        self.inner
+            .chunks
+            .insert(&key.encode()[..], versioned(bytes))?;
         Ok(key)
     }
 
