@@ -58,6 +58,86 @@ fn value_to_string<R: ReadDoc>(doc: &R, v: Value<'_>, id: &ObjId) -> Option<Stri
     }
 }
 
+/// The fields of one map, read in one pass: `map_range` visits each key once, and only a
+/// key flagged as contested is looked up again for its other values. Reading a visit
+/// field by field cost a seek through the document's operations per field, and that made
+/// summarising and validating households the largest part of accepting a change.
+pub(crate) struct Fields {
+    /// By key, in key order (as `map_range` yields them).
+    fields: Vec<Field>,
+}
+
+struct Field {
+    key: String,
+    /// The value `get` returns.
+    winner: (Value<'static>, ObjId),
+    /// Every concurrent value (as `get_all` returns them), only when there are several.
+    all: Option<Vec<(Value<'static>, ObjId)>>,
+}
+
+impl Fields {
+    pub(crate) fn of<R: ReadDoc>(doc: &R, obj: &ObjId) -> Fields {
+        let fields = doc
+            .map_range(obj, ..)
+            .map(|item| {
+                let all = item.conflict.then(|| {
+                    doc.get_all(obj, item.key.as_ref())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(v, id)| (v.into_owned(), id))
+                        .collect()
+                });
+                Field {
+                    key: item.key.to_string(),
+                    winner: (item.value.clone().into_value(), item.id()),
+                    all,
+                }
+            })
+            .collect();
+        Fields { fields }
+    }
+
+    fn field(&self, key: &str) -> Option<&Field> {
+        self.fields
+            .binary_search_by(|f| f.key.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.fields[i])
+    }
+
+    /// The winning value of `key`.
+    pub(crate) fn get(&self, key: &str) -> Option<&(Value<'static>, ObjId)> {
+        self.field(key).map(|f| &f.winner)
+    }
+
+    /// Every concurrent value of `key` (empty when it is absent).
+    pub(crate) fn all(&self, key: &str) -> &[(Value<'static>, ObjId)] {
+        match self.field(key) {
+            Some(Field { all: Some(all), .. }) => all,
+            Some(f) => std::slice::from_ref(&f.winner),
+            None => &[],
+        }
+    }
+
+    /// The keys, in order, with the winning value.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &(Value<'static>, ObjId))> {
+        self.fields.iter().map(|f| (f.key.as_str(), &f.winner))
+    }
+
+    /// The winning value of a string field (text or scalar string).
+    pub(crate) fn string<R: ReadDoc>(&self, doc: &R, key: &str) -> Option<String> {
+        let (v, id) = self.get(key)?;
+        value_to_string(doc, v.clone(), id)
+    }
+
+    /// The map object at `key`, if it is one.
+    pub(crate) fn map(&self, key: &str) -> Option<ObjId> {
+        match self.get(key) {
+            Some((Value::Object(ObjType::Map), id)) => Some(id.clone()),
+            _ => None,
+        }
+    }
+}
+
 pub(crate) fn map_at<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Option<ObjId> {
     match doc.get(obj, key).ok().flatten() {
         Some((Value::Object(ObjType::Map), id)) => Some(id),

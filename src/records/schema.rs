@@ -4,9 +4,9 @@
 //! but quarantines it. Strings are accepted as Automerge text or scalar strings, and every
 //! concurrent value of a field is checked. Must not do I/O.
 
-use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
-use super::read::{map_at, string_at};
+use super::read::Fields;
 use super::SCHEMA_VERSION;
 
 macro_rules! string_enum {
@@ -120,26 +120,28 @@ impl<R: ReadDoc> Validator<'_, R> {
 
     fn check(&mut self) {
         let doc = self.doc;
-        if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
+        let root = Fields::of(doc, &ROOT);
+        if root.string(doc, "type").as_deref() != Some("household") {
             self.fail("type", "must be \"household\"");
             return;
         }
-        match doc.get(ROOT, "schema").ok().flatten() {
-            Some((Value::Scalar(s), _)) if scalar_int(&s) == Some(SCHEMA_VERSION) => {}
+        match root.get("schema") {
+            Some((Value::Scalar(s), _)) if scalar_int(s) == Some(SCHEMA_VERSION) => {}
             _ => self.fail("schema", format!("must be {SCHEMA_VERSION}")),
         }
         for key in ["station", "village"] {
-            self.required_string(&ROOT, key, key);
+            self.required_string(&root, key, key);
         }
         self.enum_field(
-            &ROOT,
+            &root,
             "premises",
             "premises",
             Premises::parse,
             Premises::choices,
         );
-        match map_at(doc, &ROOT, "address") {
+        match root.map("address") {
             Some(a) => {
+                let a = Fields::of(doc, &a);
                 for k in [
                     "township", "village", "group", "street", "house_no", "landmark",
                 ] {
@@ -148,13 +150,13 @@ impl<R: ReadDoc> Validator<'_, R> {
             }
             None => self.fail("address", "must be a map"),
         }
-        self.entries("members", |v, path, m| {
+        self.entries(&root, "members", |v, path, m| {
             v.required_string(m, "name", &format!("{path}.name"));
             for k in ["relation", "phone"] {
                 v.optional_string(m, k, &format!("{path}.{k}"));
             }
         });
-        self.entries("visits", |v, path, m| {
+        self.entries(&root, "visits", |v, path, m| {
             v.required_string(m, "officer", &format!("{path}.officer"));
             v.timestamp(m, "started_at", &format!("{path}.started_at"), true);
             v.timestamp(m, "ended_at", &format!("{path}.ended_at"), false);
@@ -177,7 +179,7 @@ impl<R: ReadDoc> Validator<'_, R> {
                 v.score(m, k, &format!("{path}.{k}"));
             }
         });
-        self.entries("matters", |v, path, m| {
+        self.entries(&root, "matters", |v, path, m| {
             v.enum_field(
                 m,
                 "kind",
@@ -192,7 +194,7 @@ impl<R: ReadDoc> Validator<'_, R> {
                 MatterStatus::parse,
                 MatterStatus::choices,
             );
-            if v.doc.get(m, "risk").ok().flatten().is_some() {
+            if m.get("risk").is_some() {
                 v.enum_field(
                     m,
                     "risk",
@@ -203,7 +205,7 @@ impl<R: ReadDoc> Validator<'_, R> {
             }
             v.optional_string(m, "description", &format!("{path}.description"));
         });
-        self.entries("follow_ups", |v, path, m| {
+        self.entries(&root, "follow_ups", |v, path, m| {
             v.required_string(m, "task", &format!("{path}.task"));
             v.enum_field(
                 m,
@@ -214,9 +216,9 @@ impl<R: ReadDoc> Validator<'_, R> {
             );
             v.timestamp(m, "due", &format!("{path}.due"), false);
         });
-        match map_at(doc, &ROOT, "review") {
+        match root.map("review") {
             Some(r) => self.enum_field(
-                &r,
+                &Fields::of(doc, &r),
                 "state",
                 "review.state",
                 ReviewState::parse,
@@ -226,44 +228,43 @@ impl<R: ReadDoc> Validator<'_, R> {
         }
     }
 
-    /// `key` of the root must be a map of maps; `each` checks one entry.
-    fn entries(&mut self, key: &str, each: impl Fn(&mut Self, &str, &ObjId)) {
-        let Some(map) = map_at(self.doc, &ROOT, key) else {
+    /// `key` of the root must be a map of maps; `each` checks one entry (read once).
+    fn entries(&mut self, root: &Fields, key: &str, each: impl Fn(&mut Self, &str, &Fields)) {
+        let Some(map) = root.map(key) else {
             self.fail(key, "must be a map");
             return;
         };
-        for id in self.doc.keys(&map).collect::<Vec<_>>() {
-            if !is_entry_key(&id) {
+        let doc = self.doc;
+        for (id, (value, entry)) in Fields::of(doc, &map).iter() {
+            if !is_entry_key(id) {
                 // Keys end up in URLs and paths (the staff page, the API): anything but a
                 // UUID could point somewhere else. Shown escaped, never used.
                 self.fail(&format!("{key}.{id:?}"), "entry keys must be UUIDs");
                 continue;
             }
             let path = format!("{key}.{id}");
-            match map_at(self.doc, &map, &id) {
-                Some(entry) => each(self, &path, &entry),
-                None => self.fail(&path, "must be a map"),
+            match value {
+                Value::Object(ObjType::Map) => each(self, &path, &Fields::of(doc, entry)),
+                _ => self.fail(&path, "must be a map"),
             }
         }
     }
 
-    fn strings(&self, obj: &ObjId, key: &str) -> Vec<Option<String>> {
-        self.doc
-            .get_all(obj, key)
-            .unwrap_or_default()
-            .into_iter()
+    fn strings(&self, obj: &Fields, key: &str) -> Vec<Option<String>> {
+        obj.all(key)
+            .iter()
             .map(|(v, id)| match v {
                 Value::Scalar(s) => match s.as_ref() {
                     ScalarValue::Str(s) => Some(s.to_string()),
                     _ => None,
                 },
-                Value::Object(ObjType::Text) => self.doc.text(&id).ok(),
+                Value::Object(ObjType::Text) => self.doc.text(id).ok(),
                 Value::Object(_) => None,
             })
             .collect()
     }
 
-    fn required_string(&mut self, obj: &ObjId, key: &str, path: &str) {
+    fn required_string(&mut self, obj: &Fields, key: &str, path: &str) {
         let values = self.strings(obj, key);
         if values.is_empty() {
             self.fail(path, "is missing");
@@ -277,7 +278,7 @@ impl<R: ReadDoc> Validator<'_, R> {
         }
     }
 
-    fn optional_string(&mut self, obj: &ObjId, key: &str, path: &str) {
+    fn optional_string(&mut self, obj: &Fields, key: &str, path: &str) {
         if self.strings(obj, key).iter().any(Option::is_none) {
             self.fail(path, "must be a string");
         }
@@ -285,7 +286,7 @@ impl<R: ReadDoc> Validator<'_, R> {
 
     fn enum_field<T>(
         &mut self,
-        obj: &ObjId,
+        obj: &Fields,
         key: &str,
         path: &str,
         parse: fn(&str) -> Option<T>,
@@ -304,22 +305,22 @@ impl<R: ReadDoc> Validator<'_, R> {
         }
     }
 
-    fn timestamp(&mut self, obj: &ObjId, key: &str, path: &str, required: bool) {
-        let values = self.doc.get_all(obj, key).unwrap_or_default();
+    fn timestamp(&mut self, obj: &Fields, key: &str, path: &str, required: bool) {
+        let values = obj.all(key);
         if values.is_empty() && required {
             self.fail(path, "is missing; a timestamp (ms since the epoch)");
         }
         for (v, _) in values {
-            let ok = matches!(&v, Value::Scalar(s) if scalar_int(s).is_some());
+            let ok = matches!(v, Value::Scalar(s) if scalar_int(s).is_some());
             if !ok {
                 self.fail(path, "must be a timestamp (ms since the epoch)");
             }
         }
     }
 
-    fn score(&mut self, obj: &ObjId, key: &str, path: &str) {
-        for (v, _) in self.doc.get_all(obj, key).unwrap_or_default() {
-            match &v {
+    fn score(&mut self, obj: &Fields, key: &str, path: &str) {
+        for (v, _) in obj.all(key) {
+            match v {
                 Value::Scalar(s) if matches!(scalar_int(s), Some(1..=5)) => {}
                 _ => self.fail(path, "must be a whole number from 1 to 5"),
             }
@@ -384,6 +385,40 @@ mod tests {
         assert!(reasons
             .iter()
             .any(|r| r.starts_with("premises: must be a string")));
+    }
+
+    /// Fields are read in one pass per map; a contested field is still checked in every
+    /// concurrent value, whichever wins.
+    #[test]
+    fn every_concurrent_value_is_checked_not_only_the_winner() {
+        let mut base = Automerge::new();
+        base.transact(|tx| create_household(tx, &samples::household("1")))
+            .unwrap();
+        let mut amy = base.fork();
+        let mut ben = base.fork();
+        amy.transact(|tx| tx.put(ROOT, "premises", "shop")).unwrap();
+        ben.transact(|tx| tx.put(ROOT, "premises", "castle"))
+            .unwrap();
+        amy.merge(&mut ben).unwrap();
+        assert_eq!(amy.get_all(ROOT, "premises").unwrap().len(), 2);
+        let reasons = validate(&amy);
+        assert_eq!(
+            reasons.len(),
+            1,
+            "only the contested field is reported: {reasons:?}"
+        );
+        assert!(
+            reasons[0].starts_with("premises: \"castle\" is not one of"),
+            "{reasons:?}"
+        );
+        let summary = crate::records::summarise(
+            &amy,
+            &crate::records::Attribution::new(&amy, Default::default()),
+        );
+        let mut premises = summary.premises.clone();
+        premises.sort();
+        assert_eq!(premises, vec!["castle", "shop"]);
+        assert_eq!(summary.conflicts, 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 use super::attribution::{Attribution, Author};
 use super::detail::{changed_since, conflicts, review_of};
-use super::read::{map_at, string_at, strings_at};
+use super::read::{string_at, strings_at, Fields};
 use super::schema::{scalar_int, validate, FollowUpStatus, MatterStatus};
 
 /// One visit, flattened for the export and the lists.
@@ -91,21 +91,24 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
     let address_label = super::read::address_label(doc);
     let mut search = vec![address_label.clone()];
 
+    let root = Fields::of(doc, &ROOT);
+    let text = |f: &Fields, key: &str| f.string(doc, key).unwrap_or_default();
     let mut visits = Vec::new();
-    for (id, obj) in entries(doc, "visits") {
-        let notes = string_at(doc, &obj, "notes").unwrap_or_default();
+    for (id, obj) in entries_of(doc, &root, "visits") {
+        let f = Fields::of(doc, &obj);
+        let notes = text(&f, "notes");
         search.push(notes.clone());
         visits.push(VisitRow {
-            officer: string_at(doc, &obj, "officer").unwrap_or_default(),
+            officer: text(&f, "officer"),
             author: attribution.author_of(&obj).cloned(),
-            started_at_ms: int_at(doc, &obj, "started_at"),
-            ended_at_ms: int_at(doc, &obj, "ended_at"),
-            outcome: string_at(doc, &obj, "outcome").unwrap_or_default(),
-            mode: string_at(doc, &obj, "mode").unwrap_or_default(),
-            people_met: list_strings(doc, &obj, "people_met"),
-            publicity: list_strings(doc, &obj, "publicity"),
-            security_score: int_at(doc, &obj, "security_score"),
-            satisfaction: int_at(doc, &obj, "satisfaction"),
+            started_at_ms: int_of(&f, "started_at"),
+            ended_at_ms: int_of(&f, "ended_at"),
+            outcome: text(&f, "outcome"),
+            mode: text(&f, "mode"),
+            people_met: list_strings(doc, &f, "people_met"),
+            publicity: list_strings(doc, &f, "publicity"),
+            security_score: int_of(&f, "security_score"),
+            satisfaction: int_of(&f, "satisfaction"),
             notes,
             id,
         });
@@ -125,34 +128,35 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
     officers.sort();
     officers.dedup();
 
-    for (_, obj) in entries(doc, "members") {
+    for (_, obj) in entries_of(doc, &root, "members") {
         search.push(string_at(doc, &obj, "name").unwrap_or_default());
     }
 
     let mut matters = Vec::new();
     let mut open_matters = BTreeMap::new();
-    for (id, obj) in entries(doc, "matters") {
-        let status = string_at(doc, &obj, "status").unwrap_or_default();
-        let kind = string_at(doc, &obj, "kind").unwrap_or_default();
+    for (id, obj) in entries_of(doc, &root, "matters") {
+        let f = Fields::of(doc, &obj);
+        let status = text(&f, "status");
+        let kind = text(&f, "kind");
         let open = MatterStatus::parse(&status).is_some_and(MatterStatus::is_open);
         if open {
             *open_matters.entry(kind.clone()).or_insert(0) += 1;
         }
         let confidential = matches!(
-            doc.get(&obj, "confidential").ok().flatten(),
+            f.get("confidential"),
             Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Boolean(true))
         );
         let description = if confidential {
             String::new()
         } else {
-            string_at(doc, &obj, "description").unwrap_or_default()
+            text(&f, "description")
         };
         search.push(description.clone());
         matters.push(MatterBrief {
             id,
             kind,
             status,
-            risk: string_at(doc, &obj, "risk").unwrap_or_default(),
+            risk: text(&f, "risk"),
             open,
             description,
             confidential,
@@ -160,15 +164,16 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
     }
 
     let mut follow_ups = Vec::new();
-    for (id, obj) in entries(doc, "follow_ups") {
-        let task = string_at(doc, &obj, "task").unwrap_or_default();
+    for (id, obj) in entries_of(doc, &root, "follow_ups") {
+        let f = Fields::of(doc, &obj);
+        let task = text(&f, "task");
         search.push(task.clone());
         follow_ups.push(FollowUpBrief {
             id,
             task,
-            owner: string_at(doc, &obj, "owner").unwrap_or_default(),
-            status: string_at(doc, &obj, "status").unwrap_or_default(),
-            due_ms: int_at(doc, &obj, "due"),
+            owner: text(&f, "owner"),
+            status: text(&f, "status"),
+            due_ms: int_of(&f, "due"),
         });
     }
 
@@ -225,12 +230,26 @@ impl HouseholdSummary {
 
 /// The entries (id, object) of the root map `key`, by id.
 pub(crate) fn entries(doc: &Automerge, key: &str) -> Vec<(String, ObjId)> {
-    let Some(map) = map_at(doc, &ROOT, key) else {
+    entries_of(doc, &Fields::of(doc, &ROOT), key)
+}
+
+/// The entries (id, map object) of the collection `key` of `root` (read once), by id.
+fn entries_of(doc: &Automerge, root: &Fields, key: &str) -> Vec<(String, ObjId)> {
+    let Some(map) = root.map(key) else {
         return Vec::new();
     };
-    doc.keys(&map)
-        .filter_map(|k| map_at(doc, &map, &k).map(|o| (k, o)))
+    Fields::of(doc, &map)
+        .iter()
+        .filter(|(_, (v, _))| matches!(v, Value::Object(ObjType::Map)))
+        .map(|(k, (_, id))| (k.to_string(), id.clone()))
         .collect()
+}
+
+fn int_of(f: &Fields, key: &str) -> Option<i64> {
+    match f.get(key) {
+        Some((Value::Scalar(s), _)) => scalar_int(s),
+        _ => None,
+    }
 }
 
 pub(crate) fn int_at(doc: &Automerge, obj: &ObjId, key: &str) -> Option<i64> {
@@ -240,18 +259,16 @@ pub(crate) fn int_at(doc: &Automerge, obj: &ObjId, key: &str) -> Option<i64> {
     }
 }
 
-fn list_strings(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<String> {
-    let list = match doc.get(obj, key).ok().flatten() {
-        Some((Value::Object(ObjType::List), id)) => id,
+fn list_strings(doc: &Automerge, f: &Fields, key: &str) -> Vec<String> {
+    let list = match f.get(key) {
+        Some((Value::Object(ObjType::List), id)) => id.clone(),
         _ => return Vec::new(),
     };
-    (0..doc.length(&list))
-        .filter_map(|i| match doc.get(&list, i).ok().flatten() {
-            Some((Value::Scalar(s), _)) => match s.as_ref() {
-                ScalarValue::Str(s) => Some(s.to_string()),
-                _ => None,
-            },
-            Some((Value::Object(ObjType::Text), id)) => doc.text(&id).ok(),
+    // One pass over the list (a lookup per index seeks through the operations each time).
+    doc.list_range(&list, ..)
+        .filter_map(|item| match item.value {
+            automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(s)) => Some(s.into_owned()),
+            automerge::ValueRef::Object(ObjType::Text) => doc.text(item.id()).ok(),
             _ => None,
         })
         .collect()
