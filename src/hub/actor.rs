@@ -273,11 +273,7 @@ impl DocActor {
         let id = self.id;
         tokio::task::spawn_blocking(move || {
             let stored = store.load_blocking(id).map_err(|e| e.to_string())?;
-            let mut doc = Automerge::new();
-            for (key, bytes) in &stored.chunks {
-                doc.load_incremental(bytes)
-                    .map_err(|e| format!("chunk {:?} does not load: {e}", key.kind))?;
-            }
+            let doc = stored.hydrate().map_err(|e| e.to_string())?;
             let incrementals = stored
                 .chunks
                 .iter()

@@ -406,17 +406,7 @@ impl ChangeObserver for Projection {
 
 /// A stored document, loaded whole.
 fn load_content(store: &Store, doc: DocumentId) -> Result<Automerge, StorageError> {
-    let stored = store.load_blocking(doc)?;
-    let mut content = Automerge::new();
-    for (key, bytes) in &stored.chunks {
-        content.load_incremental(bytes).map_err(|e| {
-            StorageError::Corrupt(format!(
-                "document {doc}: chunk {:?} does not load ({e})",
-                key.kind
-            ))
-        })?;
-    }
-    Ok(content)
+    store.load_blocking(doc)?.hydrate()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, StorageError> {
