@@ -13,9 +13,10 @@
 //!                              ▼                              │
 //!                           hub::Hub ── one actor per loaded document ── storage::Store (sled)
 //!                              ▲            apply → write → group-commit flush → answer
-//!                              └── accounts (auth::Authorizer per document; ChangeObserver:
-//!                                  provenance rows, village catalogs) ─▶ projection (rows
-//!                                  per household and visit, village counters)
+//!                              ├── accounts (auth::Authorizer: access per document)
+//!                              └── observers, in order: changelog (provenance rows, the
+//!                                  change feed, village catalogs) ─▶ projection (rows per
+//!                                  household and visit, village counters)
 //!
 //!   staff tool ──http──▶ server::households ──▶ staff::StaffDesk ──▶ projection (lists,
 //!                                               coverage, export) / hub (detail, history,
@@ -30,8 +31,10 @@
 //! - [`server`]: the accept loop (connection cap, header deadline), warp routes, the
 //!   WebSocket pump with its backpressure, shutdown.
 //! - [`auth`]: stations, villages, users, devices, secrets and every access decision (pure).
-//! - [`accounts`]: the live directory: admin commands, enrolment, sign-in, provenance,
-//!   catalogs; the hub's `Authorizer` and `ChangeObserver`.
+//! - [`accounts`]: the live directory: admin commands, enrolment, sign-in, live
+//!   connections; the hub's `Authorizer`.
+//! - [`changelog`]: what happens to every accepted change: provenance rows, actor
+//!   bindings, the change feed, village catalog entries (a hub `ChangeObserver`).
 //! - [`records`]: the household schema on Automerge: vocabulary, validation, typed writes
 //!   and reads, summaries, the staff detail with conflicts and authors. No I/O.
 //! - [`projection`]: the staff projection in sled, kept per accepted change; reindex; lists,
@@ -50,6 +53,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod changelog;
 pub mod client;
 pub mod config;
 pub mod hub;

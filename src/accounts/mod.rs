@@ -3,15 +3,14 @@
 //!
 //! Owns: loading the directory at start, admin commands and their audit log (`admin`),
 //! device enrolment, staff sign-in with throttling and sessions, token authentication, the
-//! registry of live connections (so a revocation closes them at once), and the two hub seams:
-//! [`Authorizer`] (access decisions, registration of new households) and
-//! [`ChangeObserver`] (provenance rows, actor bindings, catalog entries, in `provenance`).
-//! The admin socket (`socket`) lets the CLI reach a running server. Must not: speak HTTP
-//! (that is `server`), call sled directly (that is `storage`), or log a secret.
+//! registry of live connections (so a revocation closes them at once), and the hub's
+//! [`Authorizer`] seam (access decisions, registration of new households). What happens to
+//! accepted changes (provenance, the change feed, catalogs) is `changelog`'s. The admin
+//! socket (`socket`) lets the CLI reach a running server. Must not: speak HTTP (that is
+//! `server`), call sled directly (that is `storage`), or log a secret.
 
 pub mod admin;
 mod hasher;
-mod provenance;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -27,13 +26,12 @@ use crate::auth::{
     Access, AuthFailure, Authorizer, DeviceId, Directory, Principal, Record, Role, StationId,
     UserName, VillageName,
 };
-use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit, KillSwitch};
+use crate::hub::KillSwitch;
 use crate::ids::{Clock, ConnId, DocumentId, Timestamp};
 use crate::protocol::CloseCode;
 use crate::storage::{blocking, StorageError, Store, Table};
 
 pub use admin::{AdminCommand, AuditEntry};
-pub use provenance::{FeedEntry, FeedPage, ProvenanceRow};
 
 /// Lifetimes of the things the service hands out.
 #[derive(Clone, Debug)]
@@ -204,10 +202,6 @@ struct Inner {
     enrolment_throttle: Mutex<Throttle>,
     password_checks: Arc<tokio::sync::Semaphore>,
     hasher: hasher::Hasher,
-    /// The address label each household's catalog entry is known to carry (a hash of it),
-    /// so a change that leaves the label alone costs the catalog nothing. Lost on restart:
-    /// the first change after it re-checks the entry (a no-op edit when it is current).
-    catalog_labels: Mutex<HashMap<DocumentId, u64>>,
 }
 
 /// Removes a connection from the live registry when it ends.
@@ -260,7 +254,6 @@ impl Accounts {
                 sign_in_throttle: Mutex::new(sign_in_throttle),
                 sign_in_address_throttle: Mutex::new(sign_in_address_throttle),
                 enrolment_throttle: Mutex::new(enrolment_throttle),
-                catalog_labels: Mutex::new(HashMap::new()),
                 password_checks,
                 hasher,
             }),
@@ -681,16 +674,6 @@ impl Authorizer for Accounts {
     }
 }
 
-impl ChangeObserver for Accounts {
-    fn changes_accepted(
-        &self,
-        event: &AcceptedChanges,
-        doc: &Automerge,
-    ) -> Result<Vec<DerivedEdit>, StorageError> {
-        provenance::record(self, event, doc)
-    }
-}
-
 /// An argon2id hash verified against when the user is unknown, so that both cases cost
 /// the same time.
 fn dummy_phc() -> &'static str {
@@ -721,25 +704,33 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::changelog::ChangeLog;
     use crate::hub::{Hub, HubConfig};
     use crate::ids::{ManualClock, PeerId};
-    use automerge::transaction::Transactable;
 
     async fn setup() -> (tempfile::TempDir, Accounts, Hub) {
+        let (dir, accounts, hub, _) = setup_with_log().await;
+        (dir, accounts, hub)
+    }
+
+    /// Station "north", village "east", officers "amy" and "ben", and the hub with the
+    /// change log as its observer (shared with the change log's tests).
+    pub(crate) async fn setup_with_log() -> (tempfile::TempDir, Accounts, Hub, ChangeLog) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &Default::default()).unwrap();
         let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
         let accounts = Accounts::open(store.clone(), clock.clone(), AccountsConfig::default())
             .await
             .unwrap();
+        let log = ChangeLog::new(store.clone(), accounts.clone());
         let hub = Hub::new(
             store,
             PeerId::new("server").unwrap(),
             HubConfig::default(),
             Arc::new(accounts.clone()),
-            Arc::new(accounts.clone()),
+            vec![Arc::new(log.clone())],
             clock,
         );
         for cmd in [
@@ -767,10 +758,10 @@ mod tests {
         ] {
             accounts.admin(&hub, cmd, "test").await.unwrap();
         }
-        (dir, accounts, hub)
+        (dir, accounts, hub, log)
     }
 
-    async fn device(accounts: &Accounts, hub: &Hub, user: &str) -> Principal {
+    pub(crate) async fn device(accounts: &Accounts, hub: &Hub, user: &str) -> Principal {
         let out = accounts
             .admin(
                 hub,
@@ -786,52 +777,6 @@ mod tests {
             .unwrap()
             .principal()
             .clone()
-    }
-
-    fn accepted(
-        doc: &Automerge,
-        id: DocumentId,
-        who: &Principal,
-        since: &[automerge::ChangeHash],
-    ) -> AcceptedChanges {
-        AcceptedChanges {
-            doc: id,
-            principal: who.clone(),
-            hashes: doc.get_changes(since).iter().map(|c| c.hash()).collect(),
-            received_at: Timestamp::from_millis(42),
-        }
-    }
-
-    #[tokio::test]
-    async fn an_actor_is_bound_to_its_first_device_and_reuse_elsewhere_is_flagged() {
-        let (_dir, accounts, hub) = setup().await;
-        let amy = device(&accounts, &hub, "amy").await;
-        let ben = device(&accounts, &hub, "ben").await;
-        let id = DocumentId::random();
-        let mut doc = Automerge::new();
-        let mut tx = doc.transaction();
-        tx.put(automerge::ROOT, "n", 1).unwrap();
-        tx.commit();
-        let first = doc.get_heads();
-        accounts
-            .changes_accepted(&accepted(&doc, id, &amy, &[]), &doc)
-            .unwrap();
-        // The same actor (a restored backup on ben's phone) makes another change.
-        let mut tx = doc.transaction();
-        tx.put(automerge::ROOT, "n", 2).unwrap();
-        tx.commit();
-        accounts
-            .changes_accepted(&accepted(&doc, id, &ben, &first), &doc)
-            .unwrap();
-        let rows = accounts.provenance(id).await.unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].device, amy.device);
-        assert!(!rows[0].flagged);
-        assert_eq!(rows[1].device, ben.device);
-        assert!(rows[1].flagged, "{:?}", rows[1]);
-        assert_eq!(rows[1].actor_bound_to, amy.device);
-        assert_eq!(rows[1].received_at, Timestamp::from_millis(42));
-        hub.shutdown().await;
     }
 
     #[test]

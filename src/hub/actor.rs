@@ -483,22 +483,23 @@ impl DocState {
             // makes the chunk durable, so the same flush covers them.
             let received_at = hub.clock.now();
             for (principal, hashes) in &out.accepted {
-                let derived = hub.observer.changes_accepted(
-                    &AcceptedChanges {
-                        doc: self.id,
-                        principal: principal.clone(),
-                        hashes: hashes.clone(),
-                        received_at,
-                    },
-                    &self.doc,
-                )?;
-                out.derived.extend(derived);
+                let event = AcceptedChanges {
+                    doc: self.id,
+                    principal: principal.clone(),
+                    hashes: hashes.clone(),
+                    received_at,
+                };
+                for observer in &hub.observers {
+                    out.derived
+                        .extend(observer.changes_accepted(&event, &self.doc)?);
+                }
             }
             if hub.config.failpoint == Some(super::Failpoint::StallBeforeProjection) {
                 stall_before_projection(store, self.id);
             }
-            hub.observer
-                .document_changed(self.id, &self.doc, received_at)?;
+            for observer in &hub.observers {
+                observer.document_changed(self.id, &self.doc, received_at)?;
+            }
         }
         Ok(out)
     }

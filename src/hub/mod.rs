@@ -125,16 +125,19 @@ pub struct DerivedEdit {
     pub edit: LocalEdit,
 }
 
-/// The hook later layers (provenance, projections, catalogs) attach to. Called on a blocking
-/// thread with the document as it now is, after its new changes are written and before the
-/// flush that makes them durable: rows written here are flushed with them. The derived
-/// edits it returns are applied (and durable) before any peer hears of the changes.
+/// The hook later layers (the change log, the projection) attach to; the hub calls its
+/// observers in the order it was given them. Called on a blocking thread with the document
+/// as it now is, after its new changes are written and before the flush that makes them
+/// durable: rows written here are flushed with them. The derived edits returned are applied
+/// (and durable) before any peer hears of the changes.
 pub trait ChangeObserver: Send + Sync + 'static {
     fn changes_accepted(
         &self,
-        event: &AcceptedChanges,
-        doc: &Automerge,
-    ) -> Result<Vec<DerivedEdit>, crate::storage::StorageError>;
+        _event: &AcceptedChanges,
+        _doc: &Automerge,
+    ) -> Result<Vec<DerivedEdit>, crate::storage::StorageError> {
+        Ok(Vec::new())
+    }
 
     /// Called once per batch that changed the document (after `changes_accepted` for each
     /// delivery, also for the server's own edits), on the same thread and before the same
@@ -146,19 +149,6 @@ pub trait ChangeObserver: Send + Sync + 'static {
         _received_at: Timestamp,
     ) -> Result<(), crate::storage::StorageError> {
         Ok(())
-    }
-}
-
-/// Does nothing: for in-process tests of the sync core.
-pub struct NoObserver;
-
-impl ChangeObserver for NoObserver {
-    fn changes_accepted(
-        &self,
-        _event: &AcceptedChanges,
-        _doc: &Automerge,
-    ) -> Result<Vec<DerivedEdit>, crate::storage::StorageError> {
-        Ok(Vec::new())
     }
 }
 
@@ -187,7 +177,8 @@ pub(crate) struct HubInner {
     /// evicted and reloaded while its peers stay subscribed.
     subs: Mutex<HashMap<DocumentId, HashMap<ConnId, PeerLink>>>,
     authorizer: Arc<dyn Authorizer>,
-    observer: Arc<dyn ChangeObserver>,
+    /// Called in order for every accepted batch (see [`ChangeObserver`]).
+    observers: Vec<Arc<dyn ChangeObserver>>,
     /// Server receive times come from here (tests inject a manual clock).
     clock: Arc<dyn Clock>,
     tasks: TaskTracker,
@@ -213,7 +204,7 @@ impl Hub {
         server_peer_id: PeerId,
         config: HubConfig,
         authorizer: Arc<dyn Authorizer>,
-        observer: Arc<dyn ChangeObserver>,
+        observers: Vec<Arc<dyn ChangeObserver>>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         let cache = Cache::new(config.cache_budget_bytes);
@@ -225,7 +216,7 @@ impl Hub {
                 cache: Mutex::new(cache),
                 subs: Mutex::new(HashMap::new()),
                 authorizer,
-                observer,
+                observers,
                 clock,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
@@ -805,7 +796,7 @@ mod tests {
             PeerId::new("server").unwrap(),
             config,
             Arc::new(OpenAccess),
-            Arc::new(NoObserver),
+            Vec::new(),
             Arc::new(SystemClock),
         );
         (hub, dir)

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use automerge::{Automerge, ChangeHash};
 
-use crate::accounts::{Accounts, ProvenanceRow};
-use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit};
+use crate::accounts::Accounts;
+use crate::changelog::{ChangeLog, ProvenanceRow};
+use crate::hub::ChangeObserver;
 use crate::ids::{DocumentId, Timestamp};
 use crate::records::{summarise, Attribution, HouseholdSummary};
 use crate::storage::{StorageError, Store, Table, TableWrite};
@@ -133,16 +134,19 @@ pub struct Projection {
 struct Inner {
     store: Store,
     accounts: Accounts,
+    /// The provenance rows that attribute a household's values.
+    changelog: ChangeLog,
     /// Serialises read-modify-write of rows and counters across document actors.
     write: Mutex<()>,
 }
 
 impl Projection {
-    pub fn new(store: Store, accounts: Accounts) -> Self {
+    pub fn new(store: Store, accounts: Accounts, changelog: ChangeLog) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 accounts,
+                changelog,
                 write: Mutex::new(()),
             }),
         }
@@ -161,7 +165,7 @@ impl Projection {
         let Some((station, village)) = registration else {
             return Ok(None); // catalogs, refused uploads
         };
-        let rows = self.inner.accounts.provenance_blocking(doc)?;
+        let rows = self.inner.changelog.provenance_blocking(doc)?;
         let attribution = attribution(content, &rows);
         let updated_at_ms = rows
             .iter()
@@ -385,15 +389,9 @@ pub fn attribution(content: &Automerge, rows: &[ProvenanceRow]) -> Attribution {
     Attribution::new(content, authors)
 }
 
+/// Runs after the change log (the hub calls its observers in order), so the rows of the
+/// change being projected are there to attribute it.
 impl ChangeObserver for Projection {
-    fn changes_accepted(
-        &self,
-        event: &AcceptedChanges,
-        doc: &Automerge,
-    ) -> Result<Vec<DerivedEdit>, StorageError> {
-        self.inner.accounts.changes_accepted(event, doc)
-    }
-
     fn document_changed(
         &self,
         doc: DocumentId,
@@ -457,7 +455,8 @@ mod tests {
         let accounts = Accounts::open(store.clone(), clock, AccountsConfig::default())
             .await
             .unwrap();
-        let projection = Projection::new(store.clone(), accounts);
+        let changelog = ChangeLog::new(store.clone(), accounts.clone());
+        let projection = Projection::new(store.clone(), accounts, changelog);
         let (a, b) = (DocumentId::random(), DocumentId::random());
         let (doc_a, doc_b) = (household("1", 2), household("2", 1));
         {

@@ -44,6 +44,7 @@ pub(super) fn routes(services: &Services) -> Route {
     let desk = StaffDesk::new(
         services.hub.clone(),
         services.accounts.clone(),
+        services.changelog.clone(),
         services.projection.clone(),
     );
     list(services, &desk)

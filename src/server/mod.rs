@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use warp::Filter;
 
 use crate::accounts::{Accounts, AccountsConfig, AdminCommand};
+use crate::changelog::ChangeLog;
 use crate::hub::{Hub, HubConfig};
 use crate::ids::{Clock, PeerId, SystemClock};
 use crate::projection::Projection;
@@ -101,6 +102,7 @@ pub struct Services {
     pub store: Store,
     pub hub: Hub,
     pub accounts: Accounts,
+    pub changelog: ChangeLog,
     pub projection: Projection,
     session: SessionConfig,
     config: Arc<ServerConfig>,
@@ -127,7 +129,8 @@ impl Services {
         let storage_id = store.storage_id().await?;
         let accounts =
             Accounts::open(store.clone(), clock.clone(), config.accounts.clone()).await?;
-        let projection = Projection::new(store.clone(), accounts.clone());
+        let changelog = ChangeLog::new(store.clone(), accounts.clone());
+        let projection = Projection::new(store.clone(), accounts.clone(), changelog.clone());
         // Changes that reached the disk just before a crash, but whose projection rows did
         // not, are projected now, before anyone reads a list.
         let catching_up = projection.clone();
@@ -144,8 +147,9 @@ impl Services {
             server_peer_id.clone(),
             config.hub.clone(),
             Arc::new(accounts.clone()),
-            // Provenance (accounts) first, then the projection, for every accepted change.
-            Arc::new(projection.clone()),
+            // The change log first (provenance, catalogs), then the projection, which
+            // attributes values from the rows the change log has just written.
+            vec![Arc::new(changelog.clone()), Arc::new(projection.clone())],
             clock,
         );
         let session = SessionConfig {
@@ -160,6 +164,7 @@ impl Services {
             store,
             hub,
             accounts,
+            changelog,
             projection,
             session,
             outbound: crate::hub::OutboundBudget::new(config.outbound_budget_bytes),

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use automerge::Automerge;
 
-use crate::accounts::{Accounts, FeedPage};
+use crate::accounts::Accounts;
 use crate::auth::{Access, Principal, ReadingScope};
+use crate::changelog::{ChangeLog, FeedPage};
 use crate::hub::{Hub, HubError};
 use crate::ids::DocumentId;
 use crate::projection::{Coverage, Cursor, Filter, HouseholdPage, Projection};
@@ -163,15 +164,17 @@ pub struct MemberCorrection {
 pub struct StaffDesk {
     hub: Hub,
     accounts: Accounts,
+    changelog: ChangeLog,
     projection: Projection,
     exports: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl StaffDesk {
-    pub fn new(hub: Hub, accounts: Accounts, projection: Projection) -> Self {
+    pub fn new(hub: Hub, accounts: Accounts, changelog: ChangeLog, projection: Projection) -> Self {
         Self {
             hub,
             accounts,
+            changelog,
             projection,
             exports: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_EXPORTS)),
         }
@@ -272,7 +275,7 @@ impl StaffDesk {
         limit: usize,
     ) -> Result<FeedPage, StaffError> {
         self.scope(who)?;
-        Ok(self.accounts.changes_after(who, after, limit).await?)
+        Ok(self.changelog.changes_after(who, after, limit).await?)
     }
 
     /// A household's merged record with one page of its visits (see [`VisitPage`]).
@@ -283,11 +286,11 @@ impl StaffDesk {
         page: VisitPage,
     ) -> Result<Detail, StaffError> {
         let (station, village) = self.readable(who, doc)?;
-        let accounts = self.accounts.clone();
+        let changelog = self.changelog.clone();
         let mut detail = self
             .hub
             .read(doc, move |content: &Automerge| {
-                let rows = accounts.provenance_blocking(doc)?;
+                let rows = changelog.provenance_blocking(doc)?;
                 let attribution = crate::projection::attribution(content, &rows);
                 Ok::<_, StorageError>((
                     records::household_detail(content, &attribution),
@@ -320,11 +323,11 @@ impl StaffDesk {
         limit: usize,
     ) -> Result<HistoryPage, StaffError> {
         self.readable(who, doc)?;
-        let accounts = self.accounts.clone();
+        let changelog = self.changelog.clone();
         let page = self
             .hub
             .read(doc, move |content: &Automerge| {
-                let rows = accounts.provenance_blocking(doc)?;
+                let rows = changelog.provenance_blocking(doc)?;
                 let attribution = crate::projection::attribution(content, &rows);
                 let order: Vec<automerge::ChangeHash> =
                     rows.iter().filter_map(|r| r.hash.parse().ok()).collect();

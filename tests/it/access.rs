@@ -391,7 +391,7 @@ async fn every_accepted_change_has_a_provenance_row_naming_its_device_and_server
         };
         (of(world::AMY), of(world::BEN))
     });
-    let rows = server.services.accounts.provenance(id).await.unwrap();
+    let rows = server.services.changelog.provenance(id).await.unwrap();
     let all_changes = ben
         .read(id, |d| {
             d.get_changes(&[])

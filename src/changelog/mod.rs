@@ -1,17 +1,22 @@
-//! Provenance: for every change the server accepts, who delivered it (the authenticated
+//! The change log: for every change the server accepts, who delivered it (the authenticated
 //! device and its officer), when the server received it, and whether its Automerge actor is
-//! bound to that device. Also keeps each household's village catalog entry current. Runs on
-//! the document actor's blocking thread, before the flush that makes the change durable, so
-//! a stored change never lacks its row. Must not trust what a change says about itself
-//! (device clocks and self-declared authors are not evidence).
+//! bound to that device (provenance rows and actor bindings); the change feed in server
+//! order; and each household's village catalog entry. It is one of the hub's observers and
+//! runs on the document actor's blocking thread, before the flush that makes the change
+//! durable, so a stored change never lacks its row. Must not: decide access or change the
+//! account directory (it only reads it, through [`Accounts`]), or trust what a change says
+//! about itself (device clocks and self-declared authors are not evidence).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use automerge::Automerge;
 
-use super::{lock, read, Accounts};
+use crate::accounts::Accounts;
 use crate::auth::{DeviceId, UserName};
-use crate::hub::{AcceptedChanges, DerivedEdit};
+use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit};
 use crate::ids::{DocumentId, Timestamp};
-use crate::storage::{blocking, StorageError, Table};
+use crate::storage::{blocking, StorageError, Store, Table};
 
 /// One accepted change.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -77,12 +82,49 @@ fn provenance_key(doc: DocumentId, seq: u64) -> Vec<u8> {
     k
 }
 
-pub(super) fn record(
-    accounts: &Accounts,
+/// The change log's service: cheap to clone.
+#[derive(Clone)]
+pub struct ChangeLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    accounts: Accounts,
+    /// The address label each household's catalog entry is known to carry (a hash of it),
+    /// so a change that leaves the label alone costs the catalog nothing. Lost on restart:
+    /// the first change after it re-checks the entry (a no-op edit when it is current).
+    catalog_labels: Mutex<HashMap<DocumentId, u64>>,
+}
+
+impl ChangeLog {
+    pub fn new(store: Store, accounts: Accounts) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                accounts,
+                catalog_labels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl ChangeObserver for ChangeLog {
+    fn changes_accepted(
+        &self,
+        event: &AcceptedChanges,
+        doc: &Automerge,
+    ) -> Result<Vec<DerivedEdit>, StorageError> {
+        record(&self.inner, event, doc)
+    }
+}
+
+fn record(
+    log: &Arc<Inner>,
     event: &AcceptedChanges,
     doc: &Automerge,
 ) -> Result<Vec<DerivedEdit>, StorageError> {
-    let store = &accounts.inner.store;
+    let store = &log.store;
     let device = event.principal.device.clone();
     let heads_after: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
     for hash in &event.hashes {
@@ -134,12 +176,11 @@ pub(super) fn record(
     // The village catalog lists the household with its current label. It is written only
     // when the household is new to it or its label changed: every catalog change goes to
     // every device of the village, so a visit must not cost one.
-    let catalog = {
-        let dir = read(&accounts.inner.dir);
+    let catalog = log.accounts.with_directory(|dir| {
         dir.household(event.doc)
             .and_then(|h| dir.village(&h.station, &h.village))
             .map(|v| (v.catalog, v.station.to_string(), v.name.to_string()))
-    };
+    });
     let Some((catalog, station, village)) = catalog else {
         return Ok(Vec::new());
     };
@@ -152,11 +193,11 @@ pub(super) fn record(
         h.finish()
     };
     let household = event.doc;
-    if lock(&accounts.inner.catalog_labels).get(&household) == Some(&label_hash) {
+    if lock(&log.catalog_labels).get(&household) == Some(&label_hash) {
         return Ok(Vec::new());
     }
     let at = event.received_at;
-    let accounts = accounts.clone();
+    let log = log.clone();
     Ok(vec![DerivedEdit {
         doc: catalog,
         edit: Box::new(move |d| {
@@ -166,7 +207,7 @@ pub(super) fn record(
             crate::records::upsert_catalog_entry(d, household, &label, at)
                 .map_err(|e| e.to_string())?;
             // Known only once the entry is in the catalog (durable with the catalog's flush).
-            lock(&accounts.inner.catalog_labels).insert(household, label_hash);
+            lock(&log.catalog_labels).insert(household, label_hash);
             Ok(())
         }),
     }])
@@ -175,7 +216,7 @@ pub(super) fn record(
 /// Rows scanned per feed request at most (rows the caller may not see are skipped).
 const FEED_SCAN_MAX_ROWS: usize = 10_000;
 
-impl Accounts {
+impl ChangeLog {
     /// Every provenance row of `doc`, in server order.
     pub async fn provenance(&self, doc: DocumentId) -> Result<Vec<ProvenanceRow>, StorageError> {
         let this = self.clone();
@@ -202,6 +243,7 @@ impl Accounts {
         let who = who.clone();
         blocking(move || {
             let store = &this.inner.store;
+            let accounts = &this.inner.accounts;
             let mut page = FeedPage {
                 changes: Vec::new(),
                 next: after,
@@ -225,7 +267,7 @@ impl Accounts {
                     };
                     page.next = seq;
                     let visible = matches!(
-                        this.with_directory(|d| d.access(&who, doc)),
+                        accounts.with_directory(|d| d.access(&who, doc)),
                         crate::auth::Access::Read | crate::auth::Access::ReadWrite
                     );
                     if visible {
@@ -263,4 +305,60 @@ impl Accounts {
 
 fn parse_row(v: &[u8]) -> Result<ProvenanceRow, StorageError> {
     serde_json::from_slice(v).map_err(|e| StorageError::Corrupt(format!("provenance row: {e}")))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::tests::{device, setup_with_log};
+    use crate::auth::Principal;
+    use automerge::transaction::Transactable;
+
+    fn accepted(
+        doc: &Automerge,
+        id: DocumentId,
+        who: &Principal,
+        since: &[automerge::ChangeHash],
+    ) -> AcceptedChanges {
+        AcceptedChanges {
+            doc: id,
+            principal: who.clone(),
+            hashes: doc.get_changes(since).iter().map(|c| c.hash()).collect(),
+            received_at: Timestamp::from_millis(42),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_actor_is_bound_to_its_first_device_and_reuse_elsewhere_is_flagged() {
+        let (_dir, accounts, hub, log) = setup_with_log().await;
+        let amy = device(&accounts, &hub, "amy").await;
+        let ben = device(&accounts, &hub, "ben").await;
+        let id = DocumentId::random();
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "n", 1).unwrap();
+        tx.commit();
+        let first = doc.get_heads();
+        log.changes_accepted(&accepted(&doc, id, &amy, &[]), &doc)
+            .unwrap();
+        // The same actor (a restored backup on ben's phone) makes another change.
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "n", 2).unwrap();
+        tx.commit();
+        log.changes_accepted(&accepted(&doc, id, &ben, &first), &doc)
+            .unwrap();
+        let rows = log.provenance(id).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].device, amy.device);
+        assert!(!rows[0].flagged);
+        assert_eq!(rows[1].device, ben.device);
+        assert!(rows[1].flagged, "{:?}", rows[1]);
+        assert_eq!(rows[1].actor_bound_to, amy.device);
+        assert_eq!(rows[1].received_at, Timestamp::from_millis(42));
+        hub.shutdown().await;
+    }
 }
