@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean checkout (the README's test command; .ci/run calls it).
 # Installs what the tests need (the official automerge-repo JS client from npm, Debian's
-# chromium for the staff page), then checks
+# chromium for the staff page, Debian's postgresql for the PostgreSQL backend; each test
+# starts its own throwaway cluster), then checks
 # formatting, lints, keeps the sans-IO layers free of I/O crates, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,16 @@ if ! command -v chromium >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
   else
     echo "error: chromium is missing; install it (Debian: sudo apt-get install chromium) and re-run" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "==> installing Debian's postgresql (the PostgreSQL backend is tested against a real server)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+  else
+    echo "error: PostgreSQL is missing; install it (Debian: sudo apt-get install postgresql) and re-run" >&2
     exit 1
   fi
 fi

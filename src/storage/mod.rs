@@ -8,8 +8,10 @@
 //! may read what. Blocking sled calls are either wrapped in `spawn_blocking` (the `async`
 //! methods) or named `*_blocking` for callers that are already on a blocking thread.
 
+pub mod documents;
 mod group_commit;
 mod keys;
+pub mod postgres;
 mod tables;
 
 use std::path::Path;

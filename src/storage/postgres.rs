@@ -1,0 +1,505 @@
+//! The PostgreSQL backend of the storage seam, for deployments that outgrow one machine
+//! (sled stays the embedded default). So far it holds the document half
+//! ([`DocumentStore`]): chunks, unsettled marks, compaction and sync states, in tables with
+//! a schema version that is migrated on connect; the server does not use it yet (the
+//! accounts, change log and projection tables follow). Every call that writes commits its
+//! own transaction, so a write is durable when it returns and [`DocumentStore::flush`] has
+//! nothing left to do. Must not: be called on the async reactor (its calls block, like
+//! sled's), or put anything but ids and bytes in a log line.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use super::documents::DocumentStore;
+use super::keys::{ChunkKey, ChunkKind};
+use super::{Result, StorageError, StoredDocument};
+use crate::ids::{DocumentId, StorageId};
+
+/// The schema this binary writes. A database at a newer version is refused.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: documents.
+    "CREATE TABLE chunks (
+         doc uuid NOT NULL,
+         kind smallint NOT NULL,
+         hash bytea NOT NULL,
+         data bytea NOT NULL,
+         PRIMARY KEY (doc, kind, hash)
+     );
+     CREATE TABLE unsettled (doc uuid PRIMARY KEY);
+     CREATE TABLE sync_states (
+         doc uuid NOT NULL,
+         peer text NOT NULL,
+         state bytea NOT NULL,
+         PRIMARY KEY (doc, peer)
+     );",
+];
+
+/// Connections kept open at most (each document actor holds one for a call at a time).
+const DEFAULT_POOL_SIZE: usize = 16;
+
+pub struct PgStore {
+    pool: Pool,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`), applies the migrations this
+    /// binary knows in one transaction, and refuses a schema newer than it knows. Call it
+    /// inside the tokio runtime the blocking calls will use.
+    pub async fn connect(url: &str) -> Result<PgStore> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StorageError::Io(format!(
+                "the database URL is not valid ({e}); expected postgres://USER@HOST:PORT/DATABASE"
+            ))
+        })?;
+        let where_ = describe(&config);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(DEFAULT_POOL_SIZE)
+            .build()
+            .map_err(|e| StorageError::Io(format!("cannot set up the database pool: {e}")))?;
+        let store = PgStore {
+            pool,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        store.migrate().await.map_err(|e| match e {
+            StorageError::Io(why) => StorageError::Io(format!(
+                "the database at {where_} is not usable: {why}; check that PostgreSQL is running and the URL is right"
+            )),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StorageError::Io(format!("no database connection: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS fieldsync_schema (version integer NOT NULL);
+             LOCK TABLE fieldsync_schema IN EXCLUSIVE MODE;",
+        )
+        .await
+        .map_err(db)?;
+        let current: i32 = tx
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM fieldsync_schema",
+                &[],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        if current > SCHEMA_VERSION {
+            return Err(StorageError::Io(format!(
+                "its schema is at version {current}, newer than this fieldsync knows ({SCHEMA_VERSION}); upgrade fieldsync"
+            )));
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.batch_execute(migration).await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO fieldsync_schema (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .map_err(db)?;
+            tracing::info!(version = i + 1, "database schema migrated");
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// The schema version the database is at.
+    pub async fn schema_version(&self) -> Result<i32> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM fieldsync_schema",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.get(0))
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.runtime.block_on(f)
+    }
+}
+
+impl DocumentStore for PgStore {
+    fn load(&self, doc: DocumentId) -> Result<StoredDocument> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT kind, hash, data FROM chunks WHERE doc = $1 ORDER BY kind, hash",
+                    &[&uuid(doc)],
+                )
+                .await
+                .map_err(db)?;
+            let mut chunks = Vec::with_capacity(rows.len());
+            for row in rows {
+                let kind = match row.get::<_, i16>(0) {
+                    1 => ChunkKind::Snapshot,
+                    2 => ChunkKind::Incremental,
+                    other => {
+                        return Err(StorageError::Corrupt(format!(
+                            "document {doc}: a chunk of unknown kind {other}"
+                        )))
+                    }
+                };
+                let hash: [u8; 32] = row.get::<_, Vec<u8>>(1).try_into().map_err(|_| {
+                    StorageError::Corrupt(format!("document {doc}: a chunk hash is not 32 bytes"))
+                })?;
+                chunks.push((ChunkKey::new(doc, kind, hash), row.get::<_, Vec<u8>>(2)));
+            }
+            Ok(StoredDocument { chunks })
+        })
+    }
+
+    fn put_change(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
+        use sha2::{Digest, Sha256};
+        let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
+        self.block_on(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO unsettled (doc) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&uuid(doc)],
+            )
+            .await
+            .map_err(db)?;
+            insert_chunk(&tx, &key, bytes).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(key)
+        })
+    }
+
+    fn settle(&self, doc: DocumentId) -> Result<()> {
+        self.block_on(async {
+            let client = self.client().await?;
+            client
+                .execute("DELETE FROM unsettled WHERE doc = $1", &[&uuid(doc)])
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    fn unsettled(&self) -> Result<Vec<DocumentId>> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let rows = client
+                .query("SELECT doc FROM unsettled ORDER BY doc", &[])
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .iter()
+                .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
+                .collect())
+        })
+    }
+
+    fn compact(
+        &self,
+        doc: DocumentId,
+        heads_hash: [u8; 32],
+        snapshot: &[u8],
+        replaced: &[ChunkKey],
+    ) -> Result<ChunkKey> {
+        let key = ChunkKey::new(doc, ChunkKind::Snapshot, heads_hash);
+        self.block_on(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            for old in replaced.iter().filter(|k| **k != key) {
+                tx.execute(
+                    "DELETE FROM chunks WHERE doc = $1 AND kind = $2 AND hash = $3",
+                    &[&uuid(old.doc), &(old.kind as i16), &&old.hash[..]],
+                )
+                .await
+                .map_err(db)?;
+            }
+            insert_chunk(&tx, &key, snapshot).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(key)
+        })
+    }
+
+    fn sync_state(&self, doc: DocumentId, peer: &StorageId) -> Result<Option<Vec<u8>>> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT state FROM sync_states WHERE doc = $1 AND peer = $2",
+                    &[&uuid(doc), &peer.to_string()],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn put_sync_state(&self, doc: DocumentId, peer: &StorageId, state: &[u8]) -> Result<()> {
+        self.block_on(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO sync_states (doc, peer, state) VALUES ($1, $2, $3)
+                     ON CONFLICT (doc, peer) DO UPDATE SET state = excluded.state",
+                    &[&uuid(doc), &peer.to_string(), &state],
+                )
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(()) // every write above committed its own transaction
+    }
+}
+
+async fn insert_chunk(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &ChunkKey,
+    data: &[u8],
+) -> Result<()> {
+    // Content-addressed: the same key always holds the same bytes, so a second insert of
+    // it (a re-sent change, a repeated compaction) changes nothing.
+    tx.execute(
+        "INSERT INTO chunks (doc, kind, hash, data) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
+        &[&uuid(key.doc), &(key.kind as i16), &&key.hash[..], &data],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+fn uuid(doc: DocumentId) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*doc.as_bytes())
+}
+
+fn db(e: tokio_postgres::Error) -> StorageError {
+    StorageError::Io(format!("database: {e}"))
+}
+
+/// Host and port of a configuration, for messages (never the password).
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// A throwaway PostgreSQL cluster for tests: Debian's `postgresql` binaries (`initdb`,
+/// `pg_ctl`), a temporary directory, a free loopback port, stopped (immediately) on drop.
+/// As root the cluster runs as the `postgres` user, as PostgreSQL requires.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    pub(crate) struct Cluster {
+        _dir: tempfile::TempDir,
+        data: PathBuf,
+        pub(crate) url: String,
+    }
+
+    fn bin(name: &str) -> PathBuf {
+        let on_path = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join(name))
+            .find(|p| p.is_file());
+        if let Some(p) = on_path {
+            return p;
+        }
+        // Debian keeps the server binaries out of PATH, one folder per major version.
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path().join("bin").join(name))
+                    .collect()
+            })
+            .unwrap_or_default();
+        versions.retain(|p| p.is_file());
+        versions.sort();
+        versions.pop().unwrap_or_else(|| {
+            panic!("PostgreSQL's {name} is missing: run tests/run-all.sh (it installs Debian's postgresql)")
+        })
+    }
+
+    fn as_root() -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    }
+
+    fn run(program: PathBuf, args: &[&str]) {
+        let mut cmd = if as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let out = cmd.args(args).output().expect("PostgreSQL's tools run");
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed: {}{}",
+            program.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Cluster {
+        pub(crate) fn start() -> Cluster {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("pg");
+            if as_root() {
+                let status = Command::new("chown")
+                    .args(["postgres", &dir.path().display().to_string()])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let data_s = data.display().to_string();
+            run(
+                bin("initdb"),
+                &[
+                    "-D",
+                    &data_s,
+                    "-U",
+                    "fieldsync",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+            );
+            let options =
+                format!("-p {port} -k {data_s} -c listen_addresses=127.0.0.1 -c fsync=on");
+            run(
+                bin("pg_ctl"),
+                &[
+                    "-D",
+                    &data_s,
+                    "-o",
+                    &options,
+                    "-w",
+                    "-l",
+                    &format!("{data_s}/log"),
+                    "start",
+                ],
+            );
+            Cluster {
+                _dir: dir,
+                data,
+                url: format!("postgres://fieldsync@127.0.0.1:{port}/postgres"),
+            }
+        }
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            let data_s = self.data.display().to_string();
+            run(bin("pg_ctl"), &["-D", &data_s, "-m", "immediate", "stop"]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Cluster;
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_postgres_store_conforms_and_migrates_once() {
+        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let store = PgStore::connect(&cluster.url).await.unwrap();
+        assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
+        let store = tokio::task::spawn_blocking(move || {
+            crate::storage::documents::tests::run_all(&store);
+            store
+        })
+        .await
+        .unwrap();
+        drop(store);
+        // Connecting again applies nothing and keeps the data.
+        let again = PgStore::connect(&cluster.url).await.unwrap();
+        assert_eq!(again.schema_version().await.unwrap(), SCHEMA_VERSION);
+        let unsettled = tokio::task::spawn_blocking(move || again.unsettled())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !unsettled.is_empty(),
+            "the suite's last documents are still marked: reconnecting reset nothing"
+        );
+        drop(cluster);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_newer_schema_or_no_database_is_refused_in_one_line() {
+        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let store = PgStore::connect(&cluster.url).await.unwrap();
+        store
+            .client()
+            .await
+            .unwrap()
+            .execute(
+                "INSERT INTO fieldsync_schema (version) VALUES ($1)",
+                &[&(SCHEMA_VERSION + 1)],
+            )
+            .await
+            .unwrap();
+        let err = PgStore::connect(&cluster.url)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("newer than this fieldsync knows"), "{err}");
+        assert!(err.contains("upgrade fieldsync"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = PgStore::connect(&format!("postgres://fieldsync@127.0.0.1:{port}/x"))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+        assert!(err.contains("check that PostgreSQL is running"), "{err}");
+        drop(cluster);
+    }
+}
