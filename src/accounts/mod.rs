@@ -726,7 +726,7 @@ pub(crate) mod tests {
             .unwrap();
         let log = ChangeLog::new(store.clone(), accounts.clone());
         let hub = Hub::new(
-            store,
+            Arc::new(store),
             PeerId::new("server").unwrap(),
             HubConfig::default(),
             Arc::new(accounts.clone()),

@@ -24,6 +24,7 @@ use super::{AcceptedChanges, DerivedEdit, HubInner, LocalEdit, Outbound, PeerLin
 use crate::auth::Access;
 use crate::ids::{ConnId, DocumentId};
 use crate::protocol::{CloseCode, DocMessage, Message, SyncKind};
+use crate::storage::documents::DocumentStore;
 use crate::storage::{blocking, ChunkKey, ChunkKind, StorageError};
 
 /// At most this many queued commands are applied under one flush.
@@ -246,7 +247,7 @@ impl DocActor {
         let _ = tokio::task::spawn_blocking(move || {
             state.answer(&hub, targets, &HashSet::new(), None);
             for p in state.peers.values_mut() {
-                persist_sync_state(&store, state.id, p);
+                persist_sync_state(store.as_ref(), state.id, p);
             }
         })
         .await;
@@ -272,7 +273,7 @@ impl DocActor {
         let store = self.hub.store.clone();
         let id = self.id;
         tokio::task::spawn_blocking(move || {
-            let stored = store.load_blocking(id).map_err(|e| e.to_string())?;
+            let stored = store.load(id).map_err(|e| e.to_string())?;
             let doc = stored.hydrate().map_err(|e| e.to_string())?;
             let incrementals = stored
                 .chunks
@@ -339,7 +340,7 @@ impl DocActor {
         if applied.changed && !covered_by_derived {
             // Durable before advertised: nobody hears of these changes (nor of their
             // provenance and registration rows, written in `apply`) until they are on disk.
-            self.hub.store.flush().await?;
+            self.hub.store.durable().await?;
         }
         for (done, result) in applied.local_done.drain(..) {
             let _ = done.send(result);
@@ -381,7 +382,7 @@ impl DocActor {
         let state = blocking(move || {
             if changed {
                 // Flushed above: the projection is as durable as the chunk.
-                store.settle_blocking(state.id)?;
+                store.settle(state.id)?;
             }
             let push_at = state.answer(&hub, targets, &responders, hold);
             // A batch that changed nothing answered only its senders: peers held back
@@ -391,7 +392,7 @@ impl DocActor {
                 _ => push_at,
             };
             if state.incrementals >= compact_after {
-                state.compact(&store)?;
+                state.compact(store.as_ref())?;
             }
             Ok(state)
         })
@@ -421,7 +422,7 @@ impl DocActor {
 
 impl DocState {
     fn apply(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
-        let store = &hub.store;
+        let store: &dyn DocumentStore = hub.store.as_ref();
         let mut out = Applied::default();
         let heads_at_start = self.doc.get_heads();
         for cmd in batch {
@@ -471,7 +472,7 @@ impl DocState {
             let chunk = self.doc.save_after(&heads_at_start);
             // The chunk carries an "unsettled" mark until the projection written below is
             // durable too (cleared after the flush, in `process`).
-            let key = store.put_change_blocking(self.id, &chunk)?;
+            let key = store.put_change(self.id, &chunk)?;
             self.chunks.push(key);
             self.incrementals += 1;
             self.stored_bytes += chunk.len();
@@ -513,7 +514,7 @@ impl DocState {
         access: Access,
         out: &mut Applied,
     ) {
-        let store = &hub.store;
+        let store: &dyn DocumentStore = hub.store.as_ref();
         let message = match sync::Message::decode(data) {
             Ok(m) => m,
             Err(e) => {
@@ -668,7 +669,7 @@ impl DocState {
         responders: &HashSet<ConnId>,
         hold: Option<(Instant, std::time::Duration)>,
     ) -> Option<Instant> {
-        let store = &hub.store;
+        let store: &dyn DocumentStore = hub.store.as_ref();
         let server = &hub.server_peer_id;
         let mut push_at: Option<Instant> = None;
         for link in targets {
@@ -725,14 +726,13 @@ impl DocState {
         push_at
     }
 
-    fn compact(&mut self, store: &crate::storage::Store) -> Result<(), StorageError> {
+    fn compact(&mut self, store: &dyn DocumentStore) -> Result<(), StorageError> {
         let snapshot = self.doc.save();
         let mut hasher = Sha256::new();
         for h in self.doc.get_heads() {
             hasher.update(h.0);
         }
-        let key =
-            store.compact_blocking(self.id, hasher.finalize().into(), &snapshot, &self.chunks)?;
+        let key = store.compact(self.id, hasher.finalize().into(), &snapshot, &self.chunks)?;
         tracing::debug!(doc = %self.id, chunks = self.chunks.len(), bytes = snapshot.len(), "compacted");
         self.chunks = vec![key];
         self.incrementals = 0;
@@ -803,8 +803,8 @@ fn next_batch(first: Cmd, deferred: &mut VecDeque<Cmd>, rx: &mut mpsc::Receiver<
 /// The crash-test failpoint: makes the chunk and its provenance durable, says so, and stops
 /// this thread for good before the projection is written, so a test can kill the process in
 /// that window.
-fn stall_before_projection(store: &crate::storage::Store, doc: DocumentId) {
-    let flushed = store.flush_blocking();
+fn stall_before_projection(store: &dyn DocumentStore, doc: DocumentId) {
+    let flushed = store.flush();
     tracing::error!(doc = %doc, flushed = flushed.is_ok(), "failpoint stall-before-projection reached; the process waits to be killed");
     loop {
         std::thread::park();
@@ -815,7 +815,7 @@ fn stall_before_projection(store: &crate::storage::Store, doc: DocumentId) {
 /// peers) or fresh.
 fn peer_state<'a>(
     peers: &'a mut HashMap<ConnId, PeerState>,
-    store: &crate::storage::Store,
+    store: &dyn DocumentStore,
     doc: DocumentId,
     link: &PeerLink,
 ) -> &'a mut PeerState {
@@ -823,7 +823,7 @@ fn peer_state<'a>(
         let state = link
             .storage_id
             .as_ref()
-            .and_then(|s| store.sync_state_blocking(doc, s).ok().flatten())
+            .and_then(|s| store.sync_state(doc, s).ok().flatten())
             .and_then(|bytes| sync::State::decode(&bytes).ok())
             .unwrap_or_default();
         PeerState {
@@ -837,14 +837,14 @@ fn peer_state<'a>(
 
 /// Saves a non-ephemeral peer's shared heads if they moved. Failure costs bandwidth on the
 /// next connection, not data, so it is logged and not fatal.
-fn persist_sync_state(store: &crate::storage::Store, doc: DocumentId, peer: &mut PeerState) {
+fn persist_sync_state(store: &dyn DocumentStore, doc: DocumentId, peer: &mut PeerState) {
     let Some(storage_id) = &peer.link.storage_id else {
         return;
     };
     if peer.state.shared_heads == peer.persisted {
         return;
     }
-    match store.put_sync_state_blocking(doc, storage_id, &peer.state.encode()) {
+    match store.put_sync_state(doc, storage_id, &peer.state.encode()) {
         Ok(()) => peer.persisted = peer.state.shared_heads.clone(),
         Err(e) => tracing::warn!(doc = %doc, error = %e, "could not persist a sync state"),
     }

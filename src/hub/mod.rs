@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Access, Authorizer};
 use crate::ids::{Clock, ConnId, DocumentId, PeerId, Timestamp};
 use crate::protocol::{DocMessage, Ephemeral, Message, SyncKind};
-use crate::storage::Store;
+use crate::storage::documents::DocumentStore;
 use actor::{Cmd, DocActor};
 pub use cache::CacheStats;
 use cache::{Cache, Lookup};
@@ -169,7 +169,8 @@ pub struct Hub {
 }
 
 pub(crate) struct HubInner {
-    store: Store,
+    /// Where documents are kept (sled or PostgreSQL, through the storage seam).
+    store: Arc<dyn DocumentStore>,
     server_peer_id: PeerId,
     config: HubConfig,
     cache: Mutex<Cache>,
@@ -200,7 +201,7 @@ enum Admission {
 
 impl Hub {
     pub fn new(
-        store: Store,
+        store: Arc<dyn DocumentStore>,
         server_peer_id: PeerId,
         config: HubConfig,
         authorizer: Arc<dyn Authorizer>,
@@ -229,7 +230,7 @@ impl Hub {
         &self.inner.server_peer_id
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn documents(&self) -> &Arc<dyn DocumentStore> {
         &self.inner.store
     }
 
@@ -524,7 +525,9 @@ impl HubInner {
                 Lookup::Closing(done) => done.cancelled().await,
                 Lookup::Absent => {
                     if kind == SyncKind::Request && !checked_exists {
-                        if !self.store.exists(doc).await? {
+                        let store = self.store.clone();
+                        let exists = crate::storage::blocking(move || store.exists(doc)).await?;
+                        if !exists {
                             return Ok(None);
                         }
                         checked_exists = true;
@@ -790,9 +793,11 @@ mod tests {
     /// A hub on a fresh store in a temp dir, open to every peer, with no observer.
     fn test_hub(config: HubConfig) -> (Hub, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::storage::StoreConfig::default()).unwrap();
+        let store =
+            crate::storage::Store::open(dir.path(), &crate::storage::StoreConfig::default())
+                .unwrap();
         let hub = Hub::new(
-            store,
+            Arc::new(store),
             PeerId::new("server").unwrap(),
             config,
             Arc::new(OpenAccess),
@@ -829,7 +834,7 @@ mod tests {
             phone.handled().await;
             phone.sync(&hub, *doc).await;
             assert_eq!(phone.state.shared_heads, phone.doc.get_heads(), "{doc}");
-            assert!(hub.store().exists(*doc).await.unwrap());
+            assert!(hub.documents().exists(*doc).unwrap());
         }
         let stats = hub.cache_stats();
         assert!(stats.waits_for_room > 0, "{stats:?}");

@@ -143,7 +143,7 @@ impl Services {
         }
         let server_peer_id = PeerId::random("fieldsync");
         let hub = Hub::new(
-            store.clone(),
+            Arc::new(store.clone()),
             server_peer_id.clone(),
             config.hub.clone(),
             Arc::new(accounts.clone()),

@@ -15,6 +15,9 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// Every chunk of `doc`, snapshots first.
     fn load(&self, doc: DocumentId) -> Result<StoredDocument>;
 
+    /// Whether anything is stored for `doc`.
+    fn exists(&self, doc: DocumentId) -> Result<bool>;
+
     /// Stores the server's new changes of `doc` as one chunk and marks the document
     /// unsettled (its derived views may lag until [`DocumentStore::settle`]). After a crash
     /// a stored chunk always has its mark. Durable after [`DocumentStore::flush`].
@@ -44,11 +47,23 @@ pub trait DocumentStore: Send + Sync + 'static {
 
     /// Returns once everything written before the call is durable.
     fn flush(&self) -> Result<()>;
+
+    /// [`DocumentStore::flush`] for async callers: resolves once everything written before
+    /// the call is durable, sharing the work with concurrent callers where the backend can
+    /// (sled: group commit).
+    fn durable(&self) -> Durable;
 }
+
+/// What [`DocumentStore::durable`] returns.
+pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 impl DocumentStore for super::Store {
     fn load(&self, doc: DocumentId) -> Result<StoredDocument> {
         self.load_blocking(doc)
+    }
+
+    fn exists(&self, doc: DocumentId) -> Result<bool> {
+        self.exists_blocking(doc)
     }
 
     fn put_change(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
@@ -84,6 +99,10 @@ impl DocumentStore for super::Store {
     fn flush(&self) -> Result<()> {
         self.flush_blocking()
     }
+
+    fn durable(&self) -> Durable {
+        Box::pin(super::Store::flush(self))
+    }
 }
 
 /// The conformance suite: the same scenarios against every backend. The PostgreSQL runs
@@ -104,6 +123,7 @@ pub(crate) mod tests {
     pub(crate) fn chunks_load_back_and_are_content_addressed(s: &dyn DocumentStore) {
         let id = DocumentId::random();
         assert!(s.load(id).unwrap().chunks.is_empty());
+        assert!(!s.exists(id).unwrap());
         let mut doc = automerge::Automerge::new();
         let mut heads = Vec::new();
         for i in 0..3i64 {
@@ -115,6 +135,7 @@ pub(crate) mod tests {
             heads = doc.get_heads();
         }
         s.flush().unwrap();
+        assert!(s.exists(id).unwrap());
         let stored = s.load(id).unwrap();
         assert_eq!(stored.chunks.len(), 3);
         assert!(stored

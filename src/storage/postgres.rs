@@ -171,6 +171,17 @@ impl DocumentStore for PgStore {
         })
     }
 
+    fn exists(&self, doc: DocumentId) -> Result<bool> {
+        self.block_on(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("SELECT 1 FROM chunks WHERE doc = $1 LIMIT 1", &[&uuid(doc)])
+                .await
+                .map_err(db)?;
+            Ok(row.is_some())
+        })
+    }
+
     fn put_change(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
         use sha2::{Digest, Sha256};
         let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
@@ -270,6 +281,10 @@ impl DocumentStore for PgStore {
 
     fn flush(&self) -> Result<()> {
         Ok(()) // every write above committed its own transaction
+    }
+
+    fn durable(&self) -> super::documents::Durable {
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
