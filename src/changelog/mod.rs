@@ -16,7 +16,12 @@ use crate::accounts::Accounts;
 use crate::auth::{DeviceId, UserName};
 use crate::hub::{AcceptedChanges, ChangeObserver, DerivedEdit};
 use crate::ids::{DocumentId, Timestamp};
-use crate::storage::{blocking, StorageError, Store, Table};
+use crate::storage::{blocking, StorageError, Store};
+
+pub mod postgres;
+pub mod store;
+
+pub use store::{ChangeLogStore, SledChangeLog};
 
 /// One accepted change.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,13 +80,6 @@ pub struct FeedPage {
     pub next: u64,
 }
 
-fn provenance_key(doc: DocumentId, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(24);
-    k.extend_from_slice(doc.as_bytes());
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 /// The change log's service: cheap to clone.
 #[derive(Clone)]
 pub struct ChangeLog {
@@ -89,7 +87,7 @@ pub struct ChangeLog {
 }
 
 struct Inner {
-    store: Store,
+    rows: Arc<dyn ChangeLogStore>,
     accounts: Accounts,
     /// The address label each household's catalog entry is known to carry (a hash of it),
     /// so a change that leaves the label alone costs the catalog nothing. Lost on restart:
@@ -98,10 +96,16 @@ struct Inner {
 }
 
 impl ChangeLog {
+    /// On the embedded sled store.
     pub fn new(store: Store, accounts: Accounts) -> Self {
+        Self::with_store(Arc::new(SledChangeLog::new(store)), accounts)
+    }
+
+    /// On any backend of [`ChangeLogStore`].
+    pub fn with_store(rows: Arc<dyn ChangeLogStore>, accounts: Accounts) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
+                rows,
                 accounts,
                 catalog_labels: Mutex::new(HashMap::new()),
             }),
@@ -124,7 +128,7 @@ fn record(
     event: &AcceptedChanges,
     doc: &Automerge,
 ) -> Result<Vec<DerivedEdit>, StorageError> {
-    let store = &log.store;
+    let store = &log.rows;
     let device = event.principal.device.clone();
     let heads_after: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
     for hash in &event.hashes {
@@ -135,17 +139,14 @@ fn record(
         };
         let actor = change.actor.to_bytes().to_vec();
         let bound_to = match &device {
-            Some(d) => store
-                .table_insert_if_absent_blocking(Table::Actors, &actor, d.as_str().as_bytes())?
-                .and_then(|b| DeviceId::new(&String::from_utf8_lossy(&b)).ok())
-                .filter(|b| b != d),
+            Some(d) => store.bind_actor(&actor, d)?.filter(|b| b != d),
             None => None,
         };
         if let Some(other) = &bound_to {
             tracing::warn!(doc = %event.doc, actor = %hex::encode(&actor), device = ?device, bound_to = %other,
                 "a change's actor is bound to another device; accepted and flagged");
         }
-        let seq = store.next_sequence_blocking()?;
+        let seq = store.next_seq()?;
         let row = ProvenanceRow {
             seq,
             doc: event.doc,
@@ -158,19 +159,7 @@ fn record(
             actor_bound_to: bound_to,
             heads_after: heads_after.clone(),
         };
-        store.table_write_in_order_blocking(
-            Table::Provenance,
-            vec![(
-                provenance_key(event.doc, seq),
-                Some(serde_json::to_vec(&row).expect("rows serialise")),
-            )],
-        )?;
-        let mut feed = event.doc.as_bytes().to_vec();
-        feed.extend_from_slice(&hash.0);
-        store.table_write_in_order_blocking(
-            Table::Changes,
-            vec![(seq.to_be_bytes().to_vec(), Some(feed))],
-        )?;
+        store.append(&row)?;
     }
 
     // The village catalog lists the household with its current label. It is written only
@@ -224,12 +213,7 @@ impl ChangeLog {
     }
 
     pub fn provenance_blocking(&self, doc: DocumentId) -> Result<Vec<ProvenanceRow>, StorageError> {
-        self.inner
-            .store
-            .table_scan_blocking(Table::Provenance, doc.as_bytes())?
-            .into_iter()
-            .map(|(_, v)| parse_row(&v))
-            .collect()
+        self.inner.rows.history(doc)
     }
 
     /// Up to `limit` accepted changes after `after` that `who` may read, in server order.
@@ -242,69 +226,35 @@ impl ChangeLog {
         let this = self.clone();
         let who = who.clone();
         blocking(move || {
-            let store = &this.inner.store;
             let accounts = &this.inner.accounts;
-            let mut page = FeedPage {
-                changes: Vec::new(),
-                next: after,
+            let visible = |doc: DocumentId| {
+                matches!(
+                    accounts.with_directory(|d| d.access(&who, doc)),
+                    crate::auth::Access::Read | crate::auth::Access::ReadWrite
+                )
             };
-            let mut scanned = 0;
-            let mut failed = None;
-            store.table_for_each_blocking(
-                Table::Changes,
-                b"",
-                Some(&after.to_be_bytes()),
-                |k, v| {
-                    scanned += 1;
-                    let (Ok(seq), Ok(doc)) = (
-                        <[u8; 8]>::try_from(k).map(u64::from_be_bytes),
-                        v.get(..16)
-                            .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                            .map(DocumentId::from_bytes)
-                            .ok_or(()),
-                    ) else {
-                        return true;
-                    };
-                    page.next = seq;
-                    let visible = matches!(
-                        accounts.with_directory(|d| d.access(&who, doc)),
-                        crate::auth::Access::Read | crate::auth::Access::ReadWrite
-                    );
-                    if visible {
-                        match store
-                            .table_get_blocking(Table::Provenance, &provenance_key(doc, seq))
-                            .and_then(|r| r.map(|r| parse_row(&r)).transpose())
-                        {
-                            Ok(Some(row)) => page.changes.push(FeedEntry {
-                                seq,
-                                document: doc,
-                                change: row.hash,
-                                heads: row.heads_after,
-                                device: row.device,
-                                officer: row.user,
-                                received_at: row.received_at,
-                            }),
-                            Ok(None) => {}
-                            Err(e) => {
-                                failed = Some(e);
-                                return false;
-                            }
-                        }
-                    }
-                    page.changes.len() < limit && scanned < FEED_SCAN_MAX_ROWS
-                },
-            )?;
-            match failed {
-                Some(e) => Err(e),
-                None => Ok(page),
-            }
+            let (rows, next) = this
+                .inner
+                .rows
+                .feed(after, limit, FEED_SCAN_MAX_ROWS, &visible)?;
+            Ok(FeedPage {
+                changes: rows
+                    .into_iter()
+                    .map(|row| FeedEntry {
+                        seq: row.seq,
+                        document: row.doc,
+                        change: row.hash,
+                        heads: row.heads_after,
+                        device: row.device,
+                        officer: row.user,
+                        received_at: row.received_at,
+                    })
+                    .collect(),
+                next,
+            })
         })
         .await
     }
-}
-
-fn parse_row(v: &[u8]) -> Result<ProvenanceRow, StorageError> {
-    serde_json::from_slice(v).map_err(|e| StorageError::Corrupt(format!("provenance row: {e}")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -35,6 +35,23 @@ const MIGRATIONS: &[&str] = &[
          state bytea NOT NULL,
          PRIMARY KEY (doc, peer)
      );",
+    // 2: the change log (`changelog::postgres`): one row per accepted change, readable per
+    // document and in server order (the change feed), and actor bindings.
+    "CREATE SEQUENCE change_seq;
+     CREATE TABLE provenance (
+         seq bigint PRIMARY KEY,
+         doc uuid NOT NULL,
+         hash text NOT NULL,
+         actor text NOT NULL,
+         device text,
+         officer text NOT NULL,
+         received_at_ms bigint NOT NULL,
+         flagged boolean NOT NULL,
+         actor_bound_to text,
+         heads_after text[] NOT NULL
+     );
+     CREATE INDEX provenance_by_doc ON provenance (doc, seq);
+     CREATE TABLE actors (actor bytea PRIMARY KEY, device text NOT NULL);",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).
@@ -138,6 +155,28 @@ impl PgStore {
     fn block_on<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         self.runtime.block_on(f)
     }
+
+    /// Runs `f` with a pooled connection, blocking this (blocking) thread until it is done:
+    /// for the other layers' PostgreSQL backends, whose tables this store's migrations
+    /// create.
+    pub fn with_client<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c deadpool_postgres::Object,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
+        >,
+    ) -> Result<T> {
+        self.block_on(async {
+            let client = self.client().await?;
+            f(&client).await
+        })
+    }
+}
+
+/// A database error as a storage error (for the other layers' PostgreSQL backends).
+pub fn database_error(e: tokio_postgres::Error) -> StorageError {
+    db(e)
 }
 
 impl DocumentStore for PgStore {
