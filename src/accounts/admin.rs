@@ -9,7 +9,7 @@ use crate::auth::secrets::{self, SecretHash};
 use crate::auth::{DeviceId, Record, RecordKey, Role, StationId, UserName, VillageName};
 use crate::hub::Hub;
 use crate::ids::{DocumentId, Timestamp};
-use crate::storage::{blocking, StorageError, Store, Table};
+use crate::storage::{blocking, StorageError};
 
 use super::{random_bytes, Accounts, AccountsError};
 
@@ -392,40 +392,6 @@ impl Accounts {
     /// The latest `limit` audit entries, oldest first.
     pub async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, AccountsError> {
         let store = self.inner.store.clone();
-        let rows = blocking(move || store.table_scan_blocking(Table::Audit, b"")).await?;
-        let skip = rows.len().saturating_sub(limit);
-        rows.into_iter()
-            .skip(skip)
-            .map(|(_, v)| {
-                serde_json::from_slice(&v).map_err(|e| {
-                    AccountsError::Storage(StorageError::Corrupt(format!("audit entry: {e}")))
-                })
-            })
-            .collect()
+        Ok(blocking(move || store.audit(limit)).await?)
     }
-}
-
-/// Appends one audit entry (not flushed: the caller flushes with the change it records).
-pub(super) fn append_audit_blocking(
-    store: &Store,
-    at: Timestamp,
-    operator: &str,
-    action: &str,
-    detail: &str,
-) -> Result<(), StorageError> {
-    let seq = store.next_sequence_blocking()?;
-    let entry = AuditEntry {
-        seq,
-        at,
-        operator: operator.to_string(),
-        action: action.to_string(),
-        detail: detail.to_string(),
-    };
-    store.table_write_blocking(
-        Table::Audit,
-        vec![(
-            seq.to_be_bytes().to_vec(),
-            Some(serde_json::to_vec(&entry).expect("audit entries serialise")),
-        )],
-    )
 }

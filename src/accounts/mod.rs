@@ -11,7 +11,9 @@
 
 pub mod admin;
 mod hasher;
+pub mod postgres;
 pub mod socket;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,7 +31,7 @@ use crate::auth::{
 use crate::hub::KillSwitch;
 use crate::ids::{Clock, ConnId, DocumentId, Timestamp};
 use crate::protocol::CloseCode;
-use crate::storage::{blocking, StorageError, Store, Table};
+use crate::storage::{blocking, StorageError, Store};
 
 pub use admin::{AdminCommand, AuditEntry};
 
@@ -189,7 +191,7 @@ pub struct Accounts {
 }
 
 struct Inner {
-    store: Store,
+    store: Arc<dyn store::DirectoryStore>,
     dir: RwLock<Directory>,
     /// Serialises directory writes (check, write batch, apply). Held only on blocking
     /// threads, never across an `.await`.
@@ -217,24 +219,23 @@ impl Drop for LiveGuard {
 }
 
 impl Accounts {
-    /// Loads the directory from the store.
+    /// Loads the directory from the embedded sled store.
     pub async fn open(
         store: Store,
         clock: Arc<dyn Clock>,
         config: AccountsConfig,
     ) -> Result<Accounts, AccountsError> {
+        Self::open_on(Arc::new(store::SledDirectory::new(store)), clock, config).await
+    }
+
+    /// Loads the directory from any backend of [`store::DirectoryStore`].
+    pub async fn open_on(
+        store: Arc<dyn store::DirectoryStore>,
+        clock: Arc<dyn Clock>,
+        config: AccountsConfig,
+    ) -> Result<Accounts, AccountsError> {
         let s = store.clone();
-        let rows = blocking(move || s.table_scan_blocking(Table::Accounts, b"")).await?;
-        let mut records = Vec::with_capacity(rows.len());
-        for (key, value) in rows {
-            let record = Record::from_json(&value).map_err(|e| {
-                StorageError::Corrupt(format!(
-                    "account record {} is unreadable: {e}",
-                    String::from_utf8_lossy(&key)
-                ))
-            })?;
-            records.push(record);
-        }
+        let records = blocking(move || s.load()).await?;
         let sign_in_throttle = Throttle::new(config.sign_in_throttle.clone());
         let enrolment_throttle = Throttle::new(config.enrolment_throttle.clone());
         let sign_in_address_throttle = Throttle::new(config.sign_in_address_throttle.clone());
@@ -288,30 +289,21 @@ impl Accounts {
             let _w = lock(&this.inner.write);
             let now = this.now();
             let (ops, out) = check(&read(&this.inner.dir), now)?;
-            this.write_ops_blocking(&ops)?;
-            if let Some((operator, action, detail)) = audit {
-                admin::append_audit_blocking(&this.inner.store, now, &operator, &action, &detail)?;
-            }
+            // The change and its audit entry: one unit.
+            let audit = audit.map(|(operator, action, detail)| store::NewAudit {
+                at: now,
+                operator,
+                action,
+                detail,
+            });
+            this.inner.store.commit(&ops, audit.as_ref())?;
             write(&this.inner.dir).apply(&ops);
             Ok(out)
         })
         .await
         .map_err(|e| StorageError::Task(e.to_string()))??;
-        self.inner.store.flush().await?;
+        self.inner.store.durable().await?;
         Ok(out)
-    }
-
-    fn write_ops_blocking(&self, ops: &[Op]) -> Result<(), StorageError> {
-        let writes = ops
-            .iter()
-            .map(|op| match op {
-                Op::Put(r) => (r.key().encode(), Some(r.to_json())),
-                Op::Remove(k) => (k.encode(), None),
-            })
-            .collect();
-        self.inner
-            .store
-            .table_write_blocking(Table::Accounts, writes)
     }
 
     // ---- authentication ----
@@ -666,7 +658,9 @@ impl Authorizer for Accounts {
         )?;
         let ops = vec![Op::Put(Record::Household(household.clone()))];
         // Not flushed here: the document's actor flushes the registration with the chunk.
-        self.write_ops_blocking(&ops)
+        self.inner
+            .store
+            .commit(&ops, None)
             .map_err(|e| format!("could not store the registration: {e}"))?;
         write(&self.inner.dir).apply(&ops);
         tracing::info!(doc = %doc, village = %household.village, device = %household.registered_by, "household registered");

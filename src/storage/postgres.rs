@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -52,6 +52,18 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX provenance_by_doc ON provenance (doc, seq);
      CREATE TABLE actors (actor bytea PRIMARY KEY, device text NOT NULL);",
+    // 3: the account directory (`accounts::postgres`): one JSON record per key, and the
+    // admin audit log.
+    "CREATE TABLE directory (key text PRIMARY KEY, kind text NOT NULL, record jsonb NOT NULL);
+     CREATE INDEX directory_by_kind ON directory (kind);
+     CREATE SEQUENCE audit_seq;
+     CREATE TABLE audit (
+         seq bigint PRIMARY KEY,
+         at_ms bigint NOT NULL,
+         operator text NOT NULL,
+         action text NOT NULL,
+         detail text NOT NULL
+     );",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).
@@ -170,6 +182,27 @@ impl PgStore {
         self.block_on(async {
             let client = self.client().await?;
             f(&client).await
+        })
+    }
+}
+
+impl PgStore {
+    /// Like [`PgStore::with_client`], inside one transaction that commits when `f`
+    /// succeeds and rolls back when it fails.
+    pub fn with_transaction<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c deadpool_postgres::Transaction<'c>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
+        >,
+    ) -> Result<T> {
+        self.block_on(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let out = f(&tx).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(out)
         })
     }
 }

@@ -163,6 +163,41 @@ impl Store {
         Ok(())
     }
 
+    /// Applies writes to several tables as one unit (all or none after a crash), in one
+    /// sled transaction. Like [`Store::table_write_blocking`], for rare writes.
+    pub fn tables_write_blocking(&self, writes: Vec<(Table, TableWrite)>) -> Result<()> {
+        use sled::Transactional;
+        let tables: Vec<Table> = Table::ALL
+            .iter()
+            .copied()
+            .filter(|t| writes.iter().any(|(w, _)| w == t))
+            .collect();
+        let trees: Vec<&sled::Tree> = tables.iter().map(|t| self.tree(*t)).collect();
+        let writes: Vec<(usize, Vec<u8>, Option<Vec<u8>>)> = writes
+            .into_iter()
+            .map(|(t, (k, v))| {
+                let i = tables.iter().position(|x| *x == t).expect("listed");
+                (i, k, v.map(|v| versioned(&v)))
+            })
+            .collect();
+        trees[..]
+            .transaction(|views| {
+                for (i, k, v) in &writes {
+                    match v {
+                        Some(v) => views[*i].insert(k.as_slice(), v.as_slice())?,
+                        None => views[*i].remove(k.as_slice())?,
+                    };
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => super::StorageError::from(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    super::StorageError::Io("a table transaction aborted".into())
+                }
+            })
+    }
+
     /// Stores `value` under `key` unless a value is there; returns the value that was there.
     pub fn table_insert_if_absent_blocking(
         &self,
