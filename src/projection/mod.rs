@@ -8,7 +8,9 @@
 //! Staff queries (`query`) read only this projection, never every document. Must not: decide
 //! access (it is given a [`ReadingScope`]), write documents, or run on the reactor.
 
+pub mod postgres;
 mod query;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -19,12 +21,12 @@ use crate::accounts::Accounts;
 use crate::changelog::{ChangeLog, ProvenanceRow};
 use crate::hub::ChangeObserver;
 use crate::ids::{DocumentId, Timestamp};
+use crate::records::VisitRow;
 use crate::records::{summarise, Attribution, HouseholdSummary};
-use crate::storage::{StorageError, Store, Table, TableWrite};
+use crate::storage::documents::DocumentStore;
+use crate::storage::{StorageError, Store};
 pub use query::{Coverage, Cursor, Filter, HouseholdPage, CSV_HEADER};
-
-/// A stored key and value, as [`Projection::dump_blocking`] returns them.
-pub type RawRow = (Vec<u8>, Vec<u8>);
+pub use store::{ProjectionStore, RowWrite, SledProjection};
 
 /// The projection row of one household (its visits are stored beside it).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -82,47 +84,9 @@ impl VillageCounts {
         self.households_with_conflicts += sign * i64::from(s.conflicts > 0);
     }
 
-    fn is_empty(&self) -> bool {
+    /// No household counted: the counters are not kept.
+    pub(crate) fn is_empty(&self) -> bool {
         *self == VillageCounts::default()
-    }
-}
-
-/// Key layout of [`Table::Projection`].
-mod keys {
-    use crate::ids::DocumentId;
-
-    /// `h` station 0x00 doc(16): the household row.
-    pub fn household(station: &str, doc: DocumentId) -> Vec<u8> {
-        let mut k = station_prefix(b'h', station);
-        k.extend_from_slice(doc.as_bytes());
-        k
-    }
-
-    pub fn station_prefix(kind: u8, station: &str) -> Vec<u8> {
-        let mut k = vec![kind];
-        k.extend_from_slice(station.as_bytes());
-        k.push(0);
-        k
-    }
-
-    /// `v` doc(16) visit-id: one visit row.
-    pub fn visit(doc: DocumentId, visit: &str) -> Vec<u8> {
-        let mut k = visits_of(doc);
-        k.extend_from_slice(visit.as_bytes());
-        k
-    }
-
-    pub fn visits_of(doc: DocumentId) -> Vec<u8> {
-        let mut k = vec![b'v'];
-        k.extend_from_slice(doc.as_bytes());
-        k
-    }
-
-    /// `c` station 0x00 village: the village's counters.
-    pub fn counts(station: &str, village: &str) -> Vec<u8> {
-        let mut k = station_prefix(b'c', station);
-        k.extend_from_slice(village.as_bytes());
-        k
     }
 }
 
@@ -132,7 +96,10 @@ pub struct Projection {
 }
 
 struct Inner {
-    store: Store,
+    /// The documents (for catch-up and reindex).
+    docs: Arc<dyn DocumentStore>,
+    /// The projection's own rows.
+    rows: Arc<dyn ProjectionStore>,
     accounts: Accounts,
     /// The provenance rows that attribute a household's values.
     changelog: ChangeLog,
@@ -141,10 +108,27 @@ struct Inner {
 }
 
 impl Projection {
+    /// On the embedded sled store.
     pub fn new(store: Store, accounts: Accounts, changelog: ChangeLog) -> Self {
+        Self::on(
+            Arc::new(store.clone()),
+            Arc::new(SledProjection::new(store)),
+            accounts,
+            changelog,
+        )
+    }
+
+    /// On any backends of the storage seam.
+    pub fn on(
+        docs: Arc<dyn DocumentStore>,
+        rows: Arc<dyn ProjectionStore>,
+        accounts: Accounts,
+        changelog: ChangeLog,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
+                docs,
+                rows,
                 accounts,
                 changelog,
                 write: Mutex::new(()),
@@ -200,54 +184,47 @@ impl Projection {
     /// them leaves the mark too, and [`Projection::catch_up_blocking`] rewrites the row and
     /// recounts the counters on start-up.
     fn write_row_blocking(&self, mut row: HouseholdRow) -> Result<(), StorageError> {
-        let store = &self.inner.store;
-        let key = keys::household(&row.station, row.id);
-        let old: Option<HouseholdRow> = match store.table_get_blocking(Table::Projection, &key)? {
-            Some(v) => Some(parse(&v, "household row")?),
-            None => None,
-        };
+        let rows = &self.inner.rows;
+        let old = rows.row(&row.station, row.id)?;
         let visits = std::mem::take(&mut row.summary.visits);
-        let mut writes: Vec<TableWrite> = Vec::new();
-        let mut old_visits = HashMap::new();
-        for (k, v) in store.table_scan_blocking(Table::Projection, &keys::visits_of(row.id))? {
-            old_visits.insert(k, v);
-        }
+        let mut old_visits: HashMap<String, VisitRow> = HashMap::new();
+        rows.for_each_visit(row.id, &mut |v| {
+            old_visits.insert(v.id.clone(), v);
+            true
+        })?;
+        let mut put_visits = Vec::new();
         for v in &visits {
-            let k = keys::visit(row.id, &v.id);
-            let bytes = serde_json::to_vec(v).expect("rows serialise");
-            if old_visits.remove(&k).as_ref() != Some(&bytes) {
-                writes.push((k, Some(bytes)));
+            if old_visits.remove(&v.id).as_ref() != Some(v) {
+                put_visits.push(v);
             }
         }
-        writes.extend(old_visits.into_keys().map(|k| (k, None)));
-
-        let mut counts: BTreeMap<Vec<u8>, VillageCounts> = BTreeMap::new();
+        let mut counts: BTreeMap<(String, String), VillageCounts> = BTreeMap::new();
         if let Some(old) = &old {
             self.counts_entry(&mut counts, &old.station, &old.village)?
                 .add(old, -1);
         }
         self.counts_entry(&mut counts, &row.station, &row.village)?
             .add(&row, 1);
-        for (k, c) in counts {
-            let value = (!c.is_empty()).then(|| serde_json::to_vec(&c).expect("counts serialise"));
-            writes.push((k, value));
-        }
-        writes.push((key, Some(serde_json::to_vec(&row).expect("rows serialise"))));
-        store.table_write_in_order_blocking(Table::Projection, writes)
+        rows.write(&RowWrite {
+            row: &row,
+            put_visits,
+            removed_visits: old_visits.into_keys().collect(),
+            counts: counts
+                .into_iter()
+                .map(|((station, village), c)| (station, village, c))
+                .collect(),
+        })
     }
 
     fn counts_entry<'a>(
         &self,
-        counts: &'a mut BTreeMap<Vec<u8>, VillageCounts>,
+        counts: &'a mut BTreeMap<(String, String), VillageCounts>,
         station: &str,
         village: &str,
     ) -> Result<&'a mut VillageCounts, StorageError> {
-        let k = keys::counts(station, village);
+        let k = (station.to_string(), village.to_string());
         if !counts.contains_key(&k) {
-            let current = match self.inner.store.table_get_blocking(Table::Projection, &k)? {
-                Some(v) => parse(&v, "village counts")?,
-                None => VillageCounts::default(),
-            };
+            let current = self.inner.rows.counts(station, village)?;
             counts.insert(k.clone(), current);
         }
         Ok(counts.get_mut(&k).expect("inserted"))
@@ -266,11 +243,10 @@ impl Projection {
             .with_directory(|d| d.households().map(|h| h.doc).collect());
         docs.sort();
         let _w = lock(&self.inner.write);
-        let store = &self.inner.store;
-        store.table_clear_blocking(Table::Projection)?;
+        self.inner.rows.clear()?;
         let total = docs.len();
         for (i, doc) in docs.into_iter().enumerate() {
-            let content = load_content(store, doc)?;
+            let content = load_content(self.inner.docs.as_ref(), doc)?;
             if let Some(row) = self.build_row(doc, &content)? {
                 self.write_row_blocking(row)?;
             }
@@ -286,17 +262,17 @@ impl Projection {
     /// then recounted from the rows. Run at start-up, before serving. Returns how many
     /// documents were re-projected.
     pub fn catch_up_blocking(&self) -> Result<usize, StorageError> {
-        let store = &self.inner.store;
-        let docs = store.unsettled_blocking()?;
+        let store = self.inner.docs.as_ref();
+        let docs = store.unsettled()?;
         for &doc in &docs {
             let content = load_content(store, doc)?;
             self.update_blocking(doc, &content)?;
         }
         if !docs.is_empty() {
             self.recount_blocking()?;
-            store.flush_blocking()?;
+            store.flush()?;
             for &doc in &docs {
-                store.settle_blocking(doc)?;
+                store.settle(doc)?;
             }
         }
         Ok(docs.len())
@@ -306,43 +282,45 @@ impl Projection {
     /// time).
     fn recount_blocking(&self) -> Result<(), StorageError> {
         let _w = lock(&self.inner.write);
-        let store = &self.inner.store;
-        let mut counts: BTreeMap<Vec<u8>, VillageCounts> = BTreeMap::new();
-        let mut unreadable = None;
-        store.table_for_each_blocking(Table::Projection, b"h", None, |_, v| {
-            match parse::<HouseholdRow>(v, "household row") {
-                Ok(row) => {
-                    counts
-                        .entry(keys::counts(&row.station, &row.village))
-                        .or_default()
-                        .add(&row, 1);
-                    true
-                }
-                Err(e) => {
-                    unreadable = Some(e);
-                    false
-                }
-            }
+        let mut counts: BTreeMap<(String, String), VillageCounts> = BTreeMap::new();
+        self.inner.rows.for_each_row(None, &mut |row| {
+            counts
+                .entry((row.station.clone(), row.village.clone()))
+                .or_default()
+                .add(&row, 1);
+            true
         })?;
-        if let Some(e) = unreadable {
-            return Err(e);
-        }
-        let mut writes: Vec<TableWrite> = store
-            .table_scan_blocking(Table::Projection, b"c")?
-            .into_iter()
-            .filter(|(k, _)| !counts.contains_key(k))
-            .map(|(k, _)| (k, None))
-            .collect();
-        for (k, c) in counts {
-            writes.push((k, Some(serde_json::to_vec(&c).expect("counts serialise"))));
-        }
-        store.table_write_blocking(Table::Projection, writes)
+        self.inner.rows.replace_counts(&counts)
     }
 
-    /// Every row of the projection, for comparing an incremental projection with a rebuilt
-    /// one.
-    pub fn dump_blocking(&self) -> Result<Vec<RawRow>, StorageError> {
-        self.inner.store.table_scan_blocking(Table::Projection, b"")
+    /// Everything the projection holds, one line per row (JSON, in a fixed order), for
+    /// comparing an incremental projection with a rebuilt one.
+    pub fn dump_blocking(&self) -> Result<Vec<String>, StorageError> {
+        let rows = &self.inner.rows;
+        let mut out = Vec::new();
+        let mut households = Vec::new();
+        rows.for_each_row(None, &mut |row| {
+            households.push(row);
+            true
+        })?;
+        for row in households {
+            let id = row.id;
+            out.push(serde_json::to_string(&row).expect("rows serialise"));
+            rows.for_each_visit(id, &mut |v| {
+                out.push(format!(
+                    "{id} {}",
+                    serde_json::to_string(&v).expect("rows serialise")
+                ));
+                true
+            })?;
+        }
+        for ((station, village), c) in rows.all_counts()? {
+            out.push(format!(
+                "{station}/{village} {}",
+                serde_json::to_string(&c).expect("counts serialise")
+            ));
+        }
+        Ok(out)
     }
 
     /// The row of one household, if it is registered and projected.
@@ -351,14 +329,7 @@ impl Projection {
         station: &str,
         doc: DocumentId,
     ) -> Result<Option<HouseholdRow>, StorageError> {
-        match self
-            .inner
-            .store
-            .table_get_blocking(Table::Projection, &keys::household(station, doc))?
-        {
-            Some(v) => Ok(Some(parse(&v, "household row")?)),
-            None => Ok(None),
-        }
+        self.inner.rows.row(station, doc)
     }
 
     pub fn counts_blocking(
@@ -366,14 +337,7 @@ impl Projection {
         station: &str,
         village: &str,
     ) -> Result<VillageCounts, StorageError> {
-        match self
-            .inner
-            .store
-            .table_get_blocking(Table::Projection, &keys::counts(station, village))?
-        {
-            Some(v) => parse(&v, "village counts"),
-            None => Ok(VillageCounts::default()),
-        }
+        self.inner.rows.counts(station, village)
     }
 }
 
@@ -403,12 +367,8 @@ impl ChangeObserver for Projection {
 }
 
 /// A stored document, loaded whole.
-fn load_content(store: &Store, doc: DocumentId) -> Result<Automerge, StorageError> {
-    store.load_blocking(doc)?.hydrate()
-}
-
-fn parse<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, StorageError> {
-    serde_json::from_slice(v).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+fn load_content(store: &dyn DocumentStore, doc: DocumentId) -> Result<Automerge, StorageError> {
+    store.load(doc)?.hydrate()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -470,21 +430,10 @@ mod tests {
         let mut torn = before.clone();
         torn.visits += 1;
         torn.visited -= 1;
-        store
-            .table_write_in_order_blocking(
-                Table::Projection,
-                vec![
-                    (
-                        keys::counts("north", "east"),
-                        Some(serde_json::to_vec(&torn).unwrap()),
-                    ),
-                    (
-                        keys::counts("north", "gone"),
-                        Some(serde_json::to_vec(&torn).unwrap()),
-                    ),
-                ],
-            )
-            .unwrap();
+        let mut torn_counts = BTreeMap::new();
+        torn_counts.insert(("north".to_string(), "east".to_string()), torn.clone());
+        torn_counts.insert(("north".to_string(), "gone".to_string()), torn);
+        projection.inner.rows.replace_counts(&torn_counts).unwrap();
         store.put_change_blocking(a, &doc_a.save()).unwrap();
         assert_ne!(projection.counts_blocking("north", "east").unwrap(), before);
 

@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use super::{keys, parse, HouseholdRow, Projection, VillageCounts};
+use super::{HouseholdRow, Projection, VillageCounts};
 use crate::auth::ReadingScope;
 use crate::ids::{DocumentId, Timestamp};
 use crate::records::{FollowUpStatus, MatterKind, MatterStatus, ReviewState, VisitRow};
-use crate::storage::{StorageError, Table};
+use crate::storage::StorageError;
 
 /// The list and export filters (query parameters of `/api/v1/households` and
 /// `/api/v1/export.csv`). Every field narrows the result; none given: all households.
@@ -257,21 +257,15 @@ impl Projection {
         scope: &ReadingScope,
         mut each: impl FnMut(HouseholdRow) -> bool,
     ) -> Result<(), StorageError> {
-        let mut failed = None;
-        self.inner.store.table_for_each_blocking(
-            Table::Projection,
-            &keys::station_prefix(b'h', scope.station.as_str()),
-            None,
-            |_, v| match parse::<HouseholdRow>(v, "household row") {
-                Ok(row) if scope.covers(&row.station, &row.village) => each(row),
-                Ok(_) => true,
-                Err(e) => {
-                    failed = Some(e);
-                    false
+        self.inner
+            .rows
+            .for_each_row(Some(scope.station.as_str()), &mut |row| {
+                if scope.covers(&row.station, &row.village) {
+                    each(row)
+                } else {
+                    true
                 }
-            },
-        )?;
-        failed.map_or(Ok(()), Err)
+            })
     }
 
     /// A page of households within `scope` that match `filter`, newest change first.
@@ -399,18 +393,10 @@ impl Projection {
                 .collect::<Vec<_>>()
                 .join(";");
             let todo = s.follow_ups.iter().filter(|f| f.status == "todo").count();
-            let result = self.inner.store.table_for_each_blocking(
-                Table::Projection,
-                &keys::visits_of(row.id),
-                None,
-                |_, v| {
-                    let visit: VisitRow = match parse(v, "visit row") {
-                        Ok(v) => v,
-                        Err(e) => {
-                            failed = Some(e);
-                            return false;
-                        }
-                    };
+            let result = self
+                .inner
+                .rows
+                .for_each_visit(row.id, &mut |visit: VisitRow| {
                     let time = |ms: Option<i64>| {
                         ms.map(|t| Timestamp::from_millis(t.max(0) as u64).to_utc_string())
                             .unwrap_or_default()
@@ -455,8 +441,7 @@ impl Projection {
                         open = sink(std::mem::take(&mut buf));
                     }
                     open
-                },
-            );
+                });
             if let Err(e) = result {
                 failed = Some(e);
             }

@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -63,6 +63,31 @@ const MIGRATIONS: &[&str] = &[
          operator text NOT NULL,
          action text NOT NULL,
          detail text NOT NULL
+     );",
+    // 4: the staff projection (`projection::postgres`): a row per household with the
+    // columns the staff queries select on, its visits, the village counters.
+    "CREATE TABLE households (
+         station text NOT NULL,
+         id uuid NOT NULL,
+         village text NOT NULL,
+         updated_at_ms bigint NOT NULL,
+         review_state text NOT NULL,
+         row jsonb NOT NULL,
+         PRIMARY KEY (station, id)
+     );
+     CREATE INDEX households_by_village ON households (station, village);
+     CREATE INDEX households_by_change ON households (station, updated_at_ms DESC, id);
+     CREATE TABLE visits (
+         doc uuid NOT NULL,
+         visit_id text NOT NULL,
+         row jsonb NOT NULL,
+         PRIMARY KEY (doc, visit_id)
+     );
+     CREATE TABLE village_counts (
+         station text NOT NULL,
+         village text NOT NULL,
+         counts jsonb NOT NULL,
+         PRIMARY KEY (station, village)
      );",
 ];
 
