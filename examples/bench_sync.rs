@@ -178,12 +178,20 @@ async fn main() -> anyhow::Result<()> {
         devices.push((device, ids));
     }
 
-    let before = services.store.stats();
+    let before = services
+        .embedded
+        .as_ref()
+        .expect("bench_sync runs on the embedded store")
+        .stats();
     let t = Instant::now();
     let reports =
         futures_util::future::try_join_all(devices.iter().map(|(d, _)| d.sync(&url))).await?;
     let upload = t.elapsed();
-    let after = services.store.stats();
+    let after = services
+        .embedded
+        .as_ref()
+        .expect("bench_sync runs on the embedded store")
+        .stats();
     assert!(reports.iter().all(|r| r.all_held()));
     let up_bytes: usize = reports
         .iter()
@@ -261,7 +269,7 @@ async fn main() -> anyhow::Result<()> {
         proc_status("VmHWM:"),
         proc_status("VmRSS:"),
         devices_n + 1,
-        services.store.size_on_disk()? / 1024
+        services.embedded.as_ref().expect("bench_sync runs on the embedded store").size_on_disk()? / 1024
     );
     let _ = stop.send(());
     server.await??;

@@ -58,6 +58,10 @@ pub struct AdminArgs {
         global = true
     )]
     pub data: PathBuf,
+    /// The server's PostgreSQL database, when it keeps its data there (as given to
+    /// `serve`); needed only while that server is not running.
+    #[arg(long, env = "FIELDSYNC_DATABASE", global = true)]
+    pub database: Option<String>,
     #[command(subcommand)]
     pub what: AdminWhat,
 }
@@ -195,6 +199,11 @@ pub struct ServeArgs {
     /// Data directory (created if missing). One server process per directory.
     #[arg(long, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
     pub data: PathBuf,
+    /// Keep the data in PostgreSQL instead of the embedded store
+    /// (`postgres://USER@HOST:PORT/DATABASE`); the data directory then only holds the admin
+    /// socket. Early: see the README's known limitations.
+    #[arg(long, env = "FIELDSYNC_DATABASE")]
+    pub database: Option<String>,
     /// Largest WebSocket message accepted, in bytes.
     #[arg(long, env = "FIELDSYNC_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -313,6 +322,7 @@ impl ServeArgs {
             }
         }
         let mut config = ServerConfig::new(self.data);
+        config.database = self.database;
         config.listen.max_connections = self.max_connections;
         config.listen.header_read_timeout = Duration::from_secs(self.header_read_timeout_secs);
         config.listen.trusted_proxies = self.trusted_proxies;

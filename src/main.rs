@@ -118,6 +118,7 @@ async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn admin(args: fieldsync::config::AdminArgs) -> anyhow::Result<()> {
+    let database = args.database.clone();
     let (data_dir, command) = args.into_command(|| {
         let mut line = String::new();
         std::io::stdin().read_line(&mut line)?;
@@ -127,7 +128,8 @@ async fn admin(args: fieldsync::config::AdminArgs) -> anyhow::Result<()> {
         "cli:{}",
         std::env::var("USER").unwrap_or_else(|_| "unknown".into())
     );
-    let config = fieldsync::server::ServerConfig::new(data_dir);
+    let mut config = fieldsync::server::ServerConfig::new(data_dir);
+    config.database = database;
     let output = fieldsync::server::admin(config, command, &operator).await?;
     println!("{output}");
     Ok(())

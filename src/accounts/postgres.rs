@@ -143,7 +143,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_postgres_directory_conforms() {
-        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster");
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
+            .await
+            .unwrap();
         let store = Arc::new(PgStore::connect(&cluster.url).await.unwrap());
         tokio::task::spawn_blocking(move || {
             crate::accounts::store::tests::run_all(&PgDirectory::new(store))

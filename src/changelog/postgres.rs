@@ -189,7 +189,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_postgres_change_log_conforms() {
-        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster");
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
+            .await
+            .unwrap();
         let store = Arc::new(PgStore::connect(&cluster.url).await.unwrap());
         tokio::task::spawn_blocking(move || {
             crate::changelog::store::tests::run_all(&PgChangeLog::new(store))

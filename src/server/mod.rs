@@ -35,13 +35,21 @@ use crate::hub::{Hub, HubConfig};
 use crate::ids::{Clock, PeerId, SystemClock};
 use crate::projection::Projection;
 use crate::protocol::SessionConfig;
+use crate::storage::documents::DocumentStore;
 use crate::storage::{Store, StoreConfig};
+
+/// Written into the data directory of a server on PostgreSQL, so that a command run
+/// without `--database` does not open an empty embedded store there instead.
+const POSTGRES_MARKER: &str = "POSTGRES";
 pub use listen::ListenConfig;
 
 /// Everything `fieldsync serve` can be told, validated once.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// The embedded store (sled) lives here, and the admin socket in any case.
     pub data_dir: PathBuf,
+    /// `postgres://…`: keep everything in PostgreSQL instead of the embedded store.
+    pub database: Option<String>,
     pub store: StoreConfig,
     pub hub: HubConfig,
     pub accounts: AccountsConfig,
@@ -77,6 +85,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            database: None,
             store: StoreConfig::default(),
             hub: HubConfig::default(),
             accounts: AccountsConfig::default(),
@@ -99,7 +108,10 @@ impl ServerConfig {
 /// The opened store, accounts and hub, shared by every connection.
 #[derive(Clone)]
 pub struct Services {
-    pub store: Store,
+    /// Where documents are kept (sled or PostgreSQL).
+    pub documents: Arc<dyn DocumentStore>,
+    /// The embedded store, when the data is there (benchmarks read its statistics).
+    pub embedded: Option<Store>,
     pub hub: Hub,
     pub accounts: Accounts,
     pub changelog: ChangeLog,
@@ -125,12 +137,59 @@ impl Services {
     ) -> Result<Services, crate::Error> {
         crate::storage::prepare_data_dir(&config.data_dir)?;
         crate::storage::check_private(&config.data_dir)?;
-        let store = Store::open(&config.data_dir, &config.store)?;
-        let storage_id = store.storage_id().await?;
-        let accounts =
-            Accounts::open(store.clone(), clock.clone(), config.accounts.clone()).await?;
-        let changelog = ChangeLog::new(store.clone(), accounts.clone());
-        let projection = Projection::new(store.clone(), accounts.clone(), changelog.clone());
+        let marker = config.data_dir.join(POSTGRES_MARKER);
+        let (documents, embedded, accounts, changelog, projection, storage_id) = match &config
+            .database
+        {
+            None => {
+                if marker.exists() {
+                    return Err(crate::Error::Config(format!(
+                        "{} belongs to a server that keeps its data in PostgreSQL: pass its --database (or run the command while that server runs)",
+                        config.data_dir.display()
+                    )));
+                }
+                let store = Store::open(&config.data_dir, &config.store)?;
+                let storage_id = store.storage_id().await?;
+                let accounts =
+                    Accounts::open(store.clone(), clock.clone(), config.accounts.clone()).await?;
+                let changelog = ChangeLog::new(store.clone(), accounts.clone());
+                let projection =
+                    Projection::new(store.clone(), accounts.clone(), changelog.clone());
+                let documents: Arc<dyn DocumentStore> = Arc::new(store.clone());
+                (
+                    documents,
+                    Some(store),
+                    accounts,
+                    changelog,
+                    projection,
+                    storage_id,
+                )
+            }
+            Some(url) => {
+                let pg = Arc::new(crate::storage::postgres::PgStore::connect(url).await?);
+                std::fs::write(&marker, "this data directory holds the admin socket of a fieldsync server whose data is in PostgreSQL\n")
+                    .map_err(|e| crate::Error::Config(format!("cannot write {}: {e}", marker.display())))?;
+                let storage_id = pg.storage_id().await?;
+                let accounts = Accounts::open_on(
+                    Arc::new(crate::accounts::postgres::PgDirectory::new(pg.clone())),
+                    clock.clone(),
+                    config.accounts.clone(),
+                )
+                .await?;
+                let changelog = ChangeLog::with_store(
+                    Arc::new(crate::changelog::postgres::PgChangeLog::new(pg.clone())),
+                    accounts.clone(),
+                );
+                let documents: Arc<dyn DocumentStore> = pg.clone();
+                let projection = Projection::on(
+                    documents.clone(),
+                    Arc::new(crate::projection::postgres::PgProjection::new(pg)),
+                    accounts.clone(),
+                    changelog.clone(),
+                );
+                (documents, None, accounts, changelog, projection, storage_id)
+            }
+        };
         // Changes that reached the disk just before a crash, but whose projection rows did
         // not, are projected now, before anyone reads a list.
         let catching_up = projection.clone();
@@ -143,7 +202,7 @@ impl Services {
         }
         let server_peer_id = PeerId::random("fieldsync");
         let hub = Hub::new(
-            Arc::new(store.clone()),
+            documents.clone(),
             server_peer_id.clone(),
             config.hub.clone(),
             Arc::new(accounts.clone()),
@@ -161,7 +220,8 @@ impl Services {
             join_timeout: config.join_timeout,
         };
         Ok(Services {
-            store,
+            documents,
+            embedded,
             hub,
             accounts,
             changelog,
@@ -171,6 +231,12 @@ impl Services {
             config: Arc::new(config),
             admin_listener: Arc::default(),
         })
+    }
+
+    /// Whether anything is stored for `doc`.
+    pub async fn document_exists(&self, doc: crate::ids::DocumentId) -> Result<bool, crate::Error> {
+        let documents = self.documents.clone();
+        Ok(crate::storage::blocking(move || documents.exists(doc)).await?)
     }
 
     pub fn server_storage_id(&self) -> &crate::ids::StorageId {
@@ -188,7 +254,7 @@ impl Services {
     /// Stops the hub and flushes the store, for in-process tools that never called [`run`].
     pub async fn close(self) -> Result<(), crate::Error> {
         self.hub.shutdown().await;
-        self.store.flush().await?;
+        self.documents.durable().await?;
         Ok(())
     }
 }
@@ -322,7 +388,7 @@ pub async fn run(
     }
     let _ = admin_task.await;
     services.hub.shutdown().await;
-    services.store.flush().await?;
+    services.documents.durable().await?;
     tracing::info!("stopped; store flushed");
     Ok(())
 }

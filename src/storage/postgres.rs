@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -89,6 +89,8 @@ const MIGRATIONS: &[&str] = &[
          counts jsonb NOT NULL,
          PRIMARY KEY (station, village)
      );",
+    // 5: named values (the server's storage id).
+    "CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).
@@ -174,6 +176,26 @@ impl PgStore {
             tracing::info!(version = i + 1, "database schema migrated");
         }
         tx.commit().await.map_err(db)
+    }
+
+    /// The server's storage id (what devices remember their sync states against), created
+    /// on first use. Several nodes on one database share it.
+    pub async fn storage_id(&self) -> Result<StorageId> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO meta (name, value) VALUES ('storage_id', $1) ON CONFLICT DO NOTHING",
+                &[&StorageId::random().as_str()],
+            )
+            .await
+            .map_err(db)?;
+        let text: String = client
+            .query_one("SELECT value FROM meta WHERE name = 'storage_id'", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        StorageId::new(text)
+            .ok_or_else(|| StorageError::Corrupt("the stored storage id is not valid".into()))
     }
 
     /// The schema version the database is at.
@@ -421,18 +443,18 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("{host}:{port}")
 }
 
-/// A throwaway PostgreSQL cluster for tests: Debian's `postgresql` binaries (`initdb`,
-/// `pg_ctl`), a temporary directory, a free loopback port, stopped (immediately) on drop.
-/// As root the cluster runs as the `postgres` user, as PostgreSQL requires.
-#[cfg(test)]
-pub(crate) mod testing {
+/// A throwaway PostgreSQL cluster for tests (the unit tests here and the integration
+/// suite): Debian's `postgresql` binaries (`initdb`, `pg_ctl`), a directory the caller
+/// owns, a free loopback port, stopped (immediately) on drop. As root the cluster runs as
+/// the `postgres` user, as PostgreSQL requires. Not for production use.
+#[doc(hidden)]
+pub mod testing {
     use std::path::PathBuf;
     use std::process::Command;
 
-    pub(crate) struct Cluster {
-        _dir: tempfile::TempDir,
+    pub struct Cluster {
         data: PathBuf,
-        pub(crate) url: String,
+        pub url: String,
     }
 
     fn bin(name: &str) -> PathBuf {
@@ -486,12 +508,13 @@ pub(crate) mod testing {
     }
 
     impl Cluster {
-        pub(crate) fn start() -> Cluster {
-            let dir = tempfile::tempdir().unwrap();
-            let data = dir.path().join("pg");
+        /// Starts a cluster in `dir` (created; it must not exist yet).
+        pub fn start_in(dir: PathBuf) -> Cluster {
+            std::fs::create_dir_all(&dir).unwrap();
+            let data = dir.join("pg");
             if as_root() {
                 let status = Command::new("chown")
-                    .args(["postgres", &dir.path().display().to_string()])
+                    .args(["postgres", &dir.display().to_string()])
                     .status()
                     .unwrap();
                 assert!(status.success());
@@ -531,7 +554,6 @@ pub(crate) mod testing {
                 ],
             );
             Cluster {
-                _dir: dir,
                 data,
                 url: format!("postgres://fieldsync@127.0.0.1:{port}/postgres"),
             }
@@ -553,7 +575,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_postgres_store_conforms_and_migrates_once() {
-        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster");
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
+            .await
+            .unwrap();
         let store = PgStore::connect(&cluster.url).await.unwrap();
         assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
         let store = tokio::task::spawn_blocking(move || {
@@ -579,7 +605,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_newer_schema_or_no_database_is_refused_in_one_line() {
-        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster");
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
+            .await
+            .unwrap();
         let store = PgStore::connect(&cluster.url).await.unwrap();
         store
             .client()

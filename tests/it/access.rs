@@ -124,7 +124,7 @@ async fn a_household_outside_the_officers_villages_is_refused_and_nothing_is_sto
             "{user}"
         );
         assert!(
-            !server.services.store.exists(id).await.unwrap(),
+            !server.services.document_exists(id).await.unwrap(),
             "{user}: bytes of a refused household were stored"
         );
         assert!(server

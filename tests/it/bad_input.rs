@@ -128,7 +128,7 @@ async fn unknown_documents_are_unavailable_and_the_connection_stays_open() {
     }
     for doc in asked {
         assert!(
-            !server.services.store.exists(doc).await.unwrap(),
+            !server.services.document_exists(doc).await.unwrap(),
             "nothing stored for {doc}"
         );
     }

@@ -139,3 +139,82 @@ async fn a_household_acknowledged_as_held_is_in_its_catalog_after_sigkill() {
     assert_eq!(listed.len(), ids.len());
     server.kill().await;
 }
+
+/// The same on PostgreSQL (`serve --database`): every change a device was told is held
+/// survives SIGKILLs of the server process, and a fresh device gets it (same heads). The
+/// accounts are set up through the running server's admin socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_changes_acknowledged_before_sigkill_survive_restart() {
+    use fieldsync::storage::postgres::testing::Cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("cluster");
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(at))
+        .await
+        .unwrap();
+    let data = dir.path().join("server-data");
+    let database = ["--database", cluster.url.as_str()];
+    let start = || ServerProcess::start_with(&data, &database, &[], std::process::Stdio::inherit());
+    let officers: Vec<Device> = {
+        let mut v = Vec::new();
+        for name in ["a", "b"] {
+            v.push(Device::open(&dir.path().join(name)).await.unwrap());
+        }
+        v
+    };
+    let mut ids = Vec::new();
+    for (i, d) in officers.iter().enumerate() {
+        ids.push(
+            d.create_household(&household(&format!("{}", 60 + i)))
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..2 {
+        let server = start().await;
+        if round == 0 {
+            world_via_cli(&data).await;
+            for d in &officers {
+                d.set_token(&server.enrol("amy").await).await.unwrap();
+            }
+        }
+        let mut syncs = Vec::new();
+        for (d, id) in officers.iter().zip(&ids) {
+            let id = *id;
+            d.change(id, move |tx| {
+                records::add_visit(tx, &visit("officer", &format!("round {round}")))
+            })
+            .await
+            .unwrap();
+            syncs.push(d.sync(&server.url));
+        }
+        for report in futures_util::future::join_all(syncs).await {
+            assert!(report.unwrap().all_held(), "round {round}");
+        }
+        server.kill().await;
+    }
+    // Without --database the data directory is refused, not opened as an empty store.
+    let out = crate::common::admin_cli_output(&data, &["user", "list"], None).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PostgreSQL: pass its --database"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let server = start().await;
+    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    fresh.set_token(&server.enrol("ben").await).await.unwrap();
+    for id in &ids {
+        fresh.track(*id).await.unwrap();
+    }
+    assert!(fresh.sync(&server.url).await.unwrap().all_held());
+    for (d, id) in officers.iter().zip(&ids) {
+        assert_eq!(fresh.heads(*id).await.unwrap(), d.heads(*id).await.unwrap());
+        let view = fresh.household(*id).await.unwrap();
+        let mut notes: Vec<String> = view.visits.iter().map(|v| v.notes.clone()).collect();
+        notes.sort();
+        assert_eq!(notes, vec!["round 0", "round 1"]);
+    }
+    server.kill().await;
+    drop(cluster);
+}

@@ -368,7 +368,7 @@ async fn made_up_documents_are_bounded_per_connection_and_unloaded_when_it_ends(
     })
     .await;
     for id in ids {
-        assert!(!server.services.store.exists(id).await.unwrap());
+        assert!(!server.services.document_exists(id).await.unwrap());
     }
     server.stop().await;
 }
