@@ -67,3 +67,9 @@ if ! command -v clippy-driver >/dev/null; then
 fi
 RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)" CLIPPY_ARGS="-Dwarnings__CLIPPY_HACKERY__" \
   cargo test
+
+echo "==> the integration suite again, its in-process servers on PostgreSQL (a throwaway cluster each)"
+# Same build (same wrapper and flags), so nothing is compiled again. Tests that start the
+# server binary keep the embedded store, except those written for PostgreSQL.
+FIELDSYNC_TEST_BACKEND=postgres RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)" \
+  CLIPPY_ARGS="-Dwarnings__CLIPPY_HACKERY__" cargo test --test it

@@ -350,11 +350,14 @@ async fn made_up_documents_are_bounded_per_connection_and_unloaded_when_it_ends(
         hub.cache_stats().loads >= 60
     })
     .await;
-    let stats = hub.cache_stats();
-    assert!(
-        stats.loaded_docs <= BUDGET / (64 * 1024) + 1,
-        "{stats:?}: empty documents must count against the budget"
-    );
+    // Once the last of them has loaded (a load counts from its start, at a small estimate;
+    // on PostgreSQL a load takes round trips), empty documents must count against the
+    // budget: at most a budget's worth stays.
+    eventually(
+        "at most a budget's worth of made-up documents loaded",
+        || hub.cache_stats().loaded_docs <= BUDGET / (64 * 1024) + 1,
+    )
+    .await;
     // Past the per-connection bound the connection is closed with a reason.
     for _ in 0..60 {
         p.offer(DocumentId::random(), empty_sync()).await;

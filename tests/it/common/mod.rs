@@ -101,7 +101,16 @@ pub struct TestServer {
     pub services: Services,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), fieldsync::Error>>>,
+    /// The PostgreSQL cluster, when `FIELDSYNC_TEST_BACKEND=postgres` (stopped on drop,
+    /// before the directory goes).
+    _cluster: Option<fieldsync::storage::postgres::testing::Cluster>,
     pub dir: tempfile::TempDir,
+}
+
+/// `FIELDSYNC_TEST_BACKEND=postgres` runs the in-process test servers on a throwaway
+/// PostgreSQL cluster each (`tests/run-all.sh` runs the suite once per backend).
+pub fn on_postgres() -> bool {
+    std::env::var("FIELDSYNC_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
 impl TestServer {
@@ -127,6 +136,18 @@ impl TestServer {
             .try_init();
         let dir = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new(dir.path().join("data"));
+        let cluster = if on_postgres() {
+            let at = dir.path().join("pg");
+            let cluster = tokio::task::spawn_blocking(move || {
+                fieldsync::storage::postgres::testing::Cluster::start_in(at)
+            })
+            .await
+            .unwrap();
+            config.database = Some(cluster.url.clone());
+            Some(cluster)
+        } else {
+            None
+        };
         tune(&mut config);
         let services = Services::open_with_clock(config, clock).await.unwrap();
         for cmd in world_commands() {
@@ -155,6 +176,7 @@ impl TestServer {
             services,
             stop: Some(stop),
             task: Some(task),
+            _cluster: cluster,
             dir,
         };
         let token = server.enrol(world::AMY).await;
