@@ -421,7 +421,17 @@ impl DocActor {
 }
 
 impl DocState {
+    /// Applies one batch of commands and writes what it changed, as one unit of the store
+    /// (one transaction on PostgreSQL): a failure leaves nothing of it stored, and the
+    /// caller then unloads the document, whose memory may hold what was not stored.
     fn apply(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
+        hub.store.begin_batch()?;
+        let applied = self.apply_batch(hub, batch);
+        hub.store.end_batch(applied.is_ok())?;
+        applied
+    }
+
+    fn apply_batch(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
         let store: &dyn DocumentStore = hub.store.as_ref();
         let mut out = Applied::default();
         let heads_at_start = self.doc.get_heads();

@@ -45,6 +45,19 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// Saves a sync state (losing one costs bandwidth, not data).
     fn put_sync_state(&self, doc: DocumentId, peer: &StorageId, state: &[u8]) -> Result<()>;
 
+    /// Opens the unit of one accepted batch on this thread: what the hub and its observers
+    /// write until [`DocumentStore::end_batch`] (chunk, registration, provenance,
+    /// projection) commits or rolls back together. PostgreSQL: one transaction. sled: does
+    /// nothing; its writes are ordered after the unsettled mark, which catch-up repairs from.
+    fn begin_batch(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Commits (`true`) or rolls back the batch open on this thread.
+    fn end_batch(&self, _commit: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// Returns once everything written before the call is durable.
     fn flush(&self) -> Result<()>;
 

@@ -215,43 +215,62 @@ impl PgStore {
         self.runtime.block_on(f)
     }
 
-    /// Runs `f` with a pooled connection, blocking this (blocking) thread until it is done:
-    /// for the other layers' PostgreSQL backends, whose tables this store's migrations
-    /// create.
-    pub fn with_client<T>(
+    /// Runs `f` with a connection, blocking this (blocking) thread until it is done: the
+    /// connection of the batch open on this thread (see [`DocumentStore::begin_batch`]), or
+    /// a pooled one. For every layer's PostgreSQL backend (their tables are created by this
+    /// store's migrations).
+    pub fn with_client<T>(&self, f: impl for<'c> FnOnce(&'c Client) -> Query<'c, T>) -> Result<T> {
+        match BATCH.with(|b| b.borrow_mut().take()) {
+            Some(open) => {
+                let out = self.block_on(f(&open));
+                BATCH.with(|b| *b.borrow_mut() = Some(open));
+                out
+            }
+            None => self.block_on(async {
+                let client = self.client().await?;
+                f(&client).await
+            }),
+        }
+    }
+
+    /// Like [`PgStore::with_client`], all or nothing: inside the batch open on this thread
+    /// (it commits with it), else in a transaction of its own that commits when `f`
+    /// succeeds and rolls back when it fails.
+    pub fn with_transaction<T>(
         &self,
-        f: impl for<'c> FnOnce(
-            &'c deadpool_postgres::Object,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
-        >,
+        f: impl for<'c> FnOnce(&'c Client) -> Query<'c, T>,
     ) -> Result<T> {
+        if BATCH.with(|b| b.borrow().is_some()) {
+            return self.with_client(f);
+        }
         self.block_on(async {
             let client = self.client().await?;
-            f(&client).await
+            client.batch_execute("BEGIN").await.map_err(db)?;
+            match f(&client).await {
+                Ok(out) => {
+                    client.batch_execute("COMMIT").await.map_err(db)?;
+                    Ok(out)
+                }
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(e)
+                }
+            }
         })
     }
 }
 
-impl PgStore {
-    /// Like [`PgStore::with_client`], inside one transaction that commits when `f`
-    /// succeeds and rolls back when it fails.
-    pub fn with_transaction<T>(
-        &self,
-        f: impl for<'c> FnOnce(
-            &'c deadpool_postgres::Transaction<'c>,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
-        >,
-    ) -> Result<T> {
-        self.block_on(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let out = f(&tx).await?;
-            tx.commit().await.map_err(db)?;
-            Ok(out)
-        })
-    }
+/// The connection type the backends' queries get.
+pub type Client = tokio_postgres::Client;
+
+/// What a backend's query closure returns.
+pub type Query<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>>;
+
+thread_local! {
+    /// The connection of the accepted batch open on this (blocking) thread, in a transaction
+    /// (see [`DocumentStore::begin_batch`]).
+    static BATCH: std::cell::RefCell<Option<deadpool_postgres::Object>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A database error as a storage error (for the other layers' PostgreSQL backends).
@@ -261,86 +280,91 @@ pub fn database_error(e: tokio_postgres::Error) -> StorageError {
 
 impl DocumentStore for PgStore {
     fn load(&self, doc: DocumentId) -> Result<StoredDocument> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT kind, hash, data FROM chunks WHERE doc = $1 ORDER BY kind, hash",
-                    &[&uuid(doc)],
-                )
-                .await
-                .map_err(db)?;
-            let mut chunks = Vec::with_capacity(rows.len());
-            for row in rows {
-                let kind = match row.get::<_, i16>(0) {
-                    1 => ChunkKind::Snapshot,
-                    2 => ChunkKind::Incremental,
-                    other => {
-                        return Err(StorageError::Corrupt(format!(
-                            "document {doc}: a chunk of unknown kind {other}"
-                        )))
-                    }
-                };
-                let hash: [u8; 32] = row.get::<_, Vec<u8>>(1).try_into().map_err(|_| {
-                    StorageError::Corrupt(format!("document {doc}: a chunk hash is not 32 bytes"))
-                })?;
-                chunks.push((ChunkKey::new(doc, kind, hash), row.get::<_, Vec<u8>>(2)));
-            }
-            Ok(StoredDocument { chunks })
+        self.with_client(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT kind, hash, data FROM chunks WHERE doc = $1 ORDER BY kind, hash",
+                        &[&uuid(doc)],
+                    )
+                    .await
+                    .map_err(db)?;
+                let mut chunks = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let kind = match row.get::<_, i16>(0) {
+                        1 => ChunkKind::Snapshot,
+                        2 => ChunkKind::Incremental,
+                        other => {
+                            return Err(StorageError::Corrupt(format!(
+                                "document {doc}: a chunk of unknown kind {other}"
+                            )))
+                        }
+                    };
+                    let hash: [u8; 32] = row.get::<_, Vec<u8>>(1).try_into().map_err(|_| {
+                        StorageError::Corrupt(format!(
+                            "document {doc}: a chunk hash is not 32 bytes"
+                        ))
+                    })?;
+                    chunks.push((ChunkKey::new(doc, kind, hash), row.get::<_, Vec<u8>>(2)));
+                }
+                Ok(StoredDocument { chunks })
+            })
         })
     }
 
     fn exists(&self, doc: DocumentId) -> Result<bool> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt("SELECT 1 FROM chunks WHERE doc = $1 LIMIT 1", &[&uuid(doc)])
-                .await
-                .map_err(db)?;
-            Ok(row.is_some())
+        self.with_client(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt("SELECT 1 FROM chunks WHERE doc = $1 LIMIT 1", &[&uuid(doc)])
+                    .await
+                    .map_err(db)?;
+                Ok(row.is_some())
+            })
         })
     }
 
     fn put_change(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
         use sha2::{Digest, Sha256};
         let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
-        self.block_on(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            tx.execute(
-                "INSERT INTO unsettled (doc) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&uuid(doc)],
-            )
-            .await
-            .map_err(db)?;
-            insert_chunk(&tx, &key, bytes).await?;
-            tx.commit().await.map_err(db)?;
-            Ok(key)
+        let bytes = bytes.to_vec();
+        self.with_transaction(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO unsettled (doc) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&uuid(doc)],
+                )
+                .await
+                .map_err(db)?;
+                insert_chunk(c, &key, &bytes).await?;
+                Ok(key)
+            })
         })
     }
 
     fn settle(&self, doc: DocumentId) -> Result<()> {
-        self.block_on(async {
-            let client = self.client().await?;
-            client
-                .execute("DELETE FROM unsettled WHERE doc = $1", &[&uuid(doc)])
-                .await
-                .map_err(db)?;
-            Ok(())
+        self.with_client(move |c| {
+            Box::pin(async move {
+                c.execute("DELETE FROM unsettled WHERE doc = $1", &[&uuid(doc)])
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            })
         })
     }
 
     fn unsettled(&self) -> Result<Vec<DocumentId>> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let rows = client
-                .query("SELECT doc FROM unsettled ORDER BY doc", &[])
-                .await
-                .map_err(db)?;
-            Ok(rows
-                .iter()
-                .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
-                .collect())
+        self.with_client(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("SELECT doc FROM unsettled ORDER BY doc", &[])
+                    .await
+                    .map_err(db)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
+                    .collect())
+            })
         })
     }
 
@@ -352,54 +376,84 @@ impl DocumentStore for PgStore {
         replaced: &[ChunkKey],
     ) -> Result<ChunkKey> {
         let key = ChunkKey::new(doc, ChunkKind::Snapshot, heads_hash);
-        self.block_on(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            for old in replaced.iter().filter(|k| **k != key) {
-                tx.execute(
-                    "DELETE FROM chunks WHERE doc = $1 AND kind = $2 AND hash = $3",
-                    &[&uuid(old.doc), &(old.kind as i16), &&old.hash[..]],
-                )
-                .await
-                .map_err(db)?;
-            }
-            insert_chunk(&tx, &key, snapshot).await?;
-            tx.commit().await.map_err(db)?;
-            Ok(key)
+        let snapshot = snapshot.to_vec();
+        let replaced: Vec<ChunkKey> = replaced.iter().filter(|k| **k != key).copied().collect();
+        self.with_transaction(move |c| {
+            Box::pin(async move {
+                for old in &replaced {
+                    c.execute(
+                        "DELETE FROM chunks WHERE doc = $1 AND kind = $2 AND hash = $3",
+                        &[&uuid(old.doc), &(old.kind as i16), &&old.hash[..]],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+                insert_chunk(c, &key, &snapshot).await?;
+                Ok(key)
+            })
         })
     }
 
     fn sync_state(&self, doc: DocumentId, peer: &StorageId) -> Result<Option<Vec<u8>>> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT state FROM sync_states WHERE doc = $1 AND peer = $2",
-                    &[&uuid(doc), &peer.to_string()],
-                )
-                .await
-                .map_err(db)?;
-            Ok(row.map(|r| r.get(0)))
+        let peer = peer.to_string();
+        self.with_client(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT state FROM sync_states WHERE doc = $1 AND peer = $2",
+                        &[&uuid(doc), &peer],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(row.map(|r| r.get(0)))
+            })
         })
     }
 
     fn put_sync_state(&self, doc: DocumentId, peer: &StorageId, state: &[u8]) -> Result<()> {
-        self.block_on(async {
-            let client = self.client().await?;
-            client
-                .execute(
+        let (peer, state) = (peer.to_string(), state.to_vec());
+        self.with_client(move |c| {
+            Box::pin(async move {
+                c.execute(
                     "INSERT INTO sync_states (doc, peer, state) VALUES ($1, $2, $3)
                      ON CONFLICT (doc, peer) DO UPDATE SET state = excluded.state",
-                    &[&uuid(doc), &peer.to_string(), &state],
+                    &[&uuid(doc), &peer, &state],
                 )
                 .await
                 .map_err(db)?;
-            Ok(())
+                Ok(())
+            })
+        })
+    }
+
+    fn begin_batch(&self) -> Result<()> {
+        let open = self.block_on(async {
+            let client = self.client().await?;
+            client.batch_execute("BEGIN").await.map_err(db)?;
+            Ok(client)
+        })?;
+        if let Some(stale) = BATCH.with(|b| b.borrow_mut().replace(open)) {
+            // A batch left open by a panic: never commit what it held.
+            let _ = self.block_on(async { stale.batch_execute("ROLLBACK").await.map_err(db) });
+        }
+        Ok(())
+    }
+
+    fn end_batch(&self, commit: bool) -> Result<()> {
+        let Some(open) = BATCH.with(|b| b.borrow_mut().take()) else {
+            return Ok(());
+        };
+        self.block_on(async {
+            if commit {
+                open.batch_execute("COMMIT").await.map_err(db)
+            } else {
+                open.batch_execute("ROLLBACK").await.map_err(db)
+            }
         })
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(()) // every write above committed its own transaction
+        Ok(()) // what was written is committed: by its own transaction or its batch's
     }
 
     fn durable(&self) -> super::documents::Durable {
@@ -407,14 +461,10 @@ impl DocumentStore for PgStore {
     }
 }
 
-async fn insert_chunk(
-    tx: &deadpool_postgres::Transaction<'_>,
-    key: &ChunkKey,
-    data: &[u8],
-) -> Result<()> {
+async fn insert_chunk(c: &Client, key: &ChunkKey, data: &[u8]) -> Result<()> {
     // Content-addressed: the same key always holds the same bytes, so a second insert of
     // it (a re-sent change, a repeated compaction) changes nothing.
-    tx.execute(
+    c.execute(
         "INSERT INTO chunks (doc, kind, hash, data) VALUES ($1, $2, $3, $4)
          ON CONFLICT DO NOTHING",
         &[&uuid(key.doc), &(key.kind as i16), &&key.hash[..], &data],
@@ -600,6 +650,56 @@ mod tests {
             !unsettled.is_empty(),
             "the suite's last documents are still marked: reconnecting reset nothing"
         );
+        drop(cluster);
+    }
+
+    /// What the hub writes for one accepted batch (chunk with its mark, a provenance row)
+    /// commits or rolls back as one: a failure after the chunk and before the rows leaves
+    /// neither.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_accepted_batch_commits_or_rolls_back_as_one() {
+        use crate::changelog::postgres::PgChangeLog;
+        use crate::changelog::{ChangeLogStore, ProvenanceRow};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster");
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
+            .await
+            .unwrap();
+        let store = std::sync::Arc::new(PgStore::connect(&cluster.url).await.unwrap());
+        tokio::task::spawn_blocking(move || {
+            let log = PgChangeLog::new(store.clone());
+            let row = |doc: DocumentId, seq: u64| ProvenanceRow {
+                seq,
+                doc,
+                hash: hex::encode([1; 32]),
+                actor: hex::encode([2; 16]),
+                device: None,
+                user: crate::auth::UserName::new("amy").unwrap(),
+                received_at: crate::ids::Timestamp::from_millis(1),
+                flagged: false,
+                actor_bound_to: None,
+                heads_after: Vec::new(),
+            };
+            let doc = DocumentId::random();
+            store.begin_batch().unwrap();
+            store.put_change(doc, b"chunk").unwrap();
+            assert!(store.exists(doc).unwrap(), "the batch reads its own writes");
+            log.append(&row(doc, log.next_seq().unwrap())).unwrap();
+            store.end_batch(false).unwrap(); // what a failure after the chunk does
+            assert!(!store.exists(doc).unwrap());
+            assert!(log.history(doc).unwrap().is_empty());
+            assert!(store.unsettled().unwrap().is_empty());
+
+            store.begin_batch().unwrap();
+            store.put_change(doc, b"chunk").unwrap();
+            log.append(&row(doc, log.next_seq().unwrap())).unwrap();
+            store.end_batch(true).unwrap();
+            assert!(store.exists(doc).unwrap());
+            assert_eq!(log.history(doc).unwrap().len(), 1);
+            assert_eq!(store.unsettled().unwrap(), vec![doc]);
+        })
+        .await
+        .unwrap();
         drop(cluster);
     }
 
