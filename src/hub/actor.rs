@@ -425,8 +425,20 @@ impl DocState {
     /// (one transaction on PostgreSQL): a failure leaves nothing of it stored, and the
     /// caller then unloads the document, whose memory may hold what was not stored.
     fn apply(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
+        /// Rolls the batch back if it is still open when dropped (a panic while applying),
+        /// so nothing later on this thread writes into a transaction nobody commits.
+        struct Open<'a>(Option<&'a dyn DocumentStore>);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                if let Some(store) = self.0.take() {
+                    let _ = store.end_batch(false);
+                }
+            }
+        }
         hub.store.begin_batch()?;
+        let mut open = Open(Some(hub.store.as_ref()));
         let applied = self.apply_batch(hub, batch);
+        open.0 = None;
         hub.store.end_batch(applied.is_ok())?;
         applied
     }
