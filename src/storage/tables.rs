@@ -1,7 +1,8 @@
-//! Small keyed tables beside the document chunks: the account directory, provenance rows,
-//! the change feed, actor bindings and the admin audit log. The layers above choose keys and
-//! encode values (JSON); this file only stores bytes, with the version byte, and gives
-//! atomic batches within one table. Must not interpret what it stores.
+//! Small keyed sled tables beside the document chunks, for the sled backends of the layers
+//! above (the account directory and audit log, the change log, the projection): they choose
+//! keys and encode values (JSON); this file only stores bytes, with the version byte, and
+//! gives ordered writes (the hot path), atomic batches within one table and transactions
+//! across tables (rare writes). Must not interpret what it stores.
 
 use super::{unversioned, versioned, Result, Store};
 
