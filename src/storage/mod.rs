@@ -1,6 +1,10 @@
-//! The one storage API, with sled inside. Every sled call in the crate lives in this module.
+//! Storage: the seam (`documents::DocumentStore`, what the hub asks for a document), the
+//! embedded sled store ([`Store`]; every sled call in the crate lives in this module) and the
+//! PostgreSQL store (`postgres`: its pool, the migrations of every layer's tables, the batch
+//! transaction, test clusters). The layers above keep their own rows behind traits of their
+//! own, with a backend per engine built on these two.
 //!
-//! Owns: the tree layout and key encoding (`keys`), content-addressed document chunks
+//! The sled store owns: the tree layout and key encoding (`keys`), content-addressed document chunks
 //! (incremental changes and compacted snapshots), persisted Automerge sync states, small
 //! metadata (the server's storage id), keyed tables for accounts, provenance, the change feed
 //! and the audit log (`tables`), and durability through group commit (`group_commit`).
