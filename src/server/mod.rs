@@ -137,58 +137,16 @@ impl Services {
     ) -> Result<Services, crate::Error> {
         crate::storage::prepare_data_dir(&config.data_dir)?;
         crate::storage::check_private(&config.data_dir)?;
-        let marker = config.data_dir.join(POSTGRES_MARKER);
-        let (documents, embedded, accounts, changelog, projection, storage_id) = match &config
-            .database
-        {
-            None => {
-                if marker.exists() {
-                    return Err(crate::Error::Config(format!(
-                        "{} belongs to a server that keeps its data in PostgreSQL: pass its --database (or run the command while that server runs)",
-                        config.data_dir.display()
-                    )));
-                }
-                let store = Store::open(&config.data_dir, &config.store)?;
-                let storage_id = store.storage_id().await?;
-                let accounts =
-                    Accounts::open(store.clone(), clock.clone(), config.accounts.clone()).await?;
-                let changelog = ChangeLog::new(store.clone(), accounts.clone());
-                let projection =
-                    Projection::new(store.clone(), accounts.clone(), changelog.clone());
-                let documents: Arc<dyn DocumentStore> = Arc::new(store.clone());
-                (
-                    documents,
-                    Some(store),
-                    accounts,
-                    changelog,
-                    projection,
-                    storage_id,
-                )
-            }
-            Some(url) => {
-                let pg = Arc::new(crate::storage::postgres::PgStore::connect(url).await?);
-                std::fs::write(&marker, "this data directory holds the admin socket of a fieldsync server whose data is in PostgreSQL\n")
-                    .map_err(|e| crate::Error::Config(format!("cannot write {}: {e}", marker.display())))?;
-                let storage_id = pg.storage_id().await?;
-                let accounts = Accounts::open_on(
-                    Arc::new(crate::accounts::postgres::PgDirectory::new(pg.clone())),
-                    clock.clone(),
-                    config.accounts.clone(),
-                )
-                .await?;
-                let changelog = ChangeLog::with_store(
-                    Arc::new(crate::changelog::postgres::PgChangeLog::new(pg.clone())),
-                    accounts.clone(),
-                );
-                let documents: Arc<dyn DocumentStore> = pg.clone();
-                let projection = Projection::on(
-                    documents.clone(),
-                    Arc::new(crate::projection::postgres::PgProjection::new(pg)),
-                    accounts.clone(),
-                    changelog.clone(),
-                );
-                (documents, None, accounts, changelog, projection, storage_id)
-            }
+        let Layers {
+            documents,
+            embedded,
+            accounts,
+            changelog,
+            projection,
+            storage_id,
+        } = match &config.database {
+            None => Layers::embedded(&config, clock.clone()).await?,
+            Some(url) => Layers::postgres(&config, url, clock.clone()).await?,
         };
         // Changes that reached the disk just before a crash, but whose projection rows did
         // not, are projected now, before anyone reads a list.
@@ -256,6 +214,86 @@ impl Services {
         self.hub.shutdown().await;
         self.documents.durable().await?;
         Ok(())
+    }
+}
+
+/// The storage-backed layers, on one backend.
+struct Layers {
+    documents: Arc<dyn DocumentStore>,
+    embedded: Option<Store>,
+    accounts: Accounts,
+    changelog: ChangeLog,
+    projection: Projection,
+    storage_id: crate::ids::StorageId,
+}
+
+impl Layers {
+    /// On sled in the data directory (refused if it belongs to a server on PostgreSQL).
+    async fn embedded(
+        config: &ServerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Layers, crate::Error> {
+        if config.data_dir.join(POSTGRES_MARKER).exists() {
+            return Err(crate::Error::Config(format!(
+                "{} belongs to a server that keeps its data in PostgreSQL: pass its --database (or run the command while that server runs)",
+                config.data_dir.display()
+            )));
+        }
+        let store = Store::open(&config.data_dir, &config.store)?;
+        let storage_id = store.storage_id().await?;
+        let accounts = Accounts::open(store.clone(), clock, config.accounts.clone()).await?;
+        let changelog = ChangeLog::new(store.clone(), accounts.clone());
+        let projection = Projection::new(store.clone(), accounts.clone(), changelog.clone());
+        Ok(Layers {
+            documents: Arc::new(store.clone()),
+            embedded: Some(store),
+            accounts,
+            changelog,
+            projection,
+            storage_id,
+        })
+    }
+
+    /// On PostgreSQL at `url` (migrated on connect); marks the data directory as such.
+    async fn postgres(
+        config: &ServerConfig,
+        url: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Layers, crate::Error> {
+        use crate::storage::postgres::PgStore;
+        let pg = Arc::new(PgStore::connect(url).await?);
+        let marker = config.data_dir.join(POSTGRES_MARKER);
+        std::fs::write(
+            &marker,
+            "this data directory holds the admin socket of a fieldsync server whose data is in PostgreSQL\n",
+        )
+        .map_err(|e| crate::Error::Config(format!("cannot write {}: {e}", marker.display())))?;
+        let storage_id = pg.storage_id().await?;
+        let accounts = Accounts::open_on(
+            Arc::new(crate::accounts::postgres::PgDirectory::new(pg.clone())),
+            clock,
+            config.accounts.clone(),
+        )
+        .await?;
+        let changelog = ChangeLog::with_store(
+            Arc::new(crate::changelog::postgres::PgChangeLog::new(pg.clone())),
+            accounts.clone(),
+        );
+        let documents: Arc<dyn DocumentStore> = pg.clone();
+        let projection = Projection::on(
+            documents.clone(),
+            Arc::new(crate::projection::postgres::PgProjection::new(pg)),
+            accounts.clone(),
+            changelog.clone(),
+        );
+        Ok(Layers {
+            documents,
+            embedded: None,
+            accounts,
+            changelog,
+            projection,
+            storage_id,
+        })
     }
 }
 
