@@ -261,6 +261,13 @@ impl Layers {
         clock: Arc<dyn Clock>,
     ) -> Result<Layers, crate::Error> {
         use crate::storage::postgres::PgStore;
+        if config.data_dir.join("conf").exists() {
+            // sled's files: this directory holds embedded data the server would then hide.
+            return Err(crate::Error::Config(format!(
+                "{} holds data of the embedded store; a server on PostgreSQL would not see it: give it another --data directory (moving data between the backends is not built yet)",
+                config.data_dir.display()
+            )));
+        }
         let pg = Arc::new(PgStore::connect(url).await?);
         let marker = config.data_dir.join(POSTGRES_MARKER);
         std::fs::write(

@@ -192,6 +192,23 @@ async fn on_postgres_changes_acknowledged_before_sigkill_survive_restart() {
         }
         server.kill().await;
     }
+    // A data directory of the embedded store is refused by a server on PostgreSQL (its
+    // data would be hidden), and the other way round.
+    let sled_data = dir.path().join("embedded-data");
+    world_via_cli(&sled_data).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&sled_data)
+        .args(database)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds data of the embedded store"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Without --database the data directory is refused, not opened as an empty store.
     let out = crate::common::admin_cli_output(&data, &["user", "list"], None).await;
     assert!(!out.status.success());
