@@ -185,21 +185,12 @@ impl ChangeLogStore for PgChangeLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::postgres::testing::Cluster;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_postgres_change_log_conforms() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cluster");
-        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
-            .await
-            .unwrap();
-        let store = Arc::new(PgStore::connect(&cluster.url).await.unwrap());
-        tokio::task::spawn_blocking(move || {
+        crate::storage::postgres::tests::on_fresh_database(|store| {
             crate::changelog::store::tests::run_all(&PgChangeLog::new(store))
         })
-        .await
-        .unwrap();
-        drop(cluster);
+        .await;
     }
 }

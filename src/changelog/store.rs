@@ -235,12 +235,6 @@ pub(crate) mod tests {
 
     #[test]
     fn the_sled_change_log_conforms() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let _guard = rt.enter();
-        let store = Store::open(dir.path(), &Default::default()).unwrap();
-        run_all(&SledChangeLog::new(store));
+        crate::storage::on_temp_store(|store| run_all(&SledChangeLog::new(store)));
     }
 }

@@ -591,6 +591,18 @@ fn unversioned(v: &[u8]) -> Result<&[u8]> {
     }
 }
 
+/// Runs `f` with a store in a fresh temporary directory, inside a runtime (the store's
+/// flusher needs one): what each layer's sled conformance run needs.
+#[cfg(test)]
+pub(crate) fn on_temp_store<T>(f: impl FnOnce(Store) -> T) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    f(Store::open(dir.path(), &StoreConfig::default()).unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

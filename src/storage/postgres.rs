@@ -558,6 +558,13 @@ pub mod testing {
     }
 
     impl Cluster {
+        /// [`Cluster::start_in`] off the async reactor (it runs `initdb` and `pg_ctl`).
+        pub async fn start(dir: PathBuf) -> Cluster {
+            tokio::task::spawn_blocking(move || Cluster::start_in(dir))
+                .await
+                .expect("the cluster starts")
+        }
+
         /// Starts a cluster in `dir` (created; it must not exist yet).
         pub fn start_in(dir: PathBuf) -> Cluster {
             std::fs::create_dir_all(&dir).unwrap();
@@ -619,17 +626,27 @@ pub mod testing {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::testing::Cluster;
     use super::*;
+
+    /// Runs `f` on a blocking thread with a store connected to a fresh throwaway cluster
+    /// (migrated), which stops when `f` returns: what each layer's conformance run needs.
+    pub(crate) async fn on_fresh_database<T: Send + 'static>(
+        f: impl FnOnce(std::sync::Arc<PgStore>) -> T + Send + 'static,
+    ) -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path().join("cluster")).await;
+        let store = std::sync::Arc::new(PgStore::connect(&cluster.url).await.unwrap());
+        let out = tokio::task::spawn_blocking(move || f(store)).await.unwrap();
+        drop(cluster);
+        out
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_postgres_store_conforms_and_migrates_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cluster");
-        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
-            .await
-            .unwrap();
+        let cluster = Cluster::start(dir.path().join("cluster")).await;
         let store = PgStore::connect(&cluster.url).await.unwrap();
         assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
         let store = tokio::task::spawn_blocking(move || {
@@ -660,13 +677,7 @@ mod tests {
     async fn an_accepted_batch_commits_or_rolls_back_as_one() {
         use crate::changelog::postgres::PgChangeLog;
         use crate::changelog::{ChangeLogStore, ProvenanceRow};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cluster");
-        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
-            .await
-            .unwrap();
-        let store = std::sync::Arc::new(PgStore::connect(&cluster.url).await.unwrap());
-        tokio::task::spawn_blocking(move || {
+        on_fresh_database(|store| {
             let log = PgChangeLog::new(store.clone());
             let row = |doc: DocumentId, seq: u64| ProvenanceRow {
                 seq,
@@ -698,18 +709,13 @@ mod tests {
             assert_eq!(log.history(doc).unwrap().len(), 1);
             assert_eq!(store.unsettled().unwrap(), vec![doc]);
         })
-        .await
-        .unwrap();
-        drop(cluster);
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_newer_schema_or_no_database_is_refused_in_one_line() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cluster");
-        let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(path))
-            .await
-            .unwrap();
+        let cluster = Cluster::start(dir.path().join("cluster")).await;
         let store = PgStore::connect(&cluster.url).await.unwrap();
         store
             .client()

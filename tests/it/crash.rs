@@ -7,26 +7,33 @@ use fieldsync::records;
 
 use crate::common::{household, visit, world_via_cli, ServerProcess};
 
+/// Officers' devices in `dir`, each with a household of its own created offline (house
+/// numbers from `first_house_no`).
+async fn officers_with_a_household_each(
+    dir: &std::path::Path,
+    names: &[&str],
+    first_house_no: usize,
+) -> (Vec<Device>, Vec<fieldsync::ids::DocumentId>) {
+    let mut officers = Vec::new();
+    let mut ids = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let d = Device::open(&dir.join(name)).await.unwrap();
+        ids.push(
+            d.create_household(&household(&format!("{}", first_house_no + i)))
+                .await
+                .unwrap(),
+        );
+        officers.push(d);
+    }
+    (officers, ids)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_acknowledged_before_sigkill_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server-data");
     world_via_cli(&data).await;
-    let officers: Vec<Device> = {
-        let mut v = Vec::new();
-        for name in ["a", "b", "c"] {
-            v.push(Device::open(&dir.path().join(name)).await.unwrap());
-        }
-        v
-    };
-    let mut ids = Vec::new();
-    for (i, d) in officers.iter().enumerate() {
-        ids.push(
-            d.create_household(&household(&format!("{}", 40 + i)))
-                .await
-                .unwrap(),
-        );
-    }
+    let (officers, ids) = officers_with_a_household_each(dir.path(), &["a", "b", "c"], 40).await;
 
     for round in 0..3 {
         let server = ServerProcess::start(&data).await;
@@ -147,28 +154,11 @@ async fn a_household_acknowledged_as_held_is_in_its_catalog_after_sigkill() {
 async fn on_postgres_changes_acknowledged_before_sigkill_survive_restart() {
     use fieldsync::storage::postgres::testing::Cluster;
     let dir = tempfile::tempdir().unwrap();
-    let at = dir.path().join("cluster");
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start_in(at))
-        .await
-        .unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
     let data = dir.path().join("server-data");
     let database = ["--database", cluster.url.as_str()];
     let start = || ServerProcess::start_with(&data, &database, &[], std::process::Stdio::inherit());
-    let officers: Vec<Device> = {
-        let mut v = Vec::new();
-        for name in ["a", "b"] {
-            v.push(Device::open(&dir.path().join(name)).await.unwrap());
-        }
-        v
-    };
-    let mut ids = Vec::new();
-    for (i, d) in officers.iter().enumerate() {
-        ids.push(
-            d.create_household(&household(&format!("{}", 60 + i)))
-                .await
-                .unwrap(),
-        );
-    }
+    let (officers, ids) = officers_with_a_household_each(dir.path(), &["a", "b"], 60).await;
     for round in 0..2 {
         let server = start().await;
         if round == 0 {

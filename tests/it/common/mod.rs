@@ -137,12 +137,8 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new(dir.path().join("data"));
         let cluster = if on_postgres() {
-            let at = dir.path().join("pg");
-            let cluster = tokio::task::spawn_blocking(move || {
-                fieldsync::storage::postgres::testing::Cluster::start_in(at)
-            })
-            .await
-            .unwrap();
+            let cluster =
+                fieldsync::storage::postgres::testing::Cluster::start(dir.path().join("pg")).await;
             config.database = Some(cluster.url.clone());
             Some(cluster)
         } else {
