@@ -3,9 +3,54 @@
 //! one of those changes.
 
 use fieldsync::client::Device;
+use fieldsync::ids::DocumentId;
 use fieldsync::records;
 
 use crate::common::{household, visit, world_via_cli, ServerProcess};
+
+/// Every officer records a visit ("round N") and syncs, all at once; each sync returns only
+/// once the server's reply carried heads equal to the device's (the stored token rides as a
+/// Bearer header).
+async fn visit_and_sync_everyone(officers: &[Device], ids: &[DocumentId], url: &str, round: usize) {
+    let mut syncs = Vec::new();
+    for (d, id) in officers.iter().zip(ids) {
+        d.change(*id, move |tx| {
+            records::add_visit(tx, &visit("officer", &format!("round {round}")))
+        })
+        .await
+        .unwrap();
+        syncs.push(d.sync(url));
+    }
+    for report in futures_util::future::join_all(syncs).await {
+        let report = report.unwrap();
+        assert!(report.all_held(), "round {round}: {report:?}");
+    }
+}
+
+/// A device enrolled now gets every officer's household with the same heads and the
+/// visits of `rounds` rounds.
+async fn a_fresh_device_gets_every_round(
+    server: &ServerProcess,
+    dir: &std::path::Path,
+    officers: &[Device],
+    ids: &[DocumentId],
+    rounds: usize,
+) {
+    let fresh = Device::open(&dir.join("fresh")).await.unwrap();
+    fresh.set_token(&server.enrol("ben").await).await.unwrap();
+    for id in ids {
+        fresh.track(*id).await.unwrap();
+    }
+    assert!(fresh.sync(&server.url).await.unwrap().all_held());
+    let expected: Vec<String> = (0..rounds).map(|r| format!("round {r}")).collect();
+    for (d, id) in officers.iter().zip(ids) {
+        assert_eq!(fresh.heads(*id).await.unwrap(), d.heads(*id).await.unwrap());
+        let view = fresh.household(*id).await.unwrap();
+        let mut notes: Vec<String> = view.visits.iter().map(|v| v.notes.clone()).collect();
+        notes.sort();
+        assert_eq!(notes, expected);
+    }
+}
 
 /// Officers' devices in `dir`, each with a household of its own created offline (house
 /// numbers from `first_house_no`).
@@ -13,7 +58,7 @@ async fn officers_with_a_household_each(
     dir: &std::path::Path,
     names: &[&str],
     first_house_no: usize,
-) -> (Vec<Device>, Vec<fieldsync::ids::DocumentId>) {
+) -> (Vec<Device>, Vec<DocumentId>) {
     let mut officers = Vec::new();
     let mut ids = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -42,40 +87,12 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
                 d.set_token(&server.enrol("amy").await).await.unwrap();
             }
         }
-        // Every officer records a visit and syncs concurrently; each sync returns only once
-        // the server's reply carried heads equal to the device's.
-        let mut syncs = Vec::new();
-        for (d, id) in officers.iter().zip(&ids) {
-            let id = *id;
-            d.change(id, move |tx| {
-                records::add_visit(tx, &visit("officer", &format!("round {round}")))
-            })
-            .await
-            .unwrap();
-            syncs.push(d.sync(&server.url)); // the stored token rides as a Bearer header
-        }
-        for report in futures_util::future::join_all(syncs).await {
-            let report = report.unwrap();
-            assert!(report.all_held(), "round {round}: {report:?}");
-        }
+        visit_and_sync_everyone(&officers, &ids, &server.url, round).await;
         server.kill().await; // SIGKILL: no flush, no shutdown code
     }
 
     let server = ServerProcess::start(&data).await;
-    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
-    fresh.set_token(&server.enrol("ben").await).await.unwrap();
-    for id in &ids {
-        fresh.track(*id).await.unwrap();
-    }
-    let report = fresh.sync(&server.url).await.unwrap();
-    assert!(report.all_held());
-    for (d, id) in officers.iter().zip(&ids) {
-        assert_eq!(fresh.heads(*id).await.unwrap(), d.heads(*id).await.unwrap());
-        let view = fresh.household(*id).await.unwrap();
-        let mut notes: Vec<String> = view.visits.iter().map(|v| v.notes.clone()).collect();
-        notes.sort();
-        assert_eq!(notes, vec!["round 0", "round 1", "round 2"]);
-    }
+    a_fresh_device_gets_every_round(&server, dir.path(), &officers, &ids, 3).await;
     server.kill().await;
 }
 
@@ -86,8 +103,6 @@ async fn changes_acknowledged_before_sigkill_survive_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_household_acknowledged_as_held_is_in_its_catalog_after_sigkill() {
     use std::collections::BTreeSet;
-
-    use fieldsync::ids::DocumentId;
 
     use crate::common::admin_cli;
 
@@ -167,19 +182,7 @@ async fn on_postgres_changes_acknowledged_before_sigkill_survive_restart() {
                 d.set_token(&server.enrol("amy").await).await.unwrap();
             }
         }
-        let mut syncs = Vec::new();
-        for (d, id) in officers.iter().zip(&ids) {
-            let id = *id;
-            d.change(id, move |tx| {
-                records::add_visit(tx, &visit("officer", &format!("round {round}")))
-            })
-            .await
-            .unwrap();
-            syncs.push(d.sync(&server.url));
-        }
-        for report in futures_util::future::join_all(syncs).await {
-            assert!(report.unwrap().all_held(), "round {round}");
-        }
+        visit_and_sync_everyone(&officers, &ids, &server.url, round).await;
         server.kill().await;
     }
     // A data directory of the embedded store is refused by a server on PostgreSQL (its
@@ -209,19 +212,7 @@ async fn on_postgres_changes_acknowledged_before_sigkill_survive_restart() {
     );
 
     let server = start().await;
-    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
-    fresh.set_token(&server.enrol("ben").await).await.unwrap();
-    for id in &ids {
-        fresh.track(*id).await.unwrap();
-    }
-    assert!(fresh.sync(&server.url).await.unwrap().all_held());
-    for (d, id) in officers.iter().zip(&ids) {
-        assert_eq!(fresh.heads(*id).await.unwrap(), d.heads(*id).await.unwrap());
-        let view = fresh.household(*id).await.unwrap();
-        let mut notes: Vec<String> = view.visits.iter().map(|v| v.notes.clone()).collect();
-        notes.sort();
-        assert_eq!(notes, vec!["round 0", "round 1"]);
-    }
+    a_fresh_device_gets_every_round(&server, dir.path(), &officers, &ids, 2).await;
     server.kill().await;
     drop(cluster);
 }
