@@ -224,7 +224,7 @@ impl Projection {
     ) -> Result<&'a mut VillageCounts, StorageError> {
         let k = (station.to_string(), village.to_string());
         if !counts.contains_key(&k) {
-            let current = self.inner.rows.counts(station, village)?;
+            let current = self.inner.rows.counts_for_update(station, village)?;
             counts.insert(k.clone(), current);
         }
         Ok(counts.get_mut(&k).expect("inserted"))

@@ -178,6 +178,37 @@ impl ProjectionStore for PgProjection {
         })
     }
 
+    fn counts_for_update(
+        &self,
+        station: &str,
+        village: &str,
+    ) -> Result<VillageCounts, StorageError> {
+        let (station, village) = (station.to_string(), village.to_string());
+        let empty = serde_json::to_value(VillageCounts::default()).expect("counts serialise");
+        self.store.with_transaction(move |c| {
+            Box::pin(async move {
+                // The row must exist to be locked: a concurrent first household of the
+                // village waits here for the other's insert to commit or roll back.
+                c.execute(
+                    "INSERT INTO village_counts (station, village, counts) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&station, &village, &empty],
+                )
+                .await
+                .map_err(db)?;
+                let row = c
+                    .query_one(
+                        "SELECT counts FROM village_counts WHERE station = $1 AND village = $2
+                         FOR UPDATE",
+                        &[&station, &village],
+                    )
+                    .await
+                    .map_err(db)?;
+                json(row.get(0), "village counts")
+            })
+        })
+    }
+
     fn all_counts(&self) -> Result<BTreeMap<(String, String), VillageCounts>, StorageError> {
         self.store.with_client(|c| {
             Box::pin(async move {
@@ -320,6 +351,73 @@ mod tests {
     async fn the_postgres_projection_conforms() {
         crate::storage::postgres::tests::on_fresh_database(|store| {
             crate::projection::store::tests::run_all(&PgProjection::new(store))
+        })
+        .await;
+    }
+
+    /// Two batches changing one village's counters: the second reads them only after the
+    /// first has committed, so neither change is lost (both read-modify-write the row).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_reads_counters_another_batch_is_changing_only_once_it_commits() {
+        use crate::storage::documents::DocumentStore;
+        crate::storage::postgres::tests::on_fresh_database(|store| {
+            let rows = PgProjection::new(store.clone());
+            let at = ("north".to_string(), "east".to_string());
+            let five = VillageCounts {
+                households: 5,
+                ..Default::default()
+            };
+            rows.replace_counts(&BTreeMap::from([(at.clone(), five)]))
+                .unwrap();
+            store.begin_batch().unwrap();
+            let mut counts = rows.counts_for_update(&at.0, &at.1).unwrap();
+            counts.households += 1;
+            rows.replace_counts(&BTreeMap::from([(at.clone(), counts)]))
+                .unwrap();
+
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let other = {
+                let (store, at) = (store.clone(), at.clone());
+                std::thread::spawn(move || {
+                    let rows = PgProjection::new(store.clone());
+                    store.begin_batch().unwrap();
+                    let seen = rows.counts_for_update(&at.0, &at.1).unwrap();
+                    store.end_batch(true).unwrap();
+                    let _ = done_tx.send(());
+                    seen
+                })
+            };
+            // Commit only once the other batch waits for the row (or has read it anyway,
+            // which is the bug this test is for); bounded.
+            let waiting = || {
+                store
+                    .with_client(|c| {
+                        Box::pin(async move {
+                            let n: i64 = c
+                                .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+                                .await
+                                .map_err(db)?
+                                .get(0);
+                            Ok(n)
+                        })
+                    })
+                    .unwrap()
+                    > 0
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !waiting() && done_rx.try_recv().is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the other batch never ran"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            store.end_batch(true).unwrap();
+            let seen = other.join().unwrap();
+            assert_eq!(
+                seen.households, 6,
+                "the other batch saw the committed change"
+            );
         })
         .await;
     }

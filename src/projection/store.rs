@@ -48,6 +48,19 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// A village's counters (empty when it has none).
     fn counts(&self, station: &str, village: &str) -> Result<VillageCounts, StorageError>;
 
+    /// A village's counters, read to be changed by [`ProjectionStore::write`] in the same
+    /// batch: on PostgreSQL the row is locked until the batch ends, so a concurrent batch
+    /// reads the counters only once this one's change is committed (else both would start
+    /// from the same value and one change would be lost). sled needs nothing more than the
+    /// projection's own lock: its writes are visible at once.
+    fn counts_for_update(
+        &self,
+        station: &str,
+        village: &str,
+    ) -> Result<VillageCounts, StorageError> {
+        self.counts(station, village)
+    }
+
     /// Every village's counters, by (station, village).
     fn all_counts(&self) -> Result<BTreeMap<(String, String), VillageCounts>, StorageError>;
 
