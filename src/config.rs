@@ -39,6 +39,20 @@ pub enum Command {
     /// Rebuild the staff projection (lists, counters, export rows) from the stored
     /// documents. Run it with the server stopped; it shows progress.
     Reindex(ReindexArgs),
+    /// Copy a station's data from one backend to another (a data directory or a
+    /// postgres:// URL, either way), verify it and rebuild the target's projection. Run it
+    /// with the servers on both sides stopped; safe to run again.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Where the data is now: the server's --data directory, or its postgres:// URL.
+    #[arg(long)]
+    pub from: String,
+    /// Where it goes: a new data directory, or a postgres:// URL of an empty database.
+    #[arg(long)]
+    pub to: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -46,6 +60,10 @@ pub struct ReindexArgs {
     /// Data directory (as given to `serve`).
     #[arg(long, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
     pub data: PathBuf,
+    /// The server's PostgreSQL database, when it keeps its data there (as given to
+    /// `serve`).
+    #[arg(long, env = "FIELDSYNC_DATABASE")]
+    pub database: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

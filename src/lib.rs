@@ -58,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod hub;
 pub mod ids;
+pub mod migrate;
 pub mod projection;
 pub mod protocol;
 pub mod records;

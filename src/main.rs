@@ -77,6 +77,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => runtime.block_on(serve(args)),
             Command::Admin(args) => runtime.block_on(admin(args)),
             Command::Reindex(args) => runtime.block_on(reindex(args)),
+            Command::Migrate(args) => runtime.block_on(migrate(args)),
         });
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -136,7 +137,8 @@ async fn admin(args: fieldsync::config::AdminArgs) -> anyhow::Result<()> {
 }
 
 async fn reindex(args: fieldsync::config::ReindexArgs) -> anyhow::Result<()> {
-    let config = fieldsync::server::ServerConfig::new(args.data);
+    let mut config = fieldsync::server::ServerConfig::new(args.data);
+    config.database = args.database;
     let started = std::time::Instant::now();
     let mut last_report = std::time::Instant::now();
     let total = fieldsync::server::reindex(config, move |done, total| {
@@ -150,6 +152,51 @@ async fn reindex(args: fieldsync::config::ReindexArgs) -> anyhow::Result<()> {
     println!(
         "projection rebuilt from {total} households in {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn migrate(args: fieldsync::config::MigrateArgs) -> anyhow::Result<()> {
+    use fieldsync::migrate::Progress;
+    use fieldsync::server::backend::Place;
+    let started = std::time::Instant::now();
+    let mut last_report: Option<std::time::Instant> = None;
+    let report = fieldsync::migrate::migrate(
+        &Place::parse(&args.from),
+        &Place::parse(&args.to),
+        move |p| {
+            // Progress on stderr, at most a few lines a second, and always each step's last.
+            let last = match p {
+                Progress::Documents(done, total) | Progress::Reindex(done, total) => done == total,
+                Progress::Provenance(_) => false,
+            };
+            if !last && last_report.is_some_and(|t| t.elapsed().as_millis() < 500) {
+                return;
+            }
+            last_report = Some(std::time::Instant::now());
+            match p {
+                Progress::Documents(done, total) => {
+                    eprintln!("copied and verified {done}/{total} documents")
+                }
+                Progress::Provenance(n) => eprintln!("copied {n} provenance rows"),
+                Progress::Reindex(done, total) => {
+                    eprintln!("projected {done}/{total} households on the target")
+                }
+            }
+        },
+    )
+    .await?;
+    println!(
+        "migrated in {:.1} s: {} documents ({} already there, same heads), {} account records ({} stale ones removed), {} audit entries, {} provenance rows, {} actor bindings; {} households projected",
+        started.elapsed().as_secs_f64(),
+        report.documents,
+        report.documents_already_there,
+        report.records,
+        report.records_removed,
+        report.audit_entries,
+        report.provenance_rows,
+        report.actor_bindings,
+        report.households_projected,
     );
     Ok(())
 }

@@ -131,6 +131,39 @@ impl DirectoryStore for PgDirectory {
         })
     }
 
+    fn import_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        let Some(last) = entries.iter().map(|e| e.seq).max() else {
+            return Ok(());
+        };
+        let entries = entries.to_vec();
+        self.store.with_transaction(move |tx| {
+            Box::pin(async move {
+                for e in &entries {
+                    tx.execute(
+                        "INSERT INTO audit (seq, at_ms, operator, action, detail)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+                        &[
+                            &(e.seq as i64),
+                            &(e.at.as_millis() as i64),
+                            &e.operator,
+                            &e.action,
+                            &e.detail,
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+                tx.execute(
+                    "SELECT setval('audit_seq', greatest($1, (SELECT last_value FROM audit_seq)))",
+                    &[&(last as i64)],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
+
     fn durable(&self) -> Durable {
         Box::pin(std::future::ready(Ok(()))) // each commit is its own transaction
     }

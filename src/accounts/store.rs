@@ -33,6 +33,10 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// The latest `limit` audit entries, oldest first.
     fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StorageError>;
 
+    /// Stores entries copied from another backend under their own numbers (an entry
+    /// already stored is left as it is); entries appended later are numbered after them.
+    fn import_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError>;
+
     /// Resolves once everything committed before the call is durable.
     fn durable(&self) -> Durable;
 }
@@ -112,6 +116,24 @@ impl DirectoryStore for SledDirectory {
             .collect()
     }
 
+    fn import_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        let Some(last) = entries.iter().map(|e| e.seq).max() else {
+            return Ok(());
+        };
+        let mut writes = Vec::new();
+        for e in entries {
+            let key = e.seq.to_be_bytes().to_vec();
+            if self.store.table_get_blocking(Table::Audit, &key)?.is_none() {
+                let json = serde_json::to_vec(e).expect("audit entries serialise");
+                writes.push((Table::Audit, (key, Some(json))));
+            }
+        }
+        if !writes.is_empty() {
+            self.store.tables_write_blocking(writes)?;
+        }
+        self.store.advance_sequence_blocking(last)
+    }
+
     fn durable(&self) -> Durable {
         Box::pin(self.store.flush())
     }
@@ -185,6 +207,29 @@ pub(crate) mod tests {
         assert_eq!(all[2].operator, "cli:root");
         let last = s.audit(2).unwrap();
         assert_eq!(last, all[1..].to_vec(), "the latest two, oldest first");
+
+        // Imported entries keep their numbers (twice is once); later ones come after.
+        let far = all[2].seq + 1_000;
+        let imported: Vec<AuditEntry> = [far - 1, far]
+            .into_iter()
+            .map(|seq| AuditEntry {
+                seq,
+                at: Timestamp::from_millis(1_790_000_000_000 + seq),
+                operator: "cli:moved".into(),
+                action: format!("imported {seq}"),
+                detail: "from the other backend".into(),
+            })
+            .collect();
+        s.import_audit(&imported).unwrap();
+        s.import_audit(&imported).unwrap();
+        s.commit(&[], Some(&audit(4))).unwrap();
+        let now = s.audit(10).unwrap();
+        assert_eq!(now.len(), 6, "{now:?}");
+        assert_eq!(now[3..5].to_vec(), imported);
+        assert!(
+            now[5].seq > far && now[5].action == "station add s4",
+            "{now:?}"
+        );
     }
 
     #[test]

@@ -180,6 +180,48 @@ impl ChangeLogStore for PgChangeLog {
             }
         }
     }
+
+    fn actors(&self) -> Result<Vec<(Vec<u8>, DeviceId)>, StorageError> {
+        self.store.with_client(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("SELECT actor, device FROM actors ORDER BY actor", &[])
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|r| {
+                        let device = DeviceId::new(&r.get::<_, String>(1)).map_err(|_| {
+                            StorageError::Corrupt(
+                                "an actor is bound to an invalid device name".into(),
+                            )
+                        })?;
+                        Ok((r.get::<_, Vec<u8>>(0), device))
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    fn import(&self, rows: &[ProvenanceRow]) -> Result<(), StorageError> {
+        let Some(last) = rows.iter().map(|r| r.seq).max() else {
+            return Ok(());
+        };
+        for row in rows {
+            self.append(row)?; // ON CONFLICT (seq) DO NOTHING
+        }
+        let last = last as i64;
+        self.store.with_client(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "SELECT setval('change_seq', greatest($1, (SELECT last_value FROM change_seq)))",
+                    &[&last],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
 }
 
 #[cfg(test)]

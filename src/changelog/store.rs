@@ -38,6 +38,14 @@ pub trait ChangeLogStore: Send + Sync + 'static {
         scan_max: usize,
         visible: &dyn Fn(DocumentId) -> bool,
     ) -> Result<(Vec<ProvenanceRow>, u64), StorageError>;
+
+    /// Every actor binding, as (actor, device), for copying to another backend.
+    fn actors(&self) -> Result<Vec<(Vec<u8>, DeviceId)>, StorageError>;
+
+    /// Stores rows copied from another backend under their own sequence numbers (a row
+    /// already stored is left as it is), and makes every number handed out later greater
+    /// than theirs.
+    fn import(&self, rows: &[ProvenanceRow]) -> Result<(), StorageError>;
 }
 
 /// The sled layout: [`Table::Provenance`] keyed doc(16) | seq(8 BE) with the row as JSON,
@@ -156,6 +164,36 @@ impl ChangeLogStore for SledChangeLog {
             None => Ok((rows, next)),
         }
     }
+
+    fn actors(&self) -> Result<Vec<(Vec<u8>, DeviceId)>, StorageError> {
+        self.store
+            .table_scan_blocking(Table::Actors, b"")?
+            .into_iter()
+            .map(|(actor, device)| {
+                let device = DeviceId::new(&String::from_utf8_lossy(&device)).map_err(|_| {
+                    StorageError::Corrupt("an actor is bound to an invalid device name".into())
+                })?;
+                Ok((actor, device))
+            })
+            .collect()
+    }
+
+    fn import(&self, rows: &[ProvenanceRow]) -> Result<(), StorageError> {
+        for row in rows {
+            if self
+                .store
+                .table_get_blocking(Table::Provenance, &provenance_key(row.doc, row.seq))?
+                .is_none()
+            {
+                self.append(row)?;
+            }
+        }
+        match rows.iter().map(|r| r.seq).max() {
+            // `next_seq` is the store's sequence + 1.
+            Some(last) => self.store.advance_sequence_blocking(last),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The conformance suite, against every backend.
@@ -231,6 +269,28 @@ pub(crate) mod tests {
         // Past the end: nothing, and `after` stays.
         let end = *seqs.last().unwrap();
         assert_eq!(s.feed(end, 10, 10, &|_| true).unwrap(), (Vec::new(), end));
+
+        // Every binding is listed.
+        let mut bound = s.actors().unwrap();
+        bound.sort();
+        assert!(
+            bound.contains(&(b"actor-a".to_vec(), d1.clone())),
+            "{bound:?}"
+        );
+        assert!(
+            bound.contains(&(b"actor-b".to_vec(), d2.clone())),
+            "{bound:?}"
+        );
+
+        // Imported rows keep their numbers, importing again changes nothing, and numbers
+        // handed out later are greater.
+        let c = DocumentId::random();
+        let far = end + 5_000;
+        let imported = vec![row(far - 1, c, 7), row(far, c, 8)];
+        s.import(&imported).unwrap();
+        s.import(&imported).unwrap();
+        assert_eq!(s.history(c).unwrap(), imported);
+        assert!(s.next_seq().unwrap() > far);
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -750,11 +749,8 @@ impl DocState {
 
     fn compact(&mut self, store: &dyn DocumentStore) -> Result<(), StorageError> {
         let snapshot = self.doc.save();
-        let mut hasher = Sha256::new();
-        for h in self.doc.get_heads() {
-            hasher.update(h.0);
-        }
-        let key = store.compact(self.id, hasher.finalize().into(), &snapshot, &self.chunks)?;
+        let name = crate::storage::snapshot_name(&self.doc.get_heads());
+        let key = store.compact(self.id, name, &snapshot, &self.chunks)?;
         tracing::debug!(doc = %self.id, chunks = self.chunks.len(), bytes = snapshot.len(), "compacted");
         self.chunks = vec![key];
         self.incrementals = 0;

@@ -12,6 +12,7 @@
 
 mod api;
 mod auth;
+pub mod backend;
 mod errors;
 mod households;
 mod listen;
@@ -37,6 +38,7 @@ use crate::projection::Projection;
 use crate::protocol::SessionConfig;
 use crate::storage::documents::DocumentStore;
 use crate::storage::{Store, StoreConfig};
+use backend::Backend;
 
 /// Written into the data directory of a server on PostgreSQL, so that a command run
 /// without `--database` does not open an empty embedded store there instead.
@@ -233,25 +235,9 @@ impl Layers {
         config: &ServerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Layers, crate::Error> {
-        if config.data_dir.join(POSTGRES_MARKER).exists() {
-            return Err(crate::Error::Config(format!(
-                "{} belongs to a server that keeps its data in PostgreSQL: pass its --database (or run the command while that server runs)",
-                config.data_dir.display()
-            )));
-        }
-        let store = Store::open(&config.data_dir, &config.store)?;
-        let storage_id = store.storage_id().await?;
-        let accounts = Accounts::open(store.clone(), clock, config.accounts.clone()).await?;
-        let changelog = ChangeLog::new(store.clone(), accounts.clone());
-        let projection = Projection::new(store.clone(), accounts.clone(), changelog.clone());
-        Ok(Layers {
-            documents: Arc::new(store.clone()),
-            embedded: Some(store),
-            accounts,
-            changelog,
-            projection,
-            storage_id,
-        })
+        refuse_postgres_marker(&config.data_dir)?;
+        let backend = Backend::open_embedded(&config.data_dir, &config.store)?;
+        Self::on(backend, config, clock).await
     }
 
     /// On PostgreSQL at `url` (migrated on connect); marks the data directory as such.
@@ -260,48 +246,64 @@ impl Layers {
         url: &str,
         clock: Arc<dyn Clock>,
     ) -> Result<Layers, crate::Error> {
-        use crate::storage::postgres::PgStore;
-        if config.data_dir.join("conf").exists() {
-            // sled's files: this directory holds embedded data the server would then hide.
+        if holds_embedded_data(&config.data_dir) {
             return Err(crate::Error::Config(format!(
-                "{} holds data of the embedded store; a server on PostgreSQL would not see it: give it another --data directory (moving data between the backends is not built yet)",
+                "{} holds data of the embedded store; a server on PostgreSQL would not see it: give it another --data directory, or copy the data first with `fieldsync migrate --from {} --to DATABASE_URL`",
+                config.data_dir.display(),
                 config.data_dir.display()
             )));
         }
-        let pg = Arc::new(PgStore::connect(url).await?);
+        let backend = Backend::connect(url).await?;
         let marker = config.data_dir.join(POSTGRES_MARKER);
         std::fs::write(
             &marker,
             "this data directory holds the admin socket of a fieldsync server whose data is in PostgreSQL\n",
         )
         .map_err(|e| crate::Error::Config(format!("cannot write {}: {e}", marker.display())))?;
-        let storage_id = pg.storage_id().await?;
-        let accounts = Accounts::open_on(
-            Arc::new(crate::accounts::postgres::PgDirectory::new(pg.clone())),
-            clock,
-            config.accounts.clone(),
-        )
-        .await?;
-        let changelog = ChangeLog::with_store(
-            Arc::new(crate::changelog::postgres::PgChangeLog::new(pg.clone())),
-            accounts.clone(),
-        );
-        let documents: Arc<dyn DocumentStore> = pg.clone();
+        Self::on(backend, config, clock).await
+    }
+
+    async fn on(
+        backend: Backend,
+        config: &ServerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Layers, crate::Error> {
+        let storage_id = backend.storage_id().await?;
+        let accounts =
+            Accounts::open_on(backend.directory.clone(), clock, config.accounts.clone()).await?;
+        let changelog = ChangeLog::with_store(backend.changelog.clone(), accounts.clone());
         let projection = Projection::on(
-            documents.clone(),
-            Arc::new(crate::projection::postgres::PgProjection::new(pg)),
+            backend.documents.clone(),
+            backend.rows.clone(),
             accounts.clone(),
             changelog.clone(),
         );
         Ok(Layers {
-            documents,
-            embedded: None,
+            documents: backend.documents.clone(),
+            embedded: backend.embedded_store(),
             accounts,
             changelog,
             projection,
             storage_id,
         })
     }
+}
+
+/// Refuses a data directory whose data is in PostgreSQL (a command run there without
+/// `--database` would otherwise open an empty embedded store beside it).
+pub(crate) fn refuse_postgres_marker(dir: &std::path::Path) -> Result<(), crate::Error> {
+    if dir.join(POSTGRES_MARKER).exists() {
+        return Err(crate::Error::Config(format!(
+            "{} belongs to a server that keeps its data in PostgreSQL: pass its --database (or run the command while that server runs)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds sled's files (embedded data).
+pub(crate) fn holds_embedded_data(dir: &std::path::Path) -> bool {
+    dir.join("conf").exists()
 }
 
 /// Runs one admin command on the data directory: through the running server's admin socket

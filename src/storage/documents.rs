@@ -18,6 +18,10 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// Whether anything is stored for `doc`.
     fn exists(&self, doc: DocumentId) -> Result<bool>;
 
+    /// Every document with stored chunks, in id order (a full scan: for maintenance
+    /// commands such as `fieldsync migrate`, never on a hot path).
+    fn list(&self) -> Result<Vec<DocumentId>>;
+
     /// Stores the server's new changes of `doc` as one chunk and marks the document
     /// unsettled (its derived views may lag until [`DocumentStore::settle`]). After a crash
     /// a stored chunk always has its mark. Durable after [`DocumentStore::flush`].
@@ -77,6 +81,10 @@ impl DocumentStore for super::Store {
 
     fn exists(&self, doc: DocumentId) -> Result<bool> {
         self.exists_blocking(doc)
+    }
+
+    fn list(&self) -> Result<Vec<DocumentId>> {
+        self.list_documents_blocking()
     }
 
     fn put_change(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
@@ -250,7 +258,25 @@ pub(crate) mod tests {
         );
     }
 
+    /// Every document with chunks is listed once, in id order.
+    pub(crate) fn documents_are_listed_once_in_id_order(s: &dyn DocumentStore) {
+        let before = s.list().unwrap();
+        let mut ids: Vec<DocumentId> = (0..3).map(|_| DocumentId::random()).collect();
+        let mut doc = automerge::Automerge::new();
+        for (i, id) in ids.iter().enumerate() {
+            for n in 0..2i64 {
+                doc.transact(|tx| tx.put(automerge::ROOT, "n", i as i64 * 10 + n))
+                    .unwrap();
+                s.put_change(*id, &doc.save()).unwrap();
+            }
+        }
+        ids.extend(before);
+        ids.sort();
+        assert_eq!(s.list().unwrap(), ids);
+    }
+
     pub(crate) fn run_all(s: &dyn DocumentStore) {
+        documents_are_listed_once_in_id_order(s);
         chunks_load_back_and_are_content_addressed(s);
         a_stored_change_is_unsettled_until_settled(s);
         compaction_replaces_what_it_loaded(s);

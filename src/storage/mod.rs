@@ -96,6 +96,18 @@ impl Default for StoreConfig {
     }
 }
 
+/// The name of a snapshot of a document at `heads` (what [`DocumentStore::compact`]
+/// stores it under): equal snapshots get equal names, so storing one twice is harmless.
+///
+/// [`DocumentStore::compact`]: documents::DocumentStore::compact
+pub fn snapshot_name(heads: &[automerge::ChangeHash]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for h in heads {
+        hasher.update(h.0);
+    }
+    hasher.finalize().into()
+}
+
 /// Everything stored for one document, in load order (snapshots first).
 #[derive(Debug, Default)]
 pub struct StoredDocument {
@@ -377,6 +389,26 @@ impl Store {
             blocking(move || write_identity(&dir, marked.as_str())).await?;
         }
         Ok(id)
+    }
+
+    /// The data directory it is in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Takes `id` as this store's id (`fieldsync migrate` keeps the source's, so devices'
+    /// sync states stay true): stored, flushed, then named in the identity file.
+    pub async fn adopt_storage_id(&self, id: &StorageId) -> Result<()> {
+        let this = self.clone();
+        let text = id.as_str().to_string();
+        blocking(move || {
+            this.inner
+                .meta
+                .insert(META_STORAGE_ID, versioned(text.as_bytes()))?;
+            this.flush_blocking()?;
+            write_identity(&this.inner.dir, &text)
+        })
+        .await
     }
 
     /// Whether anything is stored for `doc`.

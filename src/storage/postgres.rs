@@ -99,6 +99,8 @@ const DEFAULT_POOL_SIZE: usize = 16;
 pub struct PgStore {
     pool: Pool,
     runtime: tokio::runtime::Handle,
+    /// host:port/database, for messages (never the password).
+    location: String,
 }
 
 impl PgStore {
@@ -126,6 +128,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             runtime: tokio::runtime::Handle::current(),
+            location: where_.clone(),
         };
         store.migrate().await.map_err(|e| match e {
             StorageError::Io(why) => StorageError::Io(format!(
@@ -196,6 +199,26 @@ impl PgStore {
             .get(0);
         StorageId::new(text)
             .ok_or_else(|| StorageError::Corrupt("the stored storage id is not valid".into()))
+    }
+
+    /// Takes `id` as the server's storage id (`fieldsync migrate` keeps the source's, so
+    /// devices' sync states stay true).
+    pub async fn adopt_storage_id(&self, id: &StorageId) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO meta (name, value) VALUES ('storage_id', $1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Where the database is, as host:port/database (no credentials), for messages.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     /// The schema version the database is at.
@@ -320,6 +343,21 @@ impl DocumentStore for PgStore {
                     .await
                     .map_err(db)?;
                 Ok(row.is_some())
+            })
+        })
+    }
+
+    fn list(&self) -> Result<Vec<DocumentId>> {
+        self.with_client(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("SELECT DISTINCT doc FROM chunks ORDER BY doc", &[])
+                    .await
+                    .map_err(db)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
+                    .collect())
             })
         })
     }
@@ -490,7 +528,10 @@ fn describe(config: &tokio_postgres::Config) -> String {
         None => "localhost".into(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}")
+    match config.get_dbname() {
+        Some(db) => format!("{host}:{port}/{db}"),
+        None => format!("{host}:{port}"),
+    }
 }
 
 /// A throwaway PostgreSQL cluster for tests (the unit tests here and the integration

@@ -223,6 +223,14 @@ impl Store {
     pub fn next_sequence_blocking(&self) -> Result<u64> {
         Ok(self.inner.db.generate_id()?)
     }
+
+    /// Makes every sequence number handed out from now on greater than `past` (data copied
+    /// in from another store keeps its numbers). sled's generator can only be stepped, one
+    /// atomic increment at a time: about a million a second.
+    pub fn advance_sequence_blocking(&self, past: u64) -> Result<()> {
+        while self.inner.db.generate_id()? < past {}
+        Ok(())
+    }
 }
 
 #[cfg(test)]

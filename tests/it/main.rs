@@ -13,6 +13,7 @@ mod examples;
 mod fixtures;
 mod hardening;
 mod js_client;
+mod migrate;
 mod projection;
 mod records;
 mod relay;
