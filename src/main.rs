@@ -95,7 +95,7 @@ async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
     let services = fieldsync::server::Services::open(config).await?;
     let listener = fieldsync::server::bind(addr).await?;
     // Before the announcement below: admin commands issued right after it must reach us.
-    services.bind_admin_socket()?;
+    services.prepare_to_serve().await?;
     let local = listener.local_addr()?;
     // Scripts and tests read the first line to find the port when --listen ends in :0. One
     // write, and a failed write (stdout closed by whoever started us) is not fatal.

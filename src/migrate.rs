@@ -117,7 +117,13 @@ enum Role {
 
 async fn open(place: &Place, role: Role) -> Result<Backend, crate::Error> {
     match place {
-        Place::Database(url) => Ok(Backend::connect(url).await?),
+        Place::Database(url) => {
+            let backend = Backend::connect(url).await?;
+            if let crate::server::backend::Engine::Postgres(pg) = &backend.engine {
+                pg.lock_for_maintenance("migrate").await?;
+            }
+            Ok(backend)
+        }
         Place::Directory(dir) => {
             crate::server::refuse_postgres_marker(dir)?;
             if role == Role::Source && !crate::server::holds_embedded_data(dir) {

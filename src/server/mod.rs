@@ -37,6 +37,7 @@ use crate::ids::{Clock, PeerId, SystemClock};
 use crate::projection::Projection;
 use crate::protocol::SessionConfig;
 use crate::storage::documents::DocumentStore;
+use crate::storage::postgres::PgStore;
 use crate::storage::{Store, StoreConfig};
 use backend::Backend;
 
@@ -114,6 +115,11 @@ pub struct Services {
     pub documents: Arc<dyn DocumentStore>,
     /// The embedded store, when the data is there (benchmarks read its statistics).
     pub embedded: Option<Store>,
+    /// The database, when the data is there.
+    postgres: Option<Arc<PgStore>>,
+    /// A lock on the data directory's PostgreSQL marker, so that two processes never share
+    /// one data directory (its admin socket); sled locks its own files.
+    _dir_lock: Option<Arc<std::fs::File>>,
     pub hub: Hub,
     pub accounts: Accounts,
     pub changelog: ChangeLog,
@@ -142,6 +148,8 @@ impl Services {
         let Layers {
             documents,
             embedded,
+            postgres,
+            dir_lock,
             accounts,
             changelog,
             projection,
@@ -182,6 +190,8 @@ impl Services {
         Ok(Services {
             documents,
             embedded,
+            postgres,
+            _dir_lock: dir_lock,
             hub,
             accounts,
             changelog,
@@ -203,11 +213,25 @@ impl Services {
         &self.session.server_storage_id
     }
 
-    /// Binds the admin socket now (else [`run`] does): call it before announcing that the
-    /// server is up, so an admin command run right after the announcement reaches it.
-    pub fn bind_admin_socket(&self) -> Result<(), crate::Error> {
+    /// Takes what only a serving process holds (on PostgreSQL, the database's serving
+    /// lock, shared with the other servers) and binds the admin socket, now (else [`run`]
+    /// does): call it before announcing that the server is up, so an admin command run
+    /// right after the announcement reaches it.
+    pub async fn prepare_to_serve(&self) -> Result<(), crate::Error> {
+        if let Some(pg) = &self.postgres {
+            pg.hold_serving_lock().await?;
+        }
         let listener = bind_admin(&self.config.data_dir)?;
         *lock(&self.admin_listener) = Some(listener);
+        Ok(())
+    }
+
+    /// On PostgreSQL, takes the database from every server (refused while one runs) for a
+    /// maintenance command; the embedded store is taken whole when it opens.
+    pub async fn lock_for_maintenance(&self, command: &str) -> Result<(), crate::Error> {
+        if let Some(pg) = &self.postgres {
+            pg.lock_for_maintenance(command).await?;
+        }
         Ok(())
     }
 
@@ -223,6 +247,8 @@ impl Services {
 struct Layers {
     documents: Arc<dyn DocumentStore>,
     embedded: Option<Store>,
+    postgres: Option<Arc<PgStore>>,
+    dir_lock: Option<Arc<std::fs::File>>,
     accounts: Accounts,
     changelog: ChangeLog,
     projection: Projection,
@@ -237,7 +263,7 @@ impl Layers {
     ) -> Result<Layers, crate::Error> {
         refuse_postgres_marker(&config.data_dir)?;
         let backend = Backend::open_embedded(&config.data_dir, &config.store)?;
-        Self::on(backend, config, clock).await
+        Self::on(backend, None, config, clock).await
     }
 
     /// On PostgreSQL at `url` (migrated on connect); marks the data directory as such.
@@ -253,18 +279,14 @@ impl Layers {
                 config.data_dir.display()
             )));
         }
+        let dir_lock = lock_data_dir(&config.data_dir)?;
         let backend = Backend::connect(url).await?;
-        let marker = config.data_dir.join(POSTGRES_MARKER);
-        std::fs::write(
-            &marker,
-            "this data directory holds the admin socket of a fieldsync server whose data is in PostgreSQL\n",
-        )
-        .map_err(|e| crate::Error::Config(format!("cannot write {}: {e}", marker.display())))?;
-        Self::on(backend, config, clock).await
+        Self::on(backend, Some(dir_lock), config, clock).await
     }
 
     async fn on(
         backend: Backend,
+        dir_lock: Option<Arc<std::fs::File>>,
         config: &ServerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Layers, crate::Error> {
@@ -281,6 +303,11 @@ impl Layers {
         Ok(Layers {
             documents: backend.documents.clone(),
             embedded: backend.embedded_store(),
+            postgres: match &backend.engine {
+                backend::Engine::Postgres(pg) => Some(pg.clone()),
+                backend::Engine::Embedded(_) => None,
+            },
+            dir_lock,
             accounts,
             changelog,
             projection,
@@ -299,6 +326,41 @@ pub(crate) fn refuse_postgres_marker(dir: &std::path::Path) -> Result<(), crate:
         )));
     }
     Ok(())
+}
+
+/// Writes the PostgreSQL marker into the data directory of a server on PostgreSQL and
+/// locks it (released when the process ends, however it ends): one process per directory,
+/// as sled ensures for its own.
+fn lock_data_dir(dir: &std::path::Path) -> Result<Arc<std::fs::File>, crate::Error> {
+    use std::io::Write;
+    let marker = dir.join(POSTGRES_MARKER);
+    let cannot =
+        |e: std::io::Error| crate::Error::Config(format!("cannot write {}: {e}", marker.display()));
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&marker)
+        .map_err(cannot)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(crate::storage::StorageError::Io(format!(
+                "the data directory {} is in use by another fieldsync process; stop it or choose another --data directory",
+                dir.display()
+            ))
+            .into())
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(cannot(e)),
+    }
+    file.set_len(0).map_err(cannot)?;
+    file.write_all(
+        b"this data directory holds the admin socket of a fieldsync server whose data is in PostgreSQL\n",
+    )
+    .map_err(cannot)?;
+    Ok(Arc::new(file))
 }
 
 /// Whether `dir` holds sled's files (embedded data).
@@ -367,6 +429,7 @@ pub async fn reindex(
         }
         other => other,
     })?;
+    services.lock_for_maintenance("reindex").await?;
     let projection = services.projection.clone();
     let total = crate::storage::blocking(move || projection.reindex_blocking(progress)).await?;
     services.close().await?;
@@ -384,11 +447,12 @@ pub async fn run(
     let sockets = TaskTracker::new();
     let closing = CancellationToken::new();
     let data_dir = services.config.data_dir.clone();
-    let pre_bound = lock(&services.admin_listener).take();
-    let admin_listener = match pre_bound {
-        Some(l) => l,
-        None => bind_admin(&data_dir)?,
-    };
+    if lock(&services.admin_listener).is_none() {
+        services.prepare_to_serve().await?;
+    }
+    let admin_listener = lock(&services.admin_listener)
+        .take()
+        .expect("bound by prepare_to_serve");
     let admin_task = tokio::spawn(crate::accounts::socket::serve(
         admin_listener,
         data_dir,

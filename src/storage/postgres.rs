@@ -101,7 +101,14 @@ pub struct PgStore {
     runtime: tokio::runtime::Handle,
     /// host:port/database, for messages (never the password).
     location: String,
+    /// The connection holding this process's [`SERVING_LOCK`], shared or exclusive.
+    holding: std::sync::Mutex<Option<deadpool_postgres::Object>>,
 }
+
+/// The advisory lock key ("fieldsyn") that tells servers from maintenance commands: every
+/// serving process holds it shared, `reindex` and `migrate` exclusively, so neither runs
+/// beside the other on one database (whichever machine they run on).
+const SERVING_LOCK: i64 = 0x6669_656c_6473_796e;
 
 impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`), applies the migrations this
@@ -129,6 +136,7 @@ impl PgStore {
             pool,
             runtime: tokio::runtime::Handle::current(),
             location: where_.clone(),
+            holding: std::sync::Mutex::new(None),
         };
         store.migrate().await.map_err(|e| match e {
             StorageError::Io(why) => StorageError::Io(format!(
@@ -213,6 +221,46 @@ impl PgStore {
             )
             .await
             .map_err(db)?;
+        Ok(())
+    }
+
+    /// Holds the serving lock (shared with the other servers on this database) for as long
+    /// as this store lives. Refused while a maintenance command runs.
+    pub async fn hold_serving_lock(&self) -> Result<()> {
+        self.hold(
+            "SELECT pg_try_advisory_lock_shared($1)",
+            format!(
+                "a maintenance command (reindex or migrate) is running on the database at {}; start the server once it has finished",
+                self.location
+            ),
+        )
+        .await
+    }
+
+    /// Holds the serving lock alone for as long as this store lives: refused while any
+    /// server uses the database.
+    pub async fn lock_for_maintenance(&self, command: &str) -> Result<()> {
+        self.hold(
+            "SELECT pg_try_advisory_lock($1)",
+            format!(
+                "a fieldsync server is using the database at {}; stop it (every server on that database), run {command}, then start it again",
+                self.location
+            ),
+        )
+        .await
+    }
+
+    async fn hold(&self, query: &str, refused: String) -> Result<()> {
+        let client = self.client().await?;
+        let granted: bool = client
+            .query_one(query, &[&SERVING_LOCK])
+            .await
+            .map_err(db)?
+            .get(0);
+        if !granted {
+            return Err(StorageError::Io(refused));
+        }
+        *self.holding.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
         Ok(())
     }
 

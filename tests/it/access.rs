@@ -481,7 +481,8 @@ async fn admin_commands_refuse_bad_input_with_what_to_do() {
 async fn revoking_a_device_through_the_cli_closes_its_socket_and_refuses_its_token() {
     use crate::common::{admin_cli, world_via_cli, ServerProcess};
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     world_via_cli(&data).await;
     let server = ServerProcess::start(&data).await;
     let token = server.enrol(world::AMY).await;
@@ -534,7 +535,8 @@ async fn secrets_never_appear_in_logs_or_in_the_store() {
     use crate::common::{world_via_cli, ServerProcess, WAIT};
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     world_via_cli(&data).await;
     let mut server =
         ServerProcess::start_logging(&data, "debug", std::process::Stdio::piped()).await;
@@ -624,7 +626,8 @@ async fn secrets_never_appear_in_logs_or_in_the_store() {
     for s in secrets {
         assert!(!stderr.contains(s), "a secret is in the logs");
     }
-    let mut files = vec![data.clone()];
+    // The data directory, and on PostgreSQL the cluster's files (tables and WAL).
+    let mut files = vec![data.clone(), dir.path().join("pg")];
     let mut scanned = 0;
     while let Some(p) = files.pop() {
         if p.is_dir() {

@@ -195,7 +195,8 @@ fn open_descriptors(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_headers_cannot_exhaust_descriptors_or_block_administration() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     world_via_cli(&data).await;
     const CAP: usize = 64;
     let server = ServerProcess::start_with(
@@ -528,6 +529,8 @@ async fn entry_keys_that_are_not_uuids_quarantine_and_cannot_reach_another_house
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_a_change_and_its_projection_is_caught_up_at_start() {
+    // The embedded store only: on PostgreSQL the chunk and its projection rows commit in one
+    // transaction, so there is no such gap (`an_accepted_batch_commits_or_rolls_back_as_one`).
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     world_via_cli(&data).await;
@@ -595,7 +598,8 @@ async fn a_crash_between_a_change_and_its_projection_is_caught_up_at_start() {
 async fn the_data_directory_is_private_and_an_open_one_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     let server = ServerProcess::start(&data).await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700);
@@ -621,6 +625,7 @@ async fn the_data_directory_is_private_and_an_open_one_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_store_is_refused_in_one_clear_line_not_served_empty() {
+    // sled's own files: the embedded store only.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     world_via_cli(&data).await;
@@ -763,7 +768,8 @@ async fn a_staff_edit_that_would_break_the_record_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_names_cannot_forge_log_lines_and_unknown_names_are_not_logged() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     world_via_cli(&data).await;
     let mut server =
         ServerProcess::start_with(&data, &[], &[("FIELDSYNC_LOG", "info")], Stdio::piped()).await;

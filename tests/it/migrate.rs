@@ -196,6 +196,14 @@ async fn a_station_moves_to_postgres_and_back_with_everything() {
     let database = ["--database", cluster.url.as_str()];
     let server = ServerProcess::start_with(&on_pg, &database, &[], Stdio::inherit()).await;
     assert_eq!(what_staff_see(&server, &sample).await, before);
+    // Refused while a server uses the database (whichever machine it runs on).
+    let busy = migrate(&cluster.url, path(&dir.path().join("early"))).await;
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("a fieldsync server is using the database"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
     // Devices go on with the tokens they have; the revoked one stays revoked.
     ben.change(ids[20], |tx| {
         records::add_visit(tx, &visit(BEN, "third visit, after the move")).map(|_| ())

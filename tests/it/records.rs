@@ -619,7 +619,8 @@ async fn lists_filter_page_and_export_only_what_the_caller_may_see() {
 async fn the_reindex_command_rebuilds_the_projection_after_a_crash() {
     use crate::common::{world_via_cli, ServerProcess, WAIT};
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     world_via_cli(&data).await;
     let server = ServerProcess::start(&data).await;
     let device = Device::open(&dir.path().join("amy")).await.unwrap();
@@ -646,6 +647,7 @@ async fn the_reindex_command_rebuilds_the_projection_after_a_crash() {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
             .args(["reindex", "--data"])
             .arg(&data)
+            .args(crate::common::database_args(&data))
             .env("FIELDSYNC_LOG", "warn")
             .kill_on_drop(true)
             .output()

@@ -8,7 +8,8 @@ use crate::common::{household, world_via_cli, RawPeer, Seen, ServerProcess, WAIT
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     world_via_cli(&data).await;
     let mut server = ServerProcess::start(&data).await;
     let device = Device::open(&dir.path().join("phone")).await.unwrap();
@@ -52,7 +53,8 @@ async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_dir_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let station = crate::common::StationData::new(dir.path()).await;
+    let data = station.data.clone();
     let first = ServerProcess::start(&data).await;
     let out = crate::common::serve_expecting_refusal(&data).await;
     let stderr = String::from_utf8_lossy(&out.stderr);

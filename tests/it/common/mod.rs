@@ -113,6 +113,60 @@ pub fn on_postgres() -> bool {
     std::env::var("FIELDSYNC_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
+/// The data of a station for tests that run the `fieldsync` binary: its data directory,
+/// and when `FIELDSYNC_TEST_BACKEND=postgres` a throwaway cluster, whose URL every command
+/// these helpers run on that directory gets as `--database` (`serve`, `admin`, `reindex`).
+/// The cluster stops when this drops.
+pub struct StationData {
+    pub data: PathBuf,
+    _cluster: Option<fieldsync::storage::postgres::testing::Cluster>,
+}
+
+/// Data directory -> database URL of the live [`StationData`]s.
+static DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+impl StationData {
+    /// `dir/data`, on the suite's backend.
+    pub async fn new(dir: &Path) -> StationData {
+        let data = dir.join("data");
+        let cluster = if on_postgres() {
+            let cluster =
+                fieldsync::storage::postgres::testing::Cluster::start(dir.join("pg")).await;
+            DATABASES
+                .lock()
+                .unwrap()
+                .push((data.clone(), cluster.url.clone()));
+            Some(cluster)
+        } else {
+            None
+        };
+        StationData {
+            data,
+            _cluster: cluster,
+        }
+    }
+}
+
+impl Drop for StationData {
+    fn drop(&mut self) {
+        DATABASES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(d, _)| *d != self.data);
+    }
+}
+
+/// `--database URL` for commands run on `data`, if a [`StationData`] keeps it in PostgreSQL.
+pub fn database_args(data: &Path) -> Vec<String> {
+    DATABASES
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(d, _)| d == data)
+        .map(|(_, url)| vec!["--database".to_string(), url.clone()])
+        .unwrap_or_default()
+}
+
 impl TestServer {
     pub async fn spawn() -> Self {
         Self::spawn_with(|_| {}).await
@@ -258,6 +312,7 @@ pub async fn admin_cli_output(
         .arg("admin")
         .arg("--data")
         .arg(data)
+        .args(database_args(data))
         .args(args)
         .env("FIELDSYNC_LOG", "warn")
         .stdin(Stdio::piped())
@@ -283,6 +338,7 @@ pub async fn serve_expecting_refusal(data: &Path) -> std::process::Output {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
+        .args(database_args(data))
         .env_remove("RUST_BACKTRACE")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -449,6 +505,7 @@ impl ServerProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldsync"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
+            .args(database_args(data))
             .args(args)
             .env("FIELDSYNC_LOG", "warn")
             .envs(envs.iter().copied())
