@@ -26,7 +26,7 @@ use crate::records::{summarise, Attribution, HouseholdSummary};
 use crate::storage::documents::DocumentStore;
 use crate::storage::{StorageError, Store};
 pub use query::{Coverage, Cursor, Filter, HouseholdPage, CSV_HEADER};
-pub use store::{ProjectionStore, RowWrite, SledProjection};
+pub use store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, SledProjection, TimeCounts};
 
 /// The projection row of one household (its visits are stored beside it).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

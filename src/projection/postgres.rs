@@ -1,15 +1,18 @@
 //! The staff projection on PostgreSQL: `households` (the row as JSON, with the columns the
-//! staff queries select on: station, village, last change, review state; indexed by
-//! village and by last change), `visits` and `village_counts`, created by the store's
-//! migrations (`storage::postgres`). A household's re-projection is one transaction.
-//! Rows are read a page at a time and handed out between round trips, so a caller may
-//! read other rows while it iterates. Must not: compute rows or counters.
+//! staff queries select on: station, village, last change, review state, quarantine,
+//! conflicts, last visit, earliest due follow-up; indexed by each, and the row's matters,
+//! follow-ups and officers by GIN indexes), `visits` and `village_counts`, created by the
+//! store's migrations (`storage::postgres`). A household's re-projection is one
+//! transaction. The staff list and the coverage figures are SQL over those indexes, and
+//! must select exactly what [`Filter::matches`] does (the conformance suite compares
+//! them). Rows are read a page at a time and handed out between round trips, so a caller
+//! may read other rows while it iterates. Must not: compute rows or counters.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::store::{ProjectionStore, RowWrite};
-use super::{HouseholdRow, VillageCounts};
+use super::store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
+use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
 use crate::records::VisitRow;
 use crate::storage::postgres::{database_error as db, PgStore};
@@ -74,6 +77,117 @@ impl PgProjection {
                 Ok(rows.iter().map(|r| r.get(0)).collect())
             })
         })
+    }
+}
+
+/// Parameters of a query built at run time.
+type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>;
+
+/// A WHERE clause and its parameters, built a condition at a time.
+#[derive(Default)]
+struct Conditions {
+    clauses: Vec<String>,
+    params: Params,
+}
+
+impl Conditions {
+    /// Adds `v` as the next parameter and returns its placeholder (`$n`).
+    fn param(&mut self, v: impl tokio_postgres::types::ToSql + Sync + Send + 'static) -> String {
+        self.params.push(Box::new(v));
+        format!("${}", self.params.len())
+    }
+
+    fn and(&mut self, clause: String) {
+        self.clauses.push(clause);
+    }
+
+    fn sql(&self) -> String {
+        self.clauses.join(" AND ")
+    }
+
+    /// The rows of `station` within `villages`.
+    fn scope(station: &str, villages: Option<&[String]>) -> Conditions {
+        let mut c = Conditions::default();
+        let p = c.param(station.to_string());
+        c.and(format!("station = {p}"));
+        if let Some(v) = villages {
+            let p = c.param(v.to_vec());
+            c.and(format!("village = ANY({p})"));
+        }
+        c
+    }
+
+    /// What [`Filter::matches`] selects, as SQL on the indexed columns.
+    fn filter(&mut self, f: &Filter, now_ms: i64) {
+        let p = self.param(f.quarantined.unwrap_or(false));
+        self.and(format!("quarantined = {p}"));
+        if let Some(v) = &f.village {
+            let p = self.param(v.clone());
+            self.and(format!("village = {p}"));
+        }
+        if let Some(o) = &f.officer {
+            let p = self.param(serde_json::json!([o]));
+            self.and(format!("row->'officers' @> {p}"));
+        }
+        if f.matter_kind.is_some() || f.matter_status.is_some() {
+            let mut wanted = serde_json::Map::new();
+            match f.matter_status.as_deref().unwrap_or("open") {
+                "open" => wanted.insert("open".into(), true.into()),
+                status => wanted.insert("status".into(), status.into()),
+            };
+            if let Some(k) = f.matter_kind {
+                wanted.insert("kind".into(), k.as_str().into());
+            }
+            let p = self.param(serde_json::Value::Array(vec![wanted.into()]));
+            self.and(format!("row->'matters' @> {p}"));
+        }
+        if let Some(st) = f.follow_up_status {
+            let p = self.param(serde_json::json!([{ "status": st.as_str() }]));
+            self.and(format!("row->'follow_ups' @> {p}"));
+        }
+        if let Some(want) = f.overdue {
+            let p = self.param(now_ms);
+            self.and(if want {
+                format!("first_due_ms < {p}")
+            } else {
+                format!("(first_due_ms IS NULL OR first_due_ms >= {p})")
+            });
+        }
+        match f.review.as_deref() {
+            Some("changed_since_approval") => self.and("changed_since_approval".into()),
+            Some(state) => {
+                let p = self.param(state.to_string());
+                self.and(format!("review_state = {p}"));
+            }
+            None => {}
+        }
+        if let Some(t) = f.updated_since {
+            let p = self.param(t);
+            self.and(format!("updated_at_ms >= {p}"));
+        }
+        if let Some(want) = f.conflicts {
+            let p = self.param(want);
+            self.and(format!("has_conflicts = {p}"));
+        }
+        if let Some(q) = &f.q {
+            let q = q.trim().to_lowercase();
+            if !q.is_empty() {
+                // The search text is lower-cased already; LIKE's own characters are escaped.
+                let escaped = q
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_");
+                let p = self.param(format!("%{escaped}%"));
+                self.and(format!("row->>'search_text' LIKE {p}"));
+            }
+        }
+    }
+
+    fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        self.params
+            .iter()
+            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect()
     }
 }
 
@@ -279,17 +393,20 @@ impl ProjectionStore for PgProjection {
                     }
                 }
                 tx.execute(
-                    "INSERT INTO households (station, id, village, updated_at_ms, review_state, row)
-                     VALUES ($1, $2, $3, $4, $5, $6)
+                    "INSERT INTO households
+                         (station, id, village, updated_at_ms, review_state, first_due_ms, row)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
                      ON CONFLICT (station, id) DO UPDATE SET village = excluded.village,
                          updated_at_ms = excluded.updated_at_ms,
-                         review_state = excluded.review_state, row = excluded.row",
+                         review_state = excluded.review_state,
+                         first_due_ms = excluded.first_due_ms, row = excluded.row",
                     &[
                         &row.station,
                         &id,
                         &row.village,
                         &row.updated_at_ms,
                         &row.summary.review_state,
+                        &row.summary.first_due_ms(),
                         &row_json,
                     ],
                 )
@@ -332,6 +449,101 @@ impl ProjectionStore for PgProjection {
         })
     }
 
+    fn list(&self, q: &ListQuery<'_>) -> Result<ListAnswer, StorageError> {
+        let mut c = Conditions::scope(q.station, q.villages);
+        c.filter(q.filter, q.now_ms);
+        let count_sql = format!("SELECT count(*) FROM households WHERE {}", c.sql());
+        let total: i64 = self.store.with_client(|client| {
+            Box::pin(async move {
+                Ok(client
+                    .query_one(&count_sql, &c.refs())
+                    .await
+                    .map_err(db)?
+                    .get(0))
+            })
+        })?;
+        let mut c = Conditions::scope(q.station, q.villages);
+        c.filter(q.filter, q.now_ms);
+        if let Some(after) = q.after {
+            let t = c.param(after.updated_at_ms);
+            let id = c.param(uuid(after.id));
+            c.and(format!(
+                "(updated_at_ms < {t} OR (updated_at_ms = {t} AND id > {id}))"
+            ));
+        }
+        // One more than asked: whether there is a next page.
+        let limit = c.param(q.limit as i64 + 1);
+        let page_sql = format!(
+            "SELECT row FROM households WHERE {} ORDER BY updated_at_ms DESC, id LIMIT {limit}",
+            c.sql()
+        );
+        let mut rows: Vec<HouseholdRow> = self.store.with_client(|client| {
+            Box::pin(async move {
+                let rows = client.query(&page_sql, &c.refs()).await.map_err(db)?;
+                rows.iter()
+                    .map(|r| json(r.get(0), "household row"))
+                    .collect()
+            })
+        })?;
+        let more = rows.len() > q.limit;
+        rows.truncate(q.limit);
+        let next = if more {
+            rows.last().map(Cursor::of)
+        } else {
+            None
+        };
+        Ok(ListAnswer {
+            rows,
+            total: total as usize,
+            next,
+        })
+    }
+
+    fn time_counts(
+        &self,
+        station: &str,
+        villages: Option<&[String]>,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<BTreeMap<String, TimeCounts>, StorageError> {
+        let mut visited = Conditions::scope(station, villages);
+        let since = visited.param(since_ms);
+        visited.and(format!("NOT quarantined AND last_visit_at_ms >= {since}"));
+        let visited_sql = format!(
+            "SELECT village, count(*) FROM households WHERE {} GROUP BY village",
+            visited.sql()
+        );
+        let mut overdue = Conditions::scope(station, villages);
+        let now = overdue.param(now_ms);
+        overdue.and(format!("NOT quarantined AND first_due_ms < {now}"));
+        let overdue_sql = format!(
+            "SELECT village, sum((SELECT count(*) FROM jsonb_array_elements(row->'follow_ups') f
+                 WHERE f->>'status' = 'todo' AND (f->>'due_ms')::bigint < {now}))::bigint
+             FROM households WHERE {} GROUP BY village",
+            overdue.sql()
+        );
+        self.store.with_client(|client| {
+            Box::pin(async move {
+                let mut out: BTreeMap<String, TimeCounts> = BTreeMap::new();
+                for r in client
+                    .query(&visited_sql, &visited.refs())
+                    .await
+                    .map_err(db)?
+                {
+                    out.entry(r.get(0)).or_default().visited_since = r.get(1);
+                }
+                for r in client
+                    .query(&overdue_sql, &overdue.refs())
+                    .await
+                    .map_err(db)?
+                {
+                    out.entry(r.get(0)).or_default().follow_ups_overdue = r.get(1);
+                }
+                Ok(out)
+            })
+        })
+    }
+
     fn clear(&self) -> Result<(), StorageError> {
         self.store.with_client(|c| {
             Box::pin(async move {
@@ -350,7 +562,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_postgres_projection_conforms() {
         crate::storage::postgres::tests::on_fresh_database(|store| {
-            crate::projection::store::tests::run_all(&PgProjection::new(store))
+            let s = PgProjection::new(store);
+            crate::projection::store::tests::run_all(&s);
+            crate::projection::store::tests::lists_and_coverage_agree_with_the_rows(&s);
         })
         .await;
     }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use super::store::ListQuery;
 use super::{HouseholdRow, Projection, VillageCounts};
 use crate::auth::ReadingScope;
 use crate::ids::{DocumentId, Timestamp};
@@ -143,8 +144,17 @@ impl Cursor {
         })
     }
 
-    fn key(row: &HouseholdRow) -> (std::cmp::Reverse<i64>, DocumentId) {
-        (std::cmp::Reverse(row.updated_at_ms), row.id)
+    /// Where `row` is in a list.
+    pub fn of(row: &HouseholdRow) -> Cursor {
+        Cursor {
+            updated_at_ms: row.updated_at_ms,
+            id: row.id,
+        }
+    }
+
+    /// The list's order: newest change first, then by id.
+    pub fn key(&self) -> (std::cmp::Reverse<i64>, DocumentId) {
+        (std::cmp::Reverse(self.updated_at_ms), self.id)
     }
 }
 
@@ -247,6 +257,14 @@ pub const CSV_HEADER: [&str; 20] = [
     "notes",
 ];
 
+/// The villages a scope limits a reader to (`None`: the whole station).
+fn scope_villages(scope: &ReadingScope) -> Option<Vec<String>> {
+    scope
+        .villages
+        .as_ref()
+        .map(|v| v.iter().map(|x| x.as_str().to_string()).collect())
+}
+
 /// Bytes of CSV handed to the sink at a time.
 const EXPORT_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -278,42 +296,23 @@ impl Projection {
         now: Timestamp,
     ) -> Result<HouseholdPage, StorageError> {
         let now_ms = now.as_millis() as i64;
-        // Only the sort keys of the matches are kept (a few bytes each), then the page's rows
-        // are read again: memory stays small however many households match.
-        let mut keys = Vec::new();
-        self.for_each_row(scope, |row| {
-            if filter.matches(&row, now_ms) {
-                keys.push(Cursor::key(&row));
-            }
-            true
+        let villages = scope_villages(scope);
+        let answer = self.inner.rows.list(&ListQuery {
+            station: scope.station.as_str(),
+            villages: villages.as_deref(),
+            filter,
+            now_ms,
+            after: cursor,
+            limit,
         })?;
-        keys.sort_unstable();
-        let total = keys.len();
-        let start = match cursor {
-            Some(c) => keys.partition_point(|k| *k <= (std::cmp::Reverse(c.updated_at_ms), c.id)),
-            None => 0,
-        };
-        let mut page = Vec::new();
-        for (_, id) in keys.iter().skip(start).take(limit) {
-            // A row changed or vanished since the scan is shown as it is now, or skipped.
-            if let Some(row) = self.household_blocking(scope.station.as_str(), *id)? {
-                page.push(row);
-            }
-        }
-        let next_cursor = (start + limit < total)
-            .then(|| keys.get(start + limit - 1))
-            .flatten()
-            .map(|(t, id)| {
-                Cursor {
-                    updated_at_ms: t.0,
-                    id: *id,
-                }
-                .encode()
-            });
         Ok(HouseholdPage {
-            households: page.into_iter().map(|r| ListItem::new(r, now_ms)).collect(),
-            next_cursor,
-            total,
+            households: answer
+                .rows
+                .into_iter()
+                .map(|r| ListItem::new(r, now_ms))
+                .collect(),
+            next_cursor: answer.next.map(|c| c.encode()),
+            total: answer.total,
         })
     }
 
@@ -347,19 +346,20 @@ impl Projection {
                 },
             );
         }
-        // The time-dependent figures cannot be counters: one pass over the rows.
-        self.for_each_row(scope, |row| {
-            if row.quarantined() {
-                return true;
+        // The time-dependent figures cannot be counters.
+        let scoped = scope_villages(scope);
+        let timed = self.inner.rows.time_counts(
+            scope.station.as_str(),
+            scoped.as_deref(),
+            since,
+            now_ms,
+        )?;
+        for (village, t) in timed {
+            if let Some(c) = out.get_mut(&village) {
+                c.visited_recently = t.visited_since;
+                c.follow_ups_overdue = t.follow_ups_overdue;
             }
-            if let Some(c) = out.get_mut(&row.village) {
-                if row.summary.last_visit_at_ms.is_some_and(|t| t >= since) {
-                    c.visited_recently += 1;
-                }
-                c.follow_ups_overdue += row.summary.overdue(now_ms) as i64;
-            }
-            true
-        })?;
+        }
         Ok(out.into_values().collect())
     }
 

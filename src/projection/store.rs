@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{HouseholdRow, VillageCounts};
+use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
 use crate::records::VisitRow;
 use crate::storage::{StorageError, Store, Table, TableWrite};
@@ -23,6 +23,39 @@ pub struct RowWrite<'a> {
     pub removed_visits: Vec<String>,
     /// (station, village, counters) to store; empty counters are removed.
     pub counts: Vec<(String, String, VillageCounts)>,
+}
+
+/// Which households a staff list asks for (see [`ProjectionStore::list`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ListQuery<'a> {
+    pub station: &'a str,
+    /// The villages the reader may see; `None`: every village of the station.
+    pub villages: Option<&'a [String]>,
+    pub filter: &'a Filter,
+    /// What "overdue" is measured against.
+    pub now_ms: i64,
+    /// Only rows after this one (the list is newest change first, then by id).
+    pub after: Option<Cursor>,
+    pub limit: usize,
+}
+
+/// One page of a staff list.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ListAnswer {
+    pub rows: Vec<HouseholdRow>,
+    /// Matching rows in all pages.
+    pub total: usize,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// The time-dependent coverage figures of one village (they cannot be counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeCounts {
+    /// Households with a visit received at or after the given time.
+    pub visited_since: i64,
+    /// Follow-ups to do whose due time has passed.
+    pub follow_ups_overdue: i64,
 }
 
 /// Every call blocks (call it on a blocking thread).
@@ -77,6 +110,76 @@ pub trait ProjectionStore: Send + Sync + 'static {
 
     /// Removes everything (a projection about to be rebuilt).
     fn clear(&self) -> Result<(), StorageError>;
+
+    /// A page of the station's rows within `q.villages` that `q.filter` matches, newest
+    /// change first, and how many match in all. This default reads every row of the station
+    /// and keeps only the sort keys of the matches (a few bytes each), then reads the page's
+    /// rows again: what the embedded store does (one tree scan). PostgreSQL answers it
+    /// from its indexes.
+    fn list(&self, q: &ListQuery<'_>) -> Result<ListAnswer, StorageError> {
+        let mut keys = Vec::new();
+        self.for_each_row(Some(q.station), &mut |row| {
+            if in_villages(q.villages, &row.village) && q.filter.matches(&row, q.now_ms) {
+                keys.push(Cursor::of(&row).key());
+            }
+            true
+        })?;
+        keys.sort_unstable();
+        let start = match q.after {
+            Some(c) => keys.partition_point(|k| *k <= c.key()),
+            None => 0,
+        };
+        let mut rows = Vec::new();
+        for (_, id) in keys.iter().skip(start).take(q.limit) {
+            // A row changed or vanished since the scan is shown as it is now, or skipped.
+            if let Some(row) = self.row(q.station, *id)? {
+                rows.push(row);
+            }
+        }
+        let next = (start + q.limit < keys.len())
+            .then(|| keys.get(start + q.limit - 1))
+            .flatten()
+            .map(|(t, id)| Cursor {
+                updated_at_ms: t.0,
+                id: *id,
+            });
+        Ok(ListAnswer {
+            rows,
+            total: keys.len(),
+            next,
+        })
+    }
+
+    /// Per village of the station within `villages`: households visited since `since_ms`
+    /// and follow-ups overdue at `now_ms`, over the households that are not quarantined.
+    /// This default reads every row of the station; PostgreSQL answers from its indexes.
+    fn time_counts(
+        &self,
+        station: &str,
+        villages: Option<&[String]>,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<BTreeMap<String, TimeCounts>, StorageError> {
+        let mut out: BTreeMap<String, TimeCounts> = BTreeMap::new();
+        self.for_each_row(Some(station), &mut |row| {
+            if row.quarantined() || !in_villages(villages, &row.village) {
+                return true;
+            }
+            let visited = row.summary.last_visit_at_ms.is_some_and(|t| t >= since_ms);
+            let overdue = row.summary.overdue(now_ms) as i64;
+            if visited || overdue > 0 {
+                let c = out.entry(row.village.clone()).or_default();
+                c.visited_since += i64::from(visited);
+                c.follow_ups_overdue += overdue;
+            }
+            true
+        })?;
+        Ok(out)
+    }
+}
+
+fn in_villages(villages: Option<&[String]>, village: &str) -> bool {
+    villages.is_none_or(|v| v.iter().any(|x| x == village))
 }
 
 /// The sled layout of [`Table::Projection`].
@@ -430,8 +533,260 @@ pub(crate) mod tests {
         assert!(!any);
     }
 
+    /// Households that differ in every way a staff filter looks at, in two villages of one
+    /// station and one of another station.
+    fn varied_rows() -> Vec<HouseholdRow> {
+        use crate::records::{FollowUpBrief, MatterBrief};
+        let base = row("north", "east", 0, &household("1", 1));
+        let matter = |kind: &str, status: &str, open: bool| MatterBrief {
+            id: format!("{kind}-{status}"),
+            kind: kind.into(),
+            status: status.into(),
+            risk: "low".into(),
+            open,
+            description: String::new(),
+            confidential: false,
+        };
+        let follow_up = |status: &str, due_ms: Option<i64>| FollowUpBrief {
+            id: format!("{status}-{due_ms:?}"),
+            task: "call back".into(),
+            owner: "amy".into(),
+            status: status.into(),
+            due_ms,
+        };
+        (0..14)
+            .map(|i: i64| {
+                let mut r = base.clone();
+                r.id = DocumentId::random();
+                r.village = if i % 3 == 0 { "west" } else { "east" }.into();
+                if i == 13 {
+                    r.station = "south".into();
+                }
+                // Two rows share an update time: the id orders them.
+                r.updated_at_ms = 1_000 + (i / 2) * 10;
+                let s = &mut r.summary;
+                s.visits.clear();
+                s.officers = match i % 4 {
+                    0 => vec!["amy".into()],
+                    1 => vec!["amy".into(), "ben".into()],
+                    2 => vec!["ben".into()],
+                    _ => vec![],
+                };
+                s.last_visit_at_ms = (i % 4 != 3).then_some(500 + i * 100);
+                s.matters = match i % 5 {
+                    0 => vec![matter("complaint", "open", true)],
+                    1 => vec![
+                        matter("complaint", "resolved", false),
+                        matter("tip", "open", true),
+                    ],
+                    2 => vec![matter("dispute", "mediating", true)],
+                    _ => vec![],
+                };
+                s.follow_ups = match i % 4 {
+                    0 => vec![follow_up("todo", Some(1_500))],
+                    1 => vec![follow_up("todo", Some(9_000)), follow_up("done", Some(100))],
+                    2 => vec![follow_up("todo", None), follow_up("todo", Some(1_200))],
+                    _ => vec![follow_up("cancelled", Some(100))],
+                };
+                s.review_state = ["received", "approved", "needs_follow_up"][i as usize % 3].into();
+                s.changed_since_approval = i % 3 == 1 && i % 2 == 0;
+                s.conflicts = u32::from(i % 6 == 5);
+                s.quarantine = if i == 11 {
+                    vec!["bad key".into()]
+                } else {
+                    vec![]
+                };
+                s.search_text = format!(
+                    "no. {i} lane 50%_off \\ {}",
+                    ["林森", "noise", "dog"][i as usize % 3]
+                );
+                r
+            })
+            .collect()
+    }
+
+    fn filters() -> Vec<Filter> {
+        use crate::records::{FollowUpStatus, MatterKind};
+        let f = Filter::default;
+        vec![
+            f(),
+            Filter {
+                village: Some("west".into()),
+                ..f()
+            },
+            Filter {
+                officer: Some("ben".into()),
+                ..f()
+            },
+            Filter {
+                matter_kind: Some(MatterKind::Complaint),
+                ..f()
+            },
+            Filter {
+                matter_status: Some("resolved".into()),
+                ..f()
+            },
+            Filter {
+                matter_kind: Some(MatterKind::Complaint),
+                matter_status: Some("open".into()),
+                ..f()
+            },
+            Filter {
+                matter_status: Some("open".into()),
+                ..f()
+            },
+            Filter {
+                follow_up_status: Some(FollowUpStatus::Todo),
+                ..f()
+            },
+            Filter {
+                follow_up_status: Some(FollowUpStatus::Cancelled),
+                ..f()
+            },
+            Filter {
+                overdue: Some(true),
+                ..f()
+            },
+            Filter {
+                overdue: Some(false),
+                ..f()
+            },
+            Filter {
+                review: Some("approved".into()),
+                ..f()
+            },
+            Filter {
+                review: Some("changed_since_approval".into()),
+                ..f()
+            },
+            Filter {
+                updated_since: Some(1_040),
+                ..f()
+            },
+            Filter {
+                q: Some("  NOISE ".into()),
+                ..f()
+            },
+            Filter {
+                q: Some("林森".into()),
+                ..f()
+            },
+            Filter {
+                q: Some("50%_".into()),
+                ..f()
+            },
+            Filter {
+                q: Some("%".into()),
+                ..f()
+            },
+            Filter {
+                q: Some("\\".into()),
+                ..f()
+            },
+            Filter {
+                q: Some("5_%".into()),
+                ..f()
+            },
+            Filter {
+                conflicts: Some(true),
+                ..f()
+            },
+            Filter {
+                conflicts: Some(false),
+                ..f()
+            },
+            Filter {
+                quarantined: Some(true),
+                ..f()
+            },
+            Filter {
+                village: Some("east".into()),
+                officer: Some("amy".into()),
+                overdue: Some(true),
+                ..f()
+            },
+        ]
+    }
+
+    /// Every staff filter selects the same households, in the same order and pages, as
+    /// [`Filter::matches`] over the rows; the coverage figures are the rows' own.
+    pub(crate) fn lists_and_coverage_agree_with_the_rows(s: &dyn ProjectionStore) {
+        s.clear().unwrap();
+        let rows = varied_rows();
+        for r in &rows {
+            write_whole(s, r.clone(), VillageCounts::default());
+        }
+        let now_ms = 2_000;
+        let west = ["west".to_string()];
+        for filter in filters() {
+            for villages in [None, Some(&west[..])] {
+                let mut expected: Vec<&HouseholdRow> = rows
+                    .iter()
+                    .filter(|r| r.station == "north")
+                    .filter(|r| villages.is_none_or(|v| v.contains(&r.village)))
+                    .filter(|r| filter.matches(r, now_ms))
+                    .collect();
+                expected.sort_by_key(|r| Cursor::of(r).key());
+                let want: Vec<DocumentId> = expected.iter().map(|r| r.id).collect();
+                let mut got = Vec::new();
+                let mut after = None;
+                loop {
+                    let page = s
+                        .list(&ListQuery {
+                            station: "north",
+                            villages,
+                            filter: &filter,
+                            now_ms,
+                            after,
+                            limit: 3,
+                        })
+                        .unwrap();
+                    assert_eq!(page.total, want.len(), "{filter:?} in {villages:?}");
+                    assert!(page.rows.len() <= 3);
+                    got.extend(page.rows.iter().map(|r| r.id));
+                    match page.next {
+                        Some(c) => after = Some(c),
+                        None => break,
+                    }
+                }
+                assert_eq!(got, want, "{filter:?} in {villages:?}");
+            }
+        }
+
+        let since = 900;
+        for villages in [None, Some(&west[..])] {
+            let mut expected: BTreeMap<String, TimeCounts> = BTreeMap::new();
+            for r in rows
+                .iter()
+                .filter(|r| r.station == "north" && !r.quarantined())
+            {
+                if villages.is_some_and(|v| !v.contains(&r.village)) {
+                    continue;
+                }
+                let visited = r.summary.last_visit_at_ms.is_some_and(|t| t >= since);
+                let overdue = r.summary.overdue(now_ms) as i64;
+                if visited || overdue > 0 {
+                    let c = expected.entry(r.village.clone()).or_default();
+                    c.visited_since += i64::from(visited);
+                    c.follow_ups_overdue += overdue;
+                }
+            }
+            assert!(!expected.is_empty());
+            assert_eq!(
+                s.time_counts("north", villages, since, now_ms).unwrap(),
+                expected,
+                "{villages:?}"
+            );
+        }
+        s.clear().unwrap();
+    }
+
     #[test]
     fn the_sled_projection_conforms() {
-        crate::storage::on_temp_store(|store| run_all(&SledProjection::new(store)));
+        crate::storage::on_temp_store(|store| {
+            let s = SledProjection::new(store);
+            run_all(&s);
+            lists_and_coverage_agree_with_the_rows(&s);
+        });
     }
 }

@@ -217,6 +217,16 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
 
 impl HouseholdSummary {
     /// Open follow-ups whose due date is before `now_ms`.
+    /// The earliest due time of a follow-up still to do: some are overdue at `now_ms`
+    /// exactly when it is before `now_ms` (what a database indexes instead of the list).
+    pub fn first_due_ms(&self) -> Option<i64> {
+        self.follow_ups
+            .iter()
+            .filter(|f| FollowUpStatus::parse(&f.status) == Some(FollowUpStatus::Todo))
+            .filter_map(|f| f.due_ms)
+            .min()
+    }
+
     pub fn overdue(&self, now_ms: i64) -> usize {
         self.follow_ups
             .iter()

@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -91,6 +91,31 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 5: named values (the server's storage id).
     "CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);",
+    // 6: the staff list's filters and the coverage figures answered from indexes
+    // (`projection::postgres`): columns derived from the row, the earliest due time of a
+    // follow-up to do (written with the row), and indexes on the row's matters,
+    // follow-ups and officers for containment queries.
+    "ALTER TABLE households
+         ADD COLUMN quarantined boolean NOT NULL
+             GENERATED ALWAYS AS (coalesce(jsonb_array_length(row->'quarantine'), 0) > 0) STORED,
+         ADD COLUMN has_conflicts boolean NOT NULL
+             GENERATED ALWAYS AS (coalesce((row->>'conflicts')::integer, 0) > 0) STORED,
+         ADD COLUMN changed_since_approval boolean NOT NULL
+             GENERATED ALWAYS AS (coalesce((row->>'changed_since_approval')::boolean, false)) STORED,
+         ADD COLUMN last_visit_at_ms bigint
+             GENERATED ALWAYS AS ((row->>'last_visit_at_ms')::bigint) STORED,
+         ADD COLUMN first_due_ms bigint;
+     UPDATE households SET first_due_ms = (
+         SELECT min((f->>'due_ms')::bigint) FROM jsonb_array_elements(row->'follow_ups') f
+         WHERE f->>'status' = 'todo');
+     CREATE INDEX households_by_due ON households (station, first_due_ms)
+         WHERE first_due_ms IS NOT NULL;
+     CREATE INDEX households_by_last_visit ON households (station, last_visit_at_ms);
+     CREATE INDEX households_by_review ON households (station, review_state);
+     CREATE INDEX households_matters ON households USING gin ((row->'matters') jsonb_path_ops);
+     CREATE INDEX households_follow_ups ON households
+         USING gin ((row->'follow_ups') jsonb_path_ops);
+     CREATE INDEX households_officers ON households USING gin ((row->'officers') jsonb_path_ops);",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).
