@@ -4,7 +4,11 @@
 //! ```text
 //! cargo run --release --example bench_export              # 200 households x 50 visits
 //! cargo run --release --example bench_export -- 400 100   # households, visits each
+//! FIELDSYNC_DATABASE=postgres://USER@HOST:PORT/DB cargo run --release --example bench_export -- 10000 1
 //! ```
+//!
+//! With `FIELDSYNC_DATABASE` the server keeps its data in that (empty) PostgreSQL database
+//! instead of the embedded store.
 //!
 //! An in-process server on loopback (port 0, temp dir); four officer devices upload the
 //! households through the real sync path (so the projection is built change by change, as
@@ -88,7 +92,14 @@ async fn main() -> anyhow::Result<()> {
     let households = args.first().copied().unwrap_or(200);
     let visits_each = args.get(1).copied().unwrap_or(50);
     let dir = tempfile::tempdir()?;
-    let services = Services::open(ServerConfig::new(dir.path().join("server"))).await?;
+    let mut config = ServerConfig::new(dir.path().join("server"));
+    config.database = std::env::var("FIELDSYNC_DATABASE").ok();
+    let backend = if config.database.is_some() {
+        "PostgreSQL"
+    } else {
+        "embedded sled"
+    };
+    let services = Services::open(config).await?;
     let mut cmds = vec![
         AdminCommand::StationAdd {
             station: STATION.into(),
@@ -130,10 +141,11 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     println!(
-        "bench_export: {households} households x {visits_each} visits = {} visits, uploaded by {DEVICES} devices",
+        "bench_export ({backend}): {households} households x {visits_each} visits = {} visits, uploaded by {DEVICES} devices",
         households * visits_each
     );
     let started = Instant::now();
+    let sync_every = (households / 20).max(10);
     let mut uploads = Vec::new();
     for d in 0..DEVICES {
         let officer = format!("officer-{d}");
@@ -182,8 +194,9 @@ async fn main() -> anyhow::Result<()> {
                         })
                         .await?;
                 }
-                // Sync every few households so the upload overlaps the edits.
-                if h % 10 == d {
+                // Sync every few households so the upload overlaps the edits (every sync
+                // offers all of the device's households, so not too often).
+                if h % sync_every == d {
                     device.sync(&url).await?;
                 }
             }
@@ -232,8 +245,10 @@ async fn main() -> anyhow::Result<()> {
         }
         for (what, path) in [
             ("list, first page of 50", "/households"),
+            ("list, one officer's households", "/households?officer=officer-1&limit=500"),
             ("list, text search", "/households?q=no.%20150"),
             ("list, overdue filter", "/households?overdue=true"),
+            ("list, approved", "/households?review=approved"),
             ("coverage", "/coverage?days=30"),
         ] {
             let runs = 5;

@@ -6,15 +6,20 @@
 #   examples/compare.sh [DEVICES HOUSEHOLDS VISITS SHARED]      (default: 20 40 4 10)
 #   RATE=100 STEADY_SECS=10 examples/compare.sh 50 40 4 10      (steady phase settings)
 #   ONLY=fieldsync examples/compare.sh 200 40 4 10              (skip the reference)
+#   BACKENDS="sled postgres" examples/compare.sh                 (fieldsync on each backend)
 #
+# BACKENDS names the stores fieldsync runs on, one run each (default: sled). `postgres`
+# starts a throwaway PostgreSQL cluster (Debian's postgresql, as the tests do; as root it
+# runs as the `postgres` user) on a free loopback port, and reports the CPU its backends
+# used beside fieldsync's own.
 # It builds first (release) and installs the reference server's pinned npm packages
 # (examples/reference-server), then measures: never while something else builds.
-# Reports land in target/compare/<D>x<H>x<V>+<S>/{reference,fieldsync}.json.
+# Reports land in target/compare/<D>x<H>x<V>+<S>/{reference,fieldsync-<backend>}.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 D=${1:-20}; H=${2:-40}; V=${3:-4}; S=${4:-10}
-RATE=${RATE:-100}; STEADY_SECS=${STEADY_SECS:-10}; ONLY=${ONLY:-}
+RATE=${RATE:-100}; STEADY_SECS=${STEADY_SECS:-10}; ONLY=${ONLY:-}; BACKENDS=${BACKENDS:-sled}
 LOADGEN_ARGS=(--devices "$D" --households "$H" --visits "$V" --shared "$S"
               --rate "$RATE" --steady-secs "$STEADY_SECS" --timeout-secs "${TIMEOUT_SECS:-900}")
 
@@ -28,12 +33,47 @@ fi
 out="target/compare/${D}x${H}x${V}+${S}"
 mkdir -p "$out"
 work=$(mktemp -d)
+chmod 755 "$work"
 server_pid=
+pg_data=
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  if [ -n "$pg_data" ]; then as_postgres "$(pg_bin pg_ctl)" -D "$pg_data" -m immediate stop >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+# PostgreSQL's tools: on PATH, or Debian's newest /usr/lib/postgresql/*/bin.
+pg_bin() {
+  if command -v "$1" >/dev/null; then command -v "$1"; return; fi
+  local found
+  found=$(ls -d /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | sort -V | tail -1)
+  if [ -z "$found" ]; then echo "error: PostgreSQL's $1 is missing (Debian: apt-get install postgresql)" >&2; return 1; fi
+  echo "$found"
+}
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# Starts a throwaway cluster in $work/pg; prints its URL.
+start_postgres() {
+  local dir="$work/pg" port
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  pg_data="$dir/data"
+  as_postgres "$(pg_bin initdb)" -D "$pg_data" -U fieldsync --auth=trust -E UTF8 >/dev/null
+  as_postgres "$(pg_bin pg_ctl)" -D "$pg_data" -w -l "$pg_data/log" \
+    -o "-p $port -k $pg_data -c listen_addresses=127.0.0.1" start >/dev/null
+  echo "postgres://fieldsync@127.0.0.1:$port/postgres"
+}
+
+# CPU seconds of the postmaster's exited children (its backends, once their connections close).
+postgres_cpu() {
+  local pm
+  pm=$(head -1 "$pg_data/postmaster.pid")
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($16 + $17) / hz }' "/proc/$pm/stat"
+}
 
 # Waits until the server's first stdout line names its port; prints the port.
 port_of() {
@@ -57,15 +97,29 @@ if [ "$ONLY" != fieldsync ]; then
   kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
 fi
 
-echo "==> fieldsync"
-target/release/fieldsync serve --data "$work/fieldsync" --listen 127.0.0.1:0 > "$work/fieldsync.log" 2>&1 &
-server_pid=$!
-port=$(port_of "$work/fieldsync.log" "$server_pid" 'ws://127\.0\.0\.1:[0-9]+')
-target/release/examples/loadgen --server fieldsync --url "ws://127.0.0.1:$port/sync" \
-  --data "$work/fieldsync" --server-pid "$server_pid" --json "$out/fieldsync.json" "${LOADGEN_ARGS[@]}"
-kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
-
-if [ -f "$out/reference.json" ] && [ "$ONLY" != fieldsync ]; then
-  target/release/examples/loadgen --compare "$out/reference.json" "$out/fieldsync.json"
-fi
+for backend in $BACKENDS; do
+  db_args=()
+  case $backend in
+    sled) ;;
+    postgres) url=$(start_postgres); db_args=(--database "$url") ;;
+    *) echo "error: unknown backend $backend (sled | postgres)" >&2; exit 1 ;;
+  esac
+  echo "==> fieldsync on $backend"
+  target/release/fieldsync serve --data "$work/fieldsync-$backend" --listen 127.0.0.1:0 \
+    ${db_args[@]+"${db_args[@]}"} > "$work/fieldsync-$backend.log" 2>&1 &
+  server_pid=$!
+  port=$(port_of "$work/fieldsync-$backend.log" "$server_pid" 'ws://127\.0\.0\.1:[0-9]+')
+  target/release/examples/loadgen --server fieldsync --url "ws://127.0.0.1:$port/sync" \
+    --data "$work/fieldsync-$backend" --server-pid "$server_pid" \
+    --json "$out/fieldsync-$backend.json" "${LOADGEN_ARGS[@]}"
+  kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
+  if [ "$backend" = postgres ]; then
+    sleep 1 # the backends exit once fieldsync's connections close
+    echo "PostgreSQL's backends used $(postgres_cpu) s of CPU besides fieldsync's"
+    as_postgres "$(pg_bin pg_ctl)" -D "$pg_data" -m fast stop >/dev/null; pg_data=
+  fi
+  if [ -f "$out/reference.json" ] && [ "$ONLY" != fieldsync ]; then
+    target/release/examples/loadgen --compare "$out/reference.json" "$out/fieldsync-$backend.json"
+  fi
+done
 echo "reports: $out/"

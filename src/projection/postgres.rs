@@ -449,6 +449,50 @@ impl ProjectionStore for PgProjection {
         })
     }
 
+    fn for_each_row_with_visits(
+        &self,
+        station: &str,
+        wanted: &dyn Fn(&HouseholdRow) -> bool,
+        each: &mut dyn FnMut(HouseholdRow, Vec<VisitRow>) -> bool,
+    ) -> Result<(), StorageError> {
+        let mut after = None;
+        loop {
+            let page = self.page(station, after)?;
+            let full = page.len() as i64 == PAGE;
+            after = page.last().map(|r| uuid(r.id));
+            let rows: Vec<HouseholdRow> = page.into_iter().filter(|r| wanted(r)).collect();
+            let ids: Vec<uuid::Uuid> = rows.iter().map(|r| uuid(r.id)).collect();
+            let mut visits: BTreeMap<uuid::Uuid, Vec<VisitRow>> = self.store.with_client(|c| {
+                Box::pin(async move {
+                    let found = c
+                        .query(
+                            "SELECT doc, row FROM visits WHERE doc = ANY($1)
+                             ORDER BY doc, visit_id COLLATE \"C\"",
+                            &[&ids],
+                        )
+                        .await
+                        .map_err(db)?;
+                    let mut out: BTreeMap<uuid::Uuid, Vec<VisitRow>> = BTreeMap::new();
+                    for r in found {
+                        out.entry(r.get(0))
+                            .or_default()
+                            .push(json(r.get(1), "visit row")?);
+                    }
+                    Ok(out)
+                })
+            })?;
+            for row in rows {
+                let of_row = visits.remove(&uuid(row.id)).unwrap_or_default();
+                if !each(row, of_row) {
+                    return Ok(());
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
     fn list(&self, q: &ListQuery<'_>) -> Result<ListAnswer, StorageError> {
         let mut c = Conditions::scope(q.station, q.villages);
         c.filter(q.filter, q.now_ms);

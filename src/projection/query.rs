@@ -9,7 +9,7 @@ use super::store::ListQuery;
 use super::{HouseholdRow, Projection, VillageCounts};
 use crate::auth::ReadingScope;
 use crate::ids::{DocumentId, Timestamp};
-use crate::records::{FollowUpStatus, MatterKind, MatterStatus, ReviewState, VisitRow};
+use crate::records::{FollowUpStatus, MatterKind, MatterStatus, ReviewState};
 use crate::storage::StorageError;
 
 /// The list and export filters (query parameters of `/api/v1/households` and
@@ -269,23 +269,6 @@ fn scope_villages(scope: &ReadingScope) -> Option<Vec<String>> {
 const EXPORT_CHUNK_BYTES: usize = 64 * 1024;
 
 impl Projection {
-    /// Every row of the station within `scope`, one at a time, in key order.
-    fn for_each_row(
-        &self,
-        scope: &ReadingScope,
-        mut each: impl FnMut(HouseholdRow) -> bool,
-    ) -> Result<(), StorageError> {
-        self.inner
-            .rows
-            .for_each_row(Some(scope.station.as_str()), &mut |row| {
-                if scope.covers(&row.station, &row.village) {
-                    each(row)
-                } else {
-                    true
-                }
-            })
-    }
-
     /// A page of households within `scope` that match `filter`, newest change first.
     pub fn list_blocking(
         &self,
@@ -380,23 +363,22 @@ impl Projection {
         write_csv_row(&mut buf, CSV_HEADER.iter().map(|s| s.to_string()));
         let mut rows_written = 0;
         let mut open = true;
-        let mut failed = None;
-        self.for_each_row(scope, |row| {
-            if !filter.matches(&row, now_ms) {
-                return true;
-            }
-            let s = &row.summary;
-            let open_matters = s
-                .open_matters
-                .iter()
-                .map(|(k, n)| format!("{k}:{n}"))
-                .collect::<Vec<_>>()
-                .join(";");
-            let todo = s.follow_ups.iter().filter(|f| f.status == "todo").count();
-            let result = self
-                .inner
-                .rows
-                .for_each_visit(row.id, &mut |visit: VisitRow| {
+        let wanted = |row: &HouseholdRow| {
+            scope.covers(&row.station, &row.village) && filter.matches(row, now_ms)
+        };
+        self.inner.rows.for_each_row_with_visits(
+            scope.station.as_str(),
+            &wanted,
+            &mut |row, visits| {
+                let s = &row.summary;
+                let open_matters = s
+                    .open_matters
+                    .iter()
+                    .map(|(k, n)| format!("{k}:{n}"))
+                    .collect::<Vec<_>>()
+                    .join(";");
+                let todo = s.follow_ups.iter().filter(|f| f.status == "todo").count();
+                for visit in visits {
                     let time = |ms: Option<i64>| {
                         ms.map(|t| Timestamp::from_millis(t.max(0) as u64).to_utc_string())
                             .unwrap_or_default()
@@ -439,17 +421,14 @@ impl Projection {
                     rows_written += 1;
                     if buf.len() >= EXPORT_CHUNK_BYTES {
                         open = sink(std::mem::take(&mut buf));
+                        if !open {
+                            return false;
+                        }
                     }
-                    open
-                });
-            if let Err(e) = result {
-                failed = Some(e);
-            }
-            open && failed.is_none()
-        })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
+                }
+                true
+            },
+        )?;
         if open && !buf.is_empty() {
             sink(buf);
         }

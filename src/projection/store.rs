@@ -150,6 +150,34 @@ pub trait ProjectionStore: Send + Sync + 'static {
         })
     }
 
+    /// The rows of `station` that are `wanted`, each with its visit rows (by visit id), one
+    /// household at a time in id order, until `each` returns `false` (the export). This
+    /// default reads a household's visits when it gets to it; PostgreSQL reads those of a
+    /// page of households in one query.
+    fn for_each_row_with_visits(
+        &self,
+        station: &str,
+        wanted: &dyn Fn(&HouseholdRow) -> bool,
+        each: &mut dyn FnMut(HouseholdRow, Vec<VisitRow>) -> bool,
+    ) -> Result<(), StorageError> {
+        let mut failed = None;
+        self.for_each_row(Some(station), &mut |row| {
+            if !wanted(&row) {
+                return true;
+            }
+            let mut visits = Vec::new();
+            if let Err(e) = self.for_each_visit(row.id, &mut |v| {
+                visits.push(v);
+                true
+            }) {
+                failed = Some(e);
+                return false;
+            }
+            each(row, visits)
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
     /// Per village of the station within `villages`: households visited since `since_ms`
     /// and follow-ups overdue at `now_ms`, over the households that are not quarantined.
     /// This default reads every row of the station; PostgreSQL answers from its indexes.
@@ -479,6 +507,31 @@ pub(crate) mod tests {
         let mut expected = a.summary.visits.clone();
         expected.sort_by(|x, y| x.id.cmp(&y.id));
         assert_eq!(visits, expected);
+
+        // With their visits: only the wanted rows, in id order, each with its visits.
+        let mut seen = Vec::new();
+        s.for_each_row_with_visits("north", &|_| true, &mut |r, v| {
+            seen.push((r.id, v.len()));
+            true
+        })
+        .unwrap();
+        let mut expected = vec![(a.id, 2), (b.id, 1)];
+        expected.sort();
+        assert_eq!(seen, expected);
+        let mut seen = Vec::new();
+        s.for_each_row_with_visits("north", &|r| r.id == b.id, &mut |r, v| {
+            seen.push((r.id, v));
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(b.id, b.summary.visits.clone())]);
+        let mut calls = 0;
+        s.for_each_row_with_visits("north", &|_| true, &mut |_, _| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(calls, 1, "stops when asked");
 
         // A re-projection: one visit changed, one gone; counters moved between villages.
         let mut changed = a.summary.visits[0].clone();
