@@ -79,8 +79,7 @@ impl VillageCounts {
                 self.open_matters.remove(kind);
             }
         }
-        self.follow_ups_todo +=
-            sign * s.follow_ups.iter().filter(|f| f.status == "todo").count() as i64;
+        self.follow_ups_todo += sign * s.follow_ups_todo() as i64;
         self.households_with_conflicts += sign * i64::from(s.conflicts > 0);
     }
 
@@ -174,7 +173,10 @@ impl Projection {
         let Some(row) = self.build_row(doc, content)? else {
             return Ok(());
         };
-        let _w = lock(&self.inner.write);
+        // Counters kept apart are read, moved and written back: one writer at a time. A
+        // backend that derives them needs no lock (a row is only written by its
+        // document's actor).
+        let _w = (!self.inner.rows.counts_are_derived()).then(|| lock(&self.inner.write));
         self.write_row_blocking(row)
     }
 
@@ -199,12 +201,14 @@ impl Projection {
             }
         }
         let mut counts: BTreeMap<(String, String), VillageCounts> = BTreeMap::new();
-        if let Some(old) = &old {
-            self.counts_entry(&mut counts, &old.station, &old.village)?
-                .add(old, -1);
+        if !rows.counts_are_derived() {
+            if let Some(old) = &old {
+                self.counts_entry(&mut counts, &old.station, &old.village)?
+                    .add(old, -1);
+            }
+            self.counts_entry(&mut counts, &row.station, &row.village)?
+                .add(&row, 1);
         }
-        self.counts_entry(&mut counts, &row.station, &row.village)?
-            .add(&row, 1);
         rows.write(&RowWrite {
             row: &row,
             put_visits,
@@ -224,7 +228,7 @@ impl Projection {
     ) -> Result<&'a mut VillageCounts, StorageError> {
         let k = (station.to_string(), village.to_string());
         if !counts.contains_key(&k) {
-            let current = self.inner.rows.counts_for_update(station, village)?;
+            let current = self.inner.rows.counts(station, village)?;
             counts.insert(k.clone(), current);
         }
         Ok(counts.get_mut(&k).expect("inserted"))
@@ -281,6 +285,9 @@ impl Projection {
     /// Replaces every village's counters by a count of the household rows (read one at a
     /// time).
     fn recount_blocking(&self) -> Result<(), StorageError> {
+        if self.inner.rows.counts_are_derived() {
+            return Ok(());
+        }
         let _w = lock(&self.inner.write);
         let mut counts: BTreeMap<(String, String), VillageCounts> = BTreeMap::new();
         self.inner.rows.for_each_row(None, &mut |row| {

@@ -64,6 +64,71 @@ impl PgProjection {
         })
     }
 
+    /// The village counters of one (station, village), or of all, counted from the rows:
+    /// the same figures `VillageCounts::add` keeps on the embedded store.
+    fn aggregate_counts(
+        &self,
+        only: Option<(&str, &str)>,
+    ) -> Result<BTreeMap<(String, String), VillageCounts>, StorageError> {
+        let mut c = Conditions::default();
+        if let Some((station, village)) = only {
+            let p = c.param(station.to_string());
+            c.and(format!("station = {p}"));
+            let p = c.param(village.to_string());
+            c.and(format!("village = {p}"));
+        }
+        let filter = if c.clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", c.sql())
+        };
+        let counts_sql = format!(
+            "SELECT station, village,
+                 count(*) FILTER (WHERE NOT quarantined),
+                 count(*) FILTER (WHERE quarantined),
+                 coalesce(sum(visit_count) FILTER (WHERE NOT quarantined), 0)::bigint,
+                 count(*) FILTER (WHERE NOT quarantined AND visit_count > 0),
+                 coalesce(sum(follow_ups_todo) FILTER (WHERE NOT quarantined), 0)::bigint,
+                 count(*) FILTER (WHERE NOT quarantined AND has_conflicts)
+             FROM households {filter} GROUP BY station, village"
+        );
+        let matters_filter = if c.clauses.is_empty() {
+            "WHERE NOT quarantined".to_string()
+        } else {
+            format!("WHERE NOT quarantined AND {}", c.sql())
+        };
+        let matters_sql = format!(
+            "SELECT station, village, m.key, sum(m.value::bigint)::bigint
+             FROM households, jsonb_each_text(open_matters) m {matters_filter}
+             GROUP BY station, village, m.key HAVING sum(m.value::bigint) <> 0"
+        );
+        self.store.with_client(|client| {
+            Box::pin(async move {
+                let mut out: BTreeMap<(String, String), VillageCounts> = BTreeMap::new();
+                for r in client.query(&counts_sql, &c.refs()).await.map_err(db)? {
+                    out.insert(
+                        (r.get(0), r.get(1)),
+                        VillageCounts {
+                            households: r.get(2),
+                            quarantined: r.get(3),
+                            visits: r.get(4),
+                            visited: r.get(5),
+                            open_matters: BTreeMap::new(),
+                            follow_ups_todo: r.get(6),
+                            households_with_conflicts: r.get(7),
+                        },
+                    );
+                }
+                for r in client.query(&matters_sql, &c.refs()).await.map_err(db)? {
+                    if let Some(counts) = out.get_mut(&(r.get(0), r.get(1))) {
+                        counts.open_matters.insert(r.get(2), r.get(3));
+                    }
+                }
+                Ok(out)
+            })
+        })
+    }
+
     fn stations(&self) -> Result<Vec<String>, StorageError> {
         self.store.with_client(|c| {
             Box::pin(async move {
@@ -274,67 +339,18 @@ impl ProjectionStore for PgProjection {
     }
 
     fn counts(&self, station: &str, village: &str) -> Result<VillageCounts, StorageError> {
-        let (station, village) = (station.to_string(), village.to_string());
-        self.store.with_client(move |c| {
-            Box::pin(async move {
-                let row = c
-                    .query_opt(
-                        "SELECT counts FROM village_counts WHERE station = $1 AND village = $2",
-                        &[&station, &village],
-                    )
-                    .await
-                    .map_err(db)?;
-                match row {
-                    Some(r) => json(r.get(0), "village counts"),
-                    None => Ok(VillageCounts::default()),
-                }
-            })
-        })
+        let mut all = self.aggregate_counts(Some((station, village)))?;
+        Ok(all
+            .remove(&(station.to_string(), village.to_string()))
+            .unwrap_or_default())
     }
 
-    fn counts_for_update(
-        &self,
-        station: &str,
-        village: &str,
-    ) -> Result<VillageCounts, StorageError> {
-        let (station, village) = (station.to_string(), village.to_string());
-        let empty = serde_json::to_value(VillageCounts::default()).expect("counts serialise");
-        self.store.with_transaction(move |c| {
-            Box::pin(async move {
-                // The row must exist to be locked: a concurrent first household of the
-                // village waits here for the other's insert to commit or roll back.
-                c.execute(
-                    "INSERT INTO village_counts (station, village, counts) VALUES ($1, $2, $3)
-                     ON CONFLICT DO NOTHING",
-                    &[&station, &village, &empty],
-                )
-                .await
-                .map_err(db)?;
-                let row = c
-                    .query_one(
-                        "SELECT counts FROM village_counts WHERE station = $1 AND village = $2
-                         FOR UPDATE",
-                        &[&station, &village],
-                    )
-                    .await
-                    .map_err(db)?;
-                json(row.get(0), "village counts")
-            })
-        })
+    fn counts_are_derived(&self) -> bool {
+        true
     }
 
     fn all_counts(&self) -> Result<BTreeMap<(String, String), VillageCounts>, StorageError> {
-        self.store.with_client(|c| {
-            Box::pin(async move {
-                let rows = c
-                    .query("SELECT station, village, counts FROM village_counts", &[])
-                    .await
-                    .map_err(db)?;
-                rows.iter()
-                    .map(|r| Ok(((r.get(0), r.get(1)), json(r.get(2), "village counts")?)))
-                    .collect()
-            })
-        })
+        self.aggregate_counts(None)
     }
 
     fn write(&self, w: &RowWrite<'_>) -> Result<(), StorageError> {
@@ -351,7 +367,7 @@ impl ProjectionStore for PgProjection {
             })
             .collect();
         let removed = w.removed_visits.clone();
-        let counts = w.counts.clone();
+        // `w.counts` is ignored: the counters are derived from the rows.
         self.store.with_transaction(move |tx| {
             Box::pin(async move {
                 let id = uuid(row.id);
@@ -372,34 +388,15 @@ impl ProjectionStore for PgProjection {
                     .await
                     .map_err(db)?;
                 }
-                for (station, village, c) in &counts {
-                    if c.is_empty() {
-                        tx.execute(
-                            "DELETE FROM village_counts WHERE station = $1 AND village = $2",
-                            &[station, village],
-                        )
-                        .await
-                        .map_err(db)?;
-                    } else {
-                        let value = serde_json::to_value(c).expect("counts serialise");
-                        tx.execute(
-                            "INSERT INTO village_counts (station, village, counts)
-                             VALUES ($1, $2, $3)
-                             ON CONFLICT (station, village) DO UPDATE SET counts = excluded.counts",
-                            &[station, village, &value],
-                        )
-                        .await
-                        .map_err(db)?;
-                    }
-                }
                 tx.execute(
-                    "INSERT INTO households
-                         (station, id, village, updated_at_ms, review_state, first_due_ms, row)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    "INSERT INTO households (station, id, village, updated_at_ms, review_state,
+                         first_due_ms, follow_ups_todo, row)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (station, id) DO UPDATE SET village = excluded.village,
                          updated_at_ms = excluded.updated_at_ms,
                          review_state = excluded.review_state,
-                         first_due_ms = excluded.first_due_ms, row = excluded.row",
+                         first_due_ms = excluded.first_due_ms,
+                         follow_ups_todo = excluded.follow_ups_todo, row = excluded.row",
                     &[
                         &row.station,
                         &id,
@@ -407,6 +404,7 @@ impl ProjectionStore for PgProjection {
                         &row.updated_at_ms,
                         &row.summary.review_state,
                         &row.summary.first_due_ms(),
+                        &(row.summary.follow_ups_todo() as i32),
                         &row_json,
                     ],
                 )
@@ -419,34 +417,9 @@ impl ProjectionStore for PgProjection {
 
     fn replace_counts(
         &self,
-        counts: &BTreeMap<(String, String), VillageCounts>,
+        _counts: &BTreeMap<(String, String), VillageCounts>,
     ) -> Result<(), StorageError> {
-        let counts: Vec<(String, String, serde_json::Value)> = counts
-            .iter()
-            .map(|((s, v), c)| {
-                (
-                    s.clone(),
-                    v.clone(),
-                    serde_json::to_value(c).expect("counts serialise"),
-                )
-            })
-            .collect();
-        self.store.with_transaction(move |tx| {
-            Box::pin(async move {
-                tx.execute("DELETE FROM village_counts", &[])
-                    .await
-                    .map_err(db)?;
-                for (station, village, c) in &counts {
-                    tx.execute(
-                        "INSERT INTO village_counts (station, village, counts) VALUES ($1, $2, $3)",
-                        &[station, village, c],
-                    )
-                    .await
-                    .map_err(db)?;
-                }
-                Ok(())
-            })
-        })
+        Ok(()) // derived from the rows (`counts_are_derived`)
     }
 
     fn for_each_row_with_visits(
@@ -591,7 +564,7 @@ impl ProjectionStore for PgProjection {
     fn clear(&self) -> Result<(), StorageError> {
         self.store.with_client(|c| {
             Box::pin(async move {
-                c.batch_execute("TRUNCATE households, visits, village_counts")
+                c.batch_execute("TRUNCATE households, visits")
                     .await
                     .map_err(db)
             })
@@ -613,69 +586,65 @@ mod tests {
         .await;
     }
 
-    /// Two batches changing one village's counters: the second reads them only after the
-    /// first has committed, so neither change is lost (both read-modify-write the row).
+    /// Two batches of one village run side by side: the second commits while the first is
+    /// still open (nothing makes it wait, as a counters row every batch updates did), and
+    /// the counters count both households.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_reads_counters_another_batch_is_changing_only_once_it_commits() {
+    async fn batches_of_one_village_do_not_wait_for_each_other() {
         use crate::storage::documents::DocumentStore;
         crate::storage::postgres::tests::on_fresh_database(|store| {
-            let rows = PgProjection::new(store.clone());
-            let at = ("north".to_string(), "east".to_string());
-            let five = VillageCounts {
-                households: 5,
-                ..Default::default()
+            let doc = super::super::store::tests::household_doc("1", 2);
+            let write_one = |rows: &PgProjection| {
+                let r = super::super::store::tests::household_row("north", "east", 10, &doc);
+                rows.write(&RowWrite {
+                    row: &r,
+                    put_visits: Vec::new(),
+                    removed_visits: Vec::new(),
+                    counts: Vec::new(),
+                })
+                .unwrap();
             };
-            rows.replace_counts(&BTreeMap::from([(at.clone(), five)]))
-                .unwrap();
+            let rows = PgProjection::new(store.clone());
             store.begin_batch().unwrap();
-            let mut counts = rows.counts_for_update(&at.0, &at.1).unwrap();
-            counts.households += 1;
-            rows.replace_counts(&BTreeMap::from([(at.clone(), counts)]))
-                .unwrap();
-
+            write_one(&rows);
             let (done_tx, done_rx) = std::sync::mpsc::channel();
             let other = {
-                let (store, at) = (store.clone(), at.clone());
+                let store = store.clone();
+                let doc = doc.clone();
                 std::thread::spawn(move || {
                     let rows = PgProjection::new(store.clone());
                     store.begin_batch().unwrap();
-                    let seen = rows.counts_for_update(&at.0, &at.1).unwrap();
+                    let r = super::super::store::tests::household_row("north", "east", 20, &doc);
+                    rows.write(&RowWrite {
+                        row: &r,
+                        put_visits: Vec::new(),
+                        removed_visits: Vec::new(),
+                        counts: Vec::new(),
+                    })
+                    .unwrap();
                     store.end_batch(true).unwrap();
                     let _ = done_tx.send(());
-                    seen
                 })
             };
-            // Commit only once the other batch waits for the row (or has read it anyway,
-            // which is the bug this test is for); bounded.
-            let waiting = || {
-                store
-                    .with_client(|c| {
-                        Box::pin(async move {
-                            let n: i64 = c
-                                .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
-                                .await
-                                .map_err(db)?
-                                .get(0);
-                            Ok(n)
-                        })
-                    })
-                    .unwrap()
-                    > 0
-            };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !waiting() && done_rx.try_recv().is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the other batch never ran"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            store.end_batch(true).unwrap();
-            let seen = other.join().unwrap();
-            assert_eq!(
-                seen.households, 6,
-                "the other batch saw the committed change"
+            // A second batch that waited for the first would never finish while it is open.
+            assert!(
+                done_rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .is_ok(),
+                "the second batch waits for the first"
             );
+            other.join().unwrap();
+            // Outside this open batch only the other's household is counted yet.
+            let outside = {
+                let rows = PgProjection::new(store.clone());
+                std::thread::spawn(move || rows.counts("north", "east").unwrap())
+                    .join()
+                    .unwrap()
+            };
+            assert_eq!(outside.households, 1);
+            store.end_batch(true).unwrap();
+            let counts = rows.counts("north", "east").unwrap();
+            assert_eq!((counts.households, counts.visits), (2, 4));
         })
         .await;
     }

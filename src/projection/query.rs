@@ -185,7 +185,7 @@ impl ListItem {
         let s = row.summary;
         ListItem {
             url: row.id.to_url(),
-            follow_ups_todo: s.follow_ups.iter().filter(|f| f.status == "todo").count(),
+            follow_ups_todo: s.follow_ups_todo(),
             follow_ups_overdue: 0,
             id: row.id,
             village: row.village,
@@ -377,7 +377,7 @@ impl Projection {
                     .map(|(k, n)| format!("{k}:{n}"))
                     .collect::<Vec<_>>()
                     .join(";");
-                let todo = s.follow_ups.iter().filter(|f| f.status == "todo").count();
+                let todo = s.follow_ups_todo();
                 for visit in visits {
                     let time = |ms: Option<i64>| {
                         ms.map(|t| Timestamp::from_millis(t.max(0) as u64).to_utc_string())

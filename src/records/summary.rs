@@ -227,6 +227,14 @@ impl HouseholdSummary {
             .min()
     }
 
+    /// Follow-ups still to do.
+    pub fn follow_ups_todo(&self) -> usize {
+        self.follow_ups
+            .iter()
+            .filter(|f| FollowUpStatus::parse(&f.status) == Some(FollowUpStatus::Todo))
+            .count()
+    }
+
     pub fn overdue(&self, now_ms: i64) -> usize {
         self.follow_ups
             .iter()

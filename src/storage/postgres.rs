@@ -92,9 +92,11 @@ const MIGRATIONS: &[&str] = &[
     // 5: named values (the server's storage id).
     "CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);",
     // 6: the staff list's filters and the coverage figures answered from indexes
-    // (`projection::postgres`): columns derived from the row, the earliest due time of a
-    // follow-up to do (written with the row), and indexes on the row's matters,
-    // follow-ups and officers for containment queries.
+    // (`projection::postgres`): columns derived from the row, the earliest due time and
+    // the number of follow-ups to do (written with the row), indexes on the row's
+    // matters, follow-ups and officers for containment queries; the village counters are
+    // counted from the rows from now on (a counters row every batch updates was a lock
+    // every batch of a village waited on).
     "ALTER TABLE households
          ADD COLUMN quarantined boolean NOT NULL
              GENERATED ALWAYS AS (coalesce(jsonb_array_length(row->'quarantine'), 0) > 0) STORED,
@@ -104,10 +106,20 @@ const MIGRATIONS: &[&str] = &[
              GENERATED ALWAYS AS (coalesce((row->>'changed_since_approval')::boolean, false)) STORED,
          ADD COLUMN last_visit_at_ms bigint
              GENERATED ALWAYS AS ((row->>'last_visit_at_ms')::bigint) STORED,
-         ADD COLUMN first_due_ms bigint;
-     UPDATE households SET first_due_ms = (
-         SELECT min((f->>'due_ms')::bigint) FROM jsonb_array_elements(row->'follow_ups') f
-         WHERE f->>'status' = 'todo');
+         ADD COLUMN visit_count integer NOT NULL
+             GENERATED ALWAYS AS (coalesce((row->>'visit_count')::integer, 0)) STORED,
+         ADD COLUMN open_matters jsonb NOT NULL
+             GENERATED ALWAYS AS (coalesce(row->'open_matters', '{}'::jsonb)) STORED,
+         ADD COLUMN first_due_ms bigint,
+         ADD COLUMN follow_ups_todo integer NOT NULL DEFAULT 0;
+     UPDATE households SET
+         first_due_ms = (
+             SELECT min((f->>'due_ms')::bigint) FROM jsonb_array_elements(row->'follow_ups') f
+             WHERE f->>'status' = 'todo'),
+         follow_ups_todo = (
+             SELECT count(*) FROM jsonb_array_elements(row->'follow_ups') f
+             WHERE f->>'status' = 'todo');
+     DROP TABLE village_counts;
      CREATE INDEX households_by_due ON households (station, first_due_ms)
          WHERE first_due_ms IS NOT NULL;
      CREATE INDEX households_by_last_visit ON households (station, last_visit_at_ms);
