@@ -55,13 +55,14 @@ as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-# Starts a throwaway cluster in $work/pg; prints its URL.
+# Starts a throwaway cluster in $pg_data (set by the caller: this runs in a subshell);
+# prints its URL.
 start_postgres() {
-  local dir="$work/pg" port
+  local dir port
+  dir=$(dirname "$pg_data")
   mkdir -p "$dir"
   if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  pg_data="$dir/data"
   as_postgres "$(pg_bin initdb)" -D "$pg_data" -U fieldsync --auth=trust -E UTF8 >/dev/null
   as_postgres "$(pg_bin pg_ctl)" -D "$pg_data" -w -l "$pg_data/log" \
     -o "-p $port -k $pg_data -c listen_addresses=127.0.0.1" start >/dev/null
@@ -101,7 +102,7 @@ for backend in $BACKENDS; do
   db_args=()
   case $backend in
     sled) ;;
-    postgres) url=$(start_postgres); db_args=(--database "$url") ;;
+    postgres) pg_data="$work/pg/data"; url=$(start_postgres); db_args=(--database "$url") ;;
     *) echo "error: unknown backend $backend (sled | postgres)" >&2; exit 1 ;;
   esac
   echo "==> fieldsync on $backend"

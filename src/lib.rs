@@ -11,7 +11,7 @@
 //!   phone / JS app ──ws──▶ server::ws ──frames──▶ protocol::Session (sans-IO)
 //!                              │ effects                      │
 //!                              ▼                              │
-//!                           hub::Hub ── one actor per loaded document ── storage::Store (sled)
+//!                           hub::Hub ── one actor per loaded document ── DocumentStore (sled | PostgreSQL)
 //!                              ▲            apply → write → group-commit flush → answer
 //!                              ├── accounts (auth::Authorizer: access per document)
 //!                              └── observers, in order: changelog (provenance rows, the
@@ -24,8 +24,12 @@
 //! ```
 //!
 //! - [`protocol`]: messages, CBOR codec, per-connection state machine. No I/O.
-//! - [`storage`]: the only module that calls sled. Content-addressed chunks, snapshots,
-//!   sync states, group commit.
+//! - [`storage`]: the storage seam's document half (`DocumentStore`) and its two engines:
+//!   the embedded sled `Store` (the only code that calls sled: content-addressed chunks,
+//!   snapshots, sync states, group commit) and `PgStore` (PostgreSQL: the pool, every
+//!   layer's migrations, one transaction per accepted batch). The other layers keep their
+//!   rows behind traits of their own with a backend per engine; `server::backend` opens
+//!   one engine whole.
 //! - [`hub`]: loaded documents (byte-bounded LRU), their actors, subscriptions, relay; the
 //!   operation limits, counted from change headers before anything is applied.
 //! - [`server`]: the accept loop (connection cap, header deadline), warp routes, the
@@ -37,8 +41,9 @@
 //!   bindings, the change feed, village catalog entries (a hub `ChangeObserver`).
 //! - [`records`]: the household schema on Automerge: vocabulary, validation, typed writes
 //!   and reads, summaries, the staff detail with conflicts and authors. No I/O.
-//! - [`projection`]: the staff projection in sled, kept per accepted change; reindex; lists,
+//! - [`projection`]: the staff projection, kept per accepted change; reindex; lists,
 //!   coverage, the streamed export.
+//! - [`migrate`]: `fieldsync migrate`, a station's data from one engine into the other.
 //! - [`staff`]: what staff may ask and do through the API (detail, history, reviews,
 //!   follow-ups), as changes made through the hub on their behalf.
 //! - [`client`]: the device-side library: local store, offline edits, sync.

@@ -1,12 +1,14 @@
 //! The staff projection: per household a row (village, address label, last visit, visit
 //! count, open matters, follow-ups, review state, conflicts, quarantine reasons), one row per
-//! visit for the export, and counters per village, all kept in sled and updated on every
-//! accepted change of a household, on the document's actor thread before the flush that
-//! makes the change durable (one flush covers both). `reindex` rebuilds it from the stored
-//! documents and provenance rows; the two must agree (a property test checks it).
+//! visit for the export, and counters per village (kept on sled, counted from the rows on
+//! PostgreSQL), kept by a [`ProjectionStore`] and updated on every accepted change of a
+//! household, on the document's actor thread before the flush (or in the transaction)
+//! that makes the change durable. `reindex` rebuilds it from the stored documents and
+//! provenance rows; the two must agree (a property test checks it).
 //!
 //! Staff queries (`query`) read only this projection, never every document. Must not: decide
-//! access (it is given a [`ReadingScope`]), write documents, or run on the reactor.
+//! access (it is given a [`ReadingScope`](crate::auth::ReadingScope)), write documents, or
+//! run on the reactor.
 
 pub mod postgres;
 mod query;
