@@ -65,7 +65,7 @@ pub struct VillageCounts {
 }
 
 impl VillageCounts {
-    fn add(&mut self, row: &HouseholdRow, sign: i64) {
+    pub(crate) fn add(&mut self, row: &HouseholdRow, sign: i64) {
         if row.quarantined() {
             self.quarantined += sign;
             return;

@@ -796,6 +796,114 @@ pub(crate) mod tests {
         drop(cluster);
     }
 
+    /// A database the previous schema (5) holds households in is migrated with them: the
+    /// new columns are filled from each row, and the counters counted from them agree
+    /// with the row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn households_stored_at_schema_5_are_migrated_with_their_figures() {
+        use crate::projection::{ProjectionStore, VillageCounts};
+        use crate::records::{FollowUpBrief, MatterBrief};
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start(dir.path().join("cluster")).await;
+        let (client, connection) = tokio_postgres::connect(&cluster.url, NoTls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute("CREATE TABLE fieldsync_schema (version integer NOT NULL)")
+            .await
+            .unwrap();
+        for (i, migration) in MIGRATIONS[..5].iter().enumerate() {
+            client.batch_execute(migration).await.unwrap();
+            client
+                .execute(
+                    "INSERT INTO fieldsync_schema (version) VALUES ($1)",
+                    &[&(i as i32 + 1)],
+                )
+                .await
+                .unwrap();
+        }
+        let doc = crate::projection::store::tests::household_doc("7", 2);
+        let mut row = crate::projection::store::tests::household_row("north", "east", 10, &doc);
+        row.summary.visits.clear();
+        let follow_up = |status: &str, due_ms: i64| FollowUpBrief {
+            id: format!("{status}{due_ms}"),
+            task: "call back".into(),
+            owner: "amy".into(),
+            status: status.into(),
+            due_ms: Some(due_ms),
+        };
+        row.summary.follow_ups = vec![
+            follow_up("todo", 5),
+            follow_up("todo", 3),
+            follow_up("done", 1),
+        ];
+        row.summary.matters = vec![MatterBrief {
+            id: "m".into(),
+            kind: "complaint".into(),
+            status: "open".into(),
+            risk: "low".into(),
+            open: true,
+            description: String::new(),
+            confidential: false,
+        }];
+        row.summary.open_matters = [("complaint".to_string(), 1)].into();
+        row.summary.conflicts = 1;
+        client
+            .execute(
+                "INSERT INTO households (station, id, village, updated_at_ms, review_state, row)
+                 VALUES ('north', $1, 'east', 10, 'received', $2)",
+                &[
+                    &uuid::Uuid::from_bytes(*row.id.as_bytes()),
+                    &serde_json::to_value(&row).unwrap(),
+                ],
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let _ = connection.await;
+
+        let store = std::sync::Arc::new(PgStore::connect(&cluster.url).await.unwrap());
+        assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
+        let rows = crate::projection::postgres::PgProjection::new(store);
+        let (counts, overdue_at) = tokio::task::spawn_blocking(move || {
+            // The earliest due follow-up to do (3) was filled in: overdue from 4 on.
+            let overdue_at = |now_ms| {
+                let filter = crate::projection::Filter {
+                    overdue: Some(true),
+                    ..Default::default()
+                };
+                rows.list(&crate::projection::ListQuery {
+                    station: "north",
+                    villages: None,
+                    filter: &filter,
+                    now_ms,
+                    after: None,
+                    limit: 10,
+                })
+                .unwrap()
+                .total
+            };
+            (
+                rows.counts("north", "east").unwrap(),
+                (overdue_at(3), overdue_at(4)),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(overdue_at, (0, 1));
+        let mut expected = VillageCounts::default();
+        expected.add(&row, 1);
+        assert_eq!(counts, expected);
+        assert_eq!(
+            (
+                counts.visits,
+                counts.follow_ups_todo,
+                counts.households_with_conflicts
+            ),
+            (2, 2, 1)
+        );
+        drop(cluster);
+    }
+
     /// What the hub writes for one accepted batch (chunk with its mark, a provenance row)
     /// commits or rolls back as one: a failure after the chunk and before the rows leaves
     /// neither.
