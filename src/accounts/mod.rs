@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use automerge::Automerge;
 
-use crate::auth::directory::{Device, Op, Session};
+use crate::auth::directory::{Device, Op, RecordKey, Session};
 use crate::auth::secrets::{self, Secret, SecretHash};
 use crate::auth::throttle::{Throttle, ThrottleConfig};
 use crate::auth::{
@@ -206,6 +206,20 @@ struct Inner {
     hasher: hasher::Hasher,
 }
 
+/// Why `who` may no longer hold a connection, if so: its user is gone or disabled, or its
+/// device gone or revoked.
+fn refusal(dir: &Directory, who: &Principal) -> Option<&'static str> {
+    if dir.user(&who.user).is_none_or(|u| u.disabled) {
+        return Some("this account has been disabled");
+    }
+    match &who.device {
+        Some(d) if dir.device(d).is_none_or(|d| d.revoked_at.is_some()) => {
+            Some("this device has been revoked")
+        }
+        _ => None,
+    }
+}
+
 /// Removes a connection from the live registry when it ends.
 pub struct LiveGuard {
     accounts: Accounts,
@@ -349,15 +363,31 @@ impl Accounts {
             accounts: self.clone(),
             conn,
         };
-        let still_valid = {
-            let dir = read(&self.inner.dir);
-            dir.user(&principal.user).is_some_and(|u| !u.disabled)
-                && principal
-                    .device
-                    .as_ref()
-                    .is_none_or(|d| dir.device(d).is_some_and(|d| d.revoked_at.is_none()))
-        };
+        let still_valid = refusal(&read(&self.inner.dir), &principal).is_none();
         still_valid.then_some(guard)
+    }
+
+    /// Reads the directory again from the store (another node changed it) and closes the
+    /// live connections it no longer allows (a device revoked, a user disabled there).
+    /// Returns how many were closed.
+    pub async fn reload(&self) -> Result<usize, AccountsError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<usize, AccountsError> {
+            let _w = lock(&this.inner.write);
+            let records = this.inner.store.load()?;
+            *write(&this.inner.dir) = Directory::from_records(records);
+            let dir = read(&this.inner.dir);
+            let mut closed = 0;
+            for c in lock(&this.inner.live).values() {
+                if let Some(reason) = refusal(&dir, &c.principal) {
+                    c.kill.kill(CloseCode::PolicyViolation, reason);
+                    closed += 1;
+                }
+            }
+            Ok(closed)
+        })
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
     }
 
     /// Closes every live connection matching `pred`; returns how many.
@@ -645,6 +675,26 @@ fn villages_of(
 impl Authorizer for Accounts {
     fn access(&self, who: &Principal, doc: DocumentId) -> Access {
         read(&self.inner.dir).access(who, doc)
+    }
+
+    fn may_know_more(&self, doc: DocumentId) -> bool {
+        self.inner.store.shared() && read(&self.inner.dir).household(doc).is_none()
+    }
+
+    /// Several nodes: another may have registered `doc` a moment ago, before this one
+    /// reloaded its directory. One indexed lookup (made-up documents are bounded per
+    /// connection).
+    fn look_up(&self, doc: DocumentId) {
+        match self.inner.store.record(&RecordKey::Household(doc)) {
+            Ok(Some(record @ Record::Household(_))) => {
+                let _w = lock(&self.inner.write);
+                write(&self.inner.dir).apply(&[Op::Put(record)]);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(doc = %doc, error = %e, "cannot look up a registration another node may have made")
+            }
+        }
     }
 
     fn admit(&self, who: &Principal, doc: DocumentId, content: &Automerge) -> Result<(), String> {

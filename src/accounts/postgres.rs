@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::admin::AuditEntry;
 use super::store::{DirectoryStore, NewAudit};
-use crate::auth::directory::Op;
+use crate::auth::directory::{Op, RecordKey};
 use crate::auth::Record;
 use crate::ids::Timestamp;
 use crate::storage::documents::Durable;
@@ -58,11 +58,38 @@ impl DirectoryStore for PgDirectory {
         })
     }
 
+    fn record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError> {
+        let key = String::from_utf8_lossy(&key.encode()).into_owned();
+        self.store.with_client(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt("SELECT record FROM directory WHERE key = $1", &[&key])
+                    .await
+                    .map_err(db)?;
+                row.map(|r| {
+                    serde_json::from_value(r.get::<_, serde_json::Value>(0)).map_err(|e| {
+                        StorageError::Corrupt(format!("account record {key} is unreadable: {e}"))
+                    })
+                })
+                .transpose()
+            })
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn commit(&self, ops: &[Op], audit: Option<&NewAudit>) -> Result<(), StorageError> {
         let ops = ops.to_vec();
         let audit = audit.cloned();
+        let store = self.store.clone();
         self.store.with_transaction(move |tx| {
             Box::pin(async move {
+                if !ops.is_empty() {
+                    // The other nodes reload their directories once this commits.
+                    store.notify_directory_changed(tx).await?;
+                }
                 for op in &ops {
                     match op {
                         Op::Put(r) => {

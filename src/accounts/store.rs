@@ -6,7 +6,7 @@
 //! records (that is `auth::directory`).
 
 use super::admin::AuditEntry;
-use crate::auth::directory::Op;
+use crate::auth::directory::{Op, RecordKey};
 use crate::auth::Record;
 use crate::ids::Timestamp;
 use crate::storage::documents::Durable;
@@ -25,6 +25,15 @@ pub struct NewAudit {
 pub trait DirectoryStore: Send + Sync + 'static {
     /// Every record of the directory.
     fn load(&self) -> Result<Vec<Record>, StorageError>;
+
+    /// One record, if it is stored.
+    fn record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError>;
+
+    /// Whether other processes may change the directory in this store (several nodes on
+    /// one database): then a record missing from memory may be looked up here.
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Applies `ops` and appends `audit` (numbered after every earlier entry) as one unit.
     /// Durable once [`DirectoryStore::durable`] resolves.
@@ -74,6 +83,13 @@ impl DirectoryStore for SledDirectory {
                 })
             })
             .collect()
+    }
+
+    fn record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError> {
+        self.store
+            .table_get_blocking(Table::Accounts, &key.encode())?
+            .map(|v| Record::from_json(&v).map_err(|e| corrupt("account record", e)))
+            .transpose()
     }
 
     fn commit(&self, ops: &[Op], audit: Option<&NewAudit>) -> Result<(), StorageError> {
@@ -198,6 +214,10 @@ pub(crate) mod tests {
             .collect();
         names.sort();
         assert_eq!(names, vec!["east", "north"]);
+        let north = RecordKey::Station(StationId::new("north").unwrap());
+        assert_eq!(s.record(&north).unwrap(), Some(station("north")));
+        let south = RecordKey::Station(StationId::new("south").unwrap());
+        assert_eq!(s.record(&south).unwrap(), None);
 
         let all = s.audit(10).unwrap();
         assert_eq!(all.len(), 3);

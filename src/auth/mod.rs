@@ -68,6 +68,16 @@ pub trait Authorizer: Send + Sync + 'static {
     /// written before returning; the caller flushes it with the document); `Err(reason)`
     /// discards every byte of it and the peer gets `doc-unavailable`.
     fn admit(&self, who: &Principal, doc: DocumentId, content: &Automerge) -> Result<(), String>;
+
+    /// Whether what decides `doc` may be stored but not yet known here (another node on a
+    /// shared database registered it a moment ago): then [`Authorizer::look_up`] is called,
+    /// off the reactor, before [`Authorizer::access`].
+    fn may_know_more(&self, _doc: DocumentId) -> bool {
+        false
+    }
+
+    /// Learns what the store says about `doc` (blocking).
+    fn look_up(&self, _doc: DocumentId) {}
 }
 
 /// Everyone may read and write everything: for in-process tools and tests of the sync core

@@ -63,6 +63,9 @@ pub(crate) enum Cmd {
     Read { read: ReadFn },
     /// The connection closed: persist and forget its sync state.
     Leave { conn: ConnId },
+    /// Another node sharing the store has stored changes of this document: load the chunks
+    /// this copy does not have, and push what changed to the subscribed peers.
+    Refresh,
 }
 
 struct PeerState {
@@ -131,6 +134,8 @@ pub(super) struct DocActor {
 #[derive(Default)]
 struct Applied {
     changed: bool,
+    /// Changes another node stored were loaded (already durable: only pushed).
+    refreshed: bool,
     /// Peers to answer even if nothing changed.
     responders: Vec<ConnId>,
     unavailable: Vec<PeerLink>,
@@ -363,7 +368,7 @@ impl DocActor {
         }
 
         let responders: HashSet<ConnId> = applied.responders.iter().copied().collect();
-        let targets: Vec<PeerLink> = if applied.changed {
+        let targets: Vec<PeerLink> = if applied.changed || applied.refreshed {
             self.hub.subscribers(self.id)
         } else {
             self.hub
@@ -377,6 +382,7 @@ impl DocActor {
         let hub = self.hub.clone();
         let compact_after = self.hub.config.compact_after_chunks;
         let changed = applied.changed;
+        let refreshed = applied.refreshed;
         let settled = std::mem::take(&mut applied.settled);
         let state = blocking(move || {
             if changed {
@@ -386,7 +392,7 @@ impl DocActor {
             let push_at = state.answer(&hub, targets, &responders, hold);
             // A batch that changed nothing answered only its senders: peers held back
             // earlier are still owed their message.
-            state.push_at = match (changed, state.push_at) {
+            state.push_at = match (changed || refreshed, state.push_at) {
                 (false, Some(earlier)) => Some(push_at.map_or(earlier, |p| p.min(earlier))),
                 _ => push_at,
             };
@@ -434,12 +440,52 @@ impl DocState {
                 }
             }
         }
+        // What other nodes stored first, outside the batch: it is durable already, and the
+        // batch's own chunk then holds only this batch's changes.
+        let (refreshes, batch): (Vec<Cmd>, Vec<Cmd>) =
+            batch.into_iter().partition(|c| matches!(c, Cmd::Refresh));
+        let refreshed = !refreshes.is_empty() && self.refresh(hub.store.as_ref())?;
+        if batch.is_empty() {
+            return Ok(Applied {
+                refreshed,
+                ..Applied::default()
+            });
+        }
         hub.store.begin_batch()?;
         let mut open = Open(Some(hub.store.as_ref()));
         let applied = self.apply_batch(hub, batch);
         open.0 = None;
         hub.store.end_batch(applied.is_ok())?;
-        applied
+        applied.map(|a| Applied { refreshed, ..a })
+    }
+
+    /// Loads the chunks of this document that the store has and this copy does not (another
+    /// node stored them), and forgets the ones that are gone (another node compacted them
+    /// into a snapshot, which is loaded instead). Whether the document changed.
+    fn refresh(&mut self, store: &dyn DocumentStore) -> Result<bool, StorageError> {
+        let stored = store.load(self.id)?;
+        let before = self.doc.get_heads();
+        let known: HashSet<ChunkKey> = self.chunks.iter().copied().collect();
+        let mut now = Vec::with_capacity(stored.chunks.len());
+        for (key, bytes) in &stored.chunks {
+            now.push(*key);
+            if known.contains(key) {
+                continue;
+            }
+            self.doc.load_incremental(bytes).map_err(|e| {
+                StorageError::Corrupt(format!("document {}: a chunk does not load ({e})", self.id))
+            })?;
+            self.stored_bytes += bytes.len();
+            self.ops = self
+                .ops
+                .saturating_add(super::op_count::count_ops(bytes).unwrap_or(0));
+            if key.kind == ChunkKind::Incremental {
+                self.incrementals += 1;
+            }
+        }
+        self.chunks = now;
+        self.exists = !self.doc.get_heads().is_empty();
+        Ok(self.doc.get_heads() != before)
     }
 
     fn apply_batch(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
@@ -467,6 +513,8 @@ impl DocState {
                     self.apply_one(hub, link, kind, &data, access, &mut out)
                 }
                 Cmd::Read { read } => read(&self.doc),
+                // Taken out of the batch by `apply`.
+                Cmd::Refresh => {}
                 Cmd::Local {
                     edit,
                     on_behalf,
@@ -785,7 +833,7 @@ fn next_batch(first: Cmd, deferred: &mut VecDeque<Cmd>, rx: &mut mpsc::Receiver<
         let conn = match &cmd {
             Cmd::Sync { link, .. } => Some(link.conn),
             Cmd::Leave { conn } => Some(*conn),
-            Cmd::Local { .. } | Cmd::Read { .. } => None,
+            Cmd::Local { .. } | Cmd::Read { .. } | Cmd::Refresh => None,
         };
         let wait = match (conn, &cmd) {
             (Some(c), _) if waiting.contains(&c) => true,

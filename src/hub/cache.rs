@@ -95,6 +95,11 @@ impl Cache {
         self.lru.peek(&doc).map(|s| s.tx.clone())
     }
 
+    /// Every loaded document (not the closing ones).
+    pub(super) fn loaded_ids(&self) -> Vec<DocumentId> {
+        self.lru.iter().map(|(doc, _)| *doc).collect()
+    }
+
     /// Whether a document estimated at `bytes` may load now. Evicts the least recently used
     /// until what stays loaded leaves room for it; `false` while evicted documents still
     /// hold that room (wait for [`Cache::exited`], then ask again). With nothing closing it

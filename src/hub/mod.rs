@@ -251,6 +251,10 @@ impl Hub {
         mut data: Vec<u8>,
         mut in_flight: InFlight,
     ) {
+        if self.inner.authorizer.may_know_more(doc) {
+            let authorizer = self.inner.authorizer.clone();
+            let _ = tokio::task::spawn_blocking(move || authorizer.look_up(doc)).await;
+        }
         let access = self.inner.authorizer.access(&link.principal, doc);
         if access == Access::None {
             if kind == SyncKind::Sync {
@@ -481,6 +485,24 @@ impl Hub {
             .change_local(doc, edit, Some(who))
             .await
             .map(Some)
+    }
+
+    /// Another node sharing the store has stored changes of `doc`: if it is loaded here, its
+    /// actor loads them and pushes them to this node's peers (a document not loaded here is
+    /// read from the store when it is next loaded). Waits only for room in its queue.
+    pub async fn refresh(&self, doc: DocumentId) {
+        let loaded = lock(&self.inner.cache).loaded(doc);
+        if let Some(tx) = loaded {
+            let _ = tx.send(Cmd::Refresh).await;
+        }
+    }
+
+    /// [`Hub::refresh`] for every loaded document (after missing notifications).
+    pub async fn refresh_all(&self) {
+        let docs = lock(&self.inner.cache).loaded_ids();
+        for doc in docs {
+            self.refresh(doc).await;
+        }
     }
 
     /// Runs `read` on the document as it is now (loading it if needed), in its actor, off

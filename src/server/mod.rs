@@ -14,6 +14,7 @@ mod api;
 mod auth;
 pub mod backend;
 mod errors;
+mod follow;
 mod households;
 mod listen;
 mod web;
@@ -120,6 +121,8 @@ pub struct Services {
     /// A lock on the data directory's PostgreSQL marker, so that two processes never share
     /// one data directory (its admin socket); sled locks its own files.
     _dir_lock: Option<Arc<std::fs::File>>,
+    /// Stops following the other nodes on the database (`follow`), when serving ends.
+    following: CancellationToken,
     pub hub: Hub,
     pub accounts: Accounts,
     pub changelog: ChangeLog,
@@ -192,6 +195,7 @@ impl Services {
             embedded,
             postgres,
             _dir_lock: dir_lock,
+            following: CancellationToken::new(),
             hub,
             accounts,
             changelog,
@@ -220,6 +224,13 @@ impl Services {
     pub async fn prepare_to_serve(&self) -> Result<(), crate::Error> {
         if let Some(pg) = &self.postgres {
             pg.hold_serving_lock().await?;
+            // Other nodes on the database: their changes reach this node's devices too.
+            tokio::spawn(follow::follow(
+                pg.clone(),
+                self.hub.clone(),
+                self.accounts.clone(),
+                self.following.clone(),
+            ));
         }
         let listener = bind_admin(&self.config.data_dir)?;
         *lock(&self.admin_listener) = Some(listener);
@@ -498,6 +509,7 @@ pub async fn run(
         tracing::warn!("some connections did not close in time");
     }
     let _ = admin_task.await;
+    services.following.cancel();
     services.hub.shutdown().await;
     services.documents.durable().await?;
     tracing::info!("stopped; store flushed");

@@ -140,7 +140,42 @@ pub struct PgStore {
     location: String,
     /// The connection holding this process's [`SERVING_LOCK`], shared or exclusive.
     holding: std::sync::Mutex<Option<deadpool_postgres::Object>>,
+    /// How to open a connection outside the pool (the listener's).
+    config: tokio_postgres::Config,
+    /// This process among the nodes on the database (random per start): it names the
+    /// sender of every notification, so a node skips its own.
+    node: String,
 }
+
+/// The channel on which a node announces, when a batch commits, the documents it stored
+/// changes of: `NODE DOCUMENT` (ids only, never data).
+const CHANGES_CHANNEL: &str = "fieldsync_changes";
+
+/// The channel on which a node announces that it committed a change to the account
+/// directory (an enrolment, a revocation, a registered household...): `NODE`.
+const DIRECTORY_CHANNEL: &str = "fieldsync_directory";
+
+/// What another node announced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// It committed changes of this document.
+    Changed(DocumentId),
+    /// It committed a change to the account directory.
+    Directory,
+}
+
+/// Notifications from the other nodes on the database, over a connection of its own. When
+/// that connection ends, `notices` closes: listen again, and catch up on what was missed
+/// meanwhile (notifications are not kept for a listener that is not there).
+pub struct Listener {
+    pub notices: tokio::sync::mpsc::Receiver<Notice>,
+    /// Keeps the connection open.
+    _client: tokio_postgres::Client,
+}
+
+/// Notices queued for a slow follower; past it the listener waits (the database keeps
+/// queueing for it).
+const NOTICE_QUEUE: usize = 4096;
 
 /// The advisory lock key ("fieldsyn") that tells servers from maintenance commands: every
 /// serving process holds it shared, `reindex` and `migrate` exclusively, so neither runs
@@ -159,7 +194,7 @@ impl PgStore {
         })?;
         let where_ = describe(&config);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -174,6 +209,13 @@ impl PgStore {
             runtime: tokio::runtime::Handle::current(),
             location: where_.clone(),
             holding: std::sync::Mutex::new(None),
+            config,
+            node: {
+                let mut bytes = [0u8; 8];
+                getrandom::fill(&mut bytes)
+                    .map_err(|e| StorageError::Io(format!("no randomness for the node id: {e}")))?;
+                hex::encode(bytes)
+            },
         };
         store.migrate().await.map_err(|e| match e {
             StorageError::Io(why) => StorageError::Io(format!(
@@ -259,6 +301,78 @@ impl PgStore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    /// Tells the other nodes, when the transaction `c` is in commits, that the account
+    /// directory changed (for `accounts::postgres`).
+    pub async fn notify_directory_changed(&self, c: &Client) -> Result<()> {
+        c.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&DIRECTORY_CHANNEL, &self.node],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Listens for the other nodes' notifications (see [`Listener`]).
+    pub async fn listen(&self) -> Result<Listener> {
+        use futures_util::StreamExt;
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(|e| {
+            StorageError::Io(format!(
+                "cannot open the listener's connection to {}: {e}",
+                self.location
+            ))
+        })?;
+        let (tx, notices) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
+        let own = format!("{} ", self.node);
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if n.payload().starts_with(&own) || n.payload() == own.trim_end() {
+                            continue;
+                        }
+                        if n.channel() == DIRECTORY_CHANNEL {
+                            if tx.send(Notice::Directory).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let doc = n
+                            .payload()
+                            .split_once(' ')
+                            .and_then(|(_, d)| d.parse::<DocumentId>().ok());
+                        match doc {
+                            Some(doc) => {
+                                if tx.send(Notice::Changed(doc)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => {
+                                tracing::warn!(payload = %n.payload(), "an unreadable notification; ignored")
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the database listener's connection failed");
+                        return;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "LISTEN {CHANGES_CHANNEL}; LISTEN {DIRECTORY_CHANNEL}"
+            ))
+            .await
+            .map_err(db)?;
+        Ok(Listener {
+            notices,
+            _client: client,
+        })
     }
 
     /// Holds the serving lock (shared with the other servers on this database) for as long
@@ -451,6 +565,7 @@ impl DocumentStore for PgStore {
         use sha2::{Digest, Sha256};
         let key = ChunkKey::new(doc, ChunkKind::Incremental, Sha256::digest(bytes).into());
         let bytes = bytes.to_vec();
+        let node = self.node.clone();
         self.with_transaction(move |c| {
             Box::pin(async move {
                 c.execute(
@@ -460,6 +575,13 @@ impl DocumentStore for PgStore {
                 .await
                 .map_err(db)?;
                 insert_chunk(c, &key, &bytes).await?;
+                // Delivered to the other nodes when the batch commits (never if it does not).
+                c.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&CHANGES_CHANNEL, &format!("{node} {doc}")],
+                )
+                .await
+                .map_err(db)?;
                 Ok(key)
             })
         })

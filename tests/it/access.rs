@@ -14,28 +14,13 @@ use fieldsync::ids::{DocumentId, ManualClock, Timestamp};
 use fieldsync::protocol::{DocMessage, Message};
 use fieldsync::records;
 
-use crate::common::{household, http, visit, world, RawPeer, Seen, TestServer};
+use crate::common::{household, http, refused_with_401, visit, world, RawPeer, Seen, TestServer};
 
 /// A device of `user` with its own store, enrolled on `server`.
 async fn device(server: &TestServer, dir: &tempfile::TempDir, name: &str, user: &str) -> Device {
     let d = Device::open(&dir.path().join(name)).await.unwrap();
     d.set_token(&server.enrol(user).await).await.unwrap();
     d
-}
-
-/// Connects to `url` expecting a refusal before the upgrade: 401 with the JSON error.
-/// Returns the error's `code`.
-async fn refused_with_401(url: &str) -> String {
-    match tokio_tungstenite::connect_async(url).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 401, "{url}");
-            let body: serde_json::Value =
-                serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
-            assert!(body["error"]["message"].as_str().is_some(), "{body}");
-            body["error"]["code"].as_str().unwrap().to_string()
-        }
-        other => panic!("{url}: expected 401, got {:?}", other.map(|_| ())),
-    }
 }
 
 /// What a raw peer hears back for a `request` of `doc`, with the document id blanked so two

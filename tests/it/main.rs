@@ -14,6 +14,7 @@ mod fixtures;
 mod hardening;
 mod js_client;
 mod migrate;
+mod nodes;
 mod projection;
 mod records;
 mod relay;

@@ -1,7 +1,9 @@
 // The official automerge-repo client as a fieldsync peer. Run by tests/it/js_client.rs:
 //
-//   node tests/js/interop.mjs <ws-url-with-?token=> [--capture DIR]
+//   node tests/js/interop.mjs <ws-url-with-?token=> [--capture DIR | --b-url URL]
 //
+// With --b-url, client B talks to that URL instead (another fieldsync node on the same
+// database, with its own token): the edits then meet only through the nodes' database.
 // First, without a token, the same WebSocket library the stock adapter uses is refused with
 // HTTP 401 before any upgrade (reported as `noTokenStatus`); then the run goes on with the
 // token in the URL, which is how the stock client authenticates (it cannot set headers).
@@ -18,9 +20,11 @@ import { WebSocketServer, WebSocket } from "ws"
 import { mkdirSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 
-const [url, flag, captureDir] = process.argv.slice(2)
+const [url, flag, flagValue] = process.argv.slice(2)
+const captureDir = flag === "--capture" ? flagValue : undefined
+const urlB = flag === "--b-url" ? flagValue : url
 if (!url) {
-  console.error("usage: node interop.mjs <ws-url> [--capture DIR]")
+  console.error("usage: node interop.mjs <ws-url> [--capture DIR | --b-url URL]")
   process.exit(2)
 }
 const deadline = setTimeout(() => {
@@ -106,7 +110,7 @@ const noTokenStatus = await new Promise(resolve => {
 
 const proxy = flag === "--capture" ? await recordingProxy(url, captureDir) : null
 const adapterA = new WebSocketClientAdapter(proxy ? proxy.url : url, 100)
-const adapterB = new WebSocketClientAdapter(url, 100)
+const adapterB = new WebSocketClientAdapter(urlB, 100)
 const repoA = new Repo({ network: [adapterA], peerId: "js-officer-a" })
 const repoB = new Repo({ network: [adapterB], peerId: "js-officer-b" })
 

@@ -618,6 +618,21 @@ pub async fn fetching_device(dir: &Path, url: &str, id: DocumentId) -> fieldsync
     d
 }
 
+/// Connects to `url` expecting a refusal before the upgrade: 401 with the JSON error.
+/// Returns the error's `code`.
+pub async fn refused_with_401(url: &str) -> String {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401, "{url}");
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
+            assert!(body["error"]["message"].as_str().is_some(), "{body}");
+            body["error"]["code"].as_str().unwrap().to_string()
+        }
+        other => panic!("{url}: expected 401, got {:?}", other.map(|_| ())),
+    }
+}
+
 /// A protocol peer that sends exactly what a test tells it to.
 pub struct RawPeer {
     ws: tokio_tungstenite::WebSocketStream<

@@ -1,0 +1,269 @@
+//! Several fieldsync processes on one real PostgreSQL (issue 13): a change accepted by one
+//! node reaches the devices connected to another, through the database's notifications
+//! and the chunks it stores, not through the nodes talking to each other.
+//!
+//! They need PostgreSQL whatever the suite's backend, so they run in its PostgreSQL pass
+//! only (the embedded pass would run the very same thing again).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use automerge::sync::SyncDoc;
+use automerge::Automerge;
+use fieldsync::client::Device;
+use fieldsync::ids::DocumentId;
+use fieldsync::protocol::{DocMessage, Message};
+use fieldsync::records;
+use fieldsync::storage::postgres::testing::Cluster;
+
+use crate::common::world::{AMY, BEN};
+use crate::common::{
+    admin_cli, household, js_dir, on_postgres, refused_with_401, visit, world_via_cli, RawPeer,
+    Seen, ServerProcess, WAIT,
+};
+
+/// A node on `cluster`, its data directory `dir/name`.
+async fn node(dir: &Path, name: &str, cluster: &Cluster) -> ServerProcess {
+    ServerProcess::start_with(
+        &dir.join(name),
+        &["--database", cluster.url.as_str()],
+        &[],
+        Stdio::inherit(),
+    )
+    .await
+}
+
+/// A peer that keeps its own copy of one document in sync with the server it is connected
+/// to, answering every message as a client does.
+struct Follower {
+    peer: RawPeer,
+    id: DocumentId,
+    doc: Automerge,
+    state: automerge::sync::State,
+}
+
+impl Follower {
+    async fn subscribe(url: &str, id: DocumentId) -> Follower {
+        let mut f = Follower {
+            peer: RawPeer::connect(url, "follower").await,
+            id,
+            doc: Automerge::new(),
+            state: automerge::sync::State::new(),
+        };
+        let data = f.doc.generate_sync_message(&mut f.state).unwrap().encode();
+        let request = Message::Request(DocMessage {
+            sender_id: f.peer.me.clone(),
+            target_id: f.peer.server.clone(),
+            document_id: id,
+            data,
+        });
+        f.peer.send(&request).await;
+        f
+    }
+
+    /// Applies what the server sends until the document has `heads`; `false` if that has
+    /// not happened by `deadline`.
+    async fn until_heads(
+        &mut self,
+        heads: &[automerge::ChangeHash],
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let mut want = heads.to_vec();
+        want.sort();
+        loop {
+            let mut have = self.doc.get_heads();
+            have.sort();
+            if have == want {
+                return true;
+            }
+            let seen = match tokio::time::timeout_at(deadline, self.peer.next()).await {
+                Ok(seen) => seen,
+                Err(_) => return false,
+            };
+            match seen {
+                Seen::Msg(Message::Sync(m)) if m.document_id == self.id => {
+                    let msg = automerge::sync::Message::decode(&m.data).unwrap();
+                    self.doc.receive_sync_message(&mut self.state, msg).unwrap();
+                    if let Some(reply) = self.doc.generate_sync_message(&mut self.state) {
+                        self.peer.offer(self.id, reply.encode()).await;
+                    }
+                }
+                Seen::Msg(_) => {}
+                other => panic!("the follower's connection ended: {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_accepted_by_one_node_reaches_a_device_on_another_within_a_second() {
+    if !on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
+    let a = node(dir.path(), "a", &cluster).await;
+    world_via_cli(&dir.path().join("a")).await;
+    let amy_token = a.enrol(AMY).await;
+    let b = node(dir.path(), "b", &cluster).await;
+    // Enrolled through node B, after it started: node A hears of it from the database.
+    let ben_token = b.enrol(BEN).await;
+
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    amy.set_token(&amy_token).await.unwrap();
+    let id = amy.create_household(&household("5")).await.unwrap();
+    assert!(amy.sync(&a.url).await.unwrap().all_held());
+    let mut follower = Follower::subscribe(&a.url_with(&amy_token), id).await;
+    let fetched_by = tokio::time::Instant::now() + WAIT;
+    assert!(
+        follower
+            .until_heads(&amy.heads(id).await.unwrap(), fetched_by)
+            .await
+    );
+
+    // Ben's phone talks to node B only: it fetches the household there and adds a visit.
+    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
+    ben.set_token(&ben_token).await.unwrap();
+    ben.track(id).await.unwrap();
+    assert!(ben.sync(&b.url).await.unwrap().all_held());
+    ben.change(id, |tx| {
+        records::add_visit(tx, &visit(BEN, "visited from node B")).map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(ben.sync(&b.url).await.unwrap().all_held());
+    let accepted = tokio::time::Instant::now();
+    let heads = ben.heads(id).await.unwrap();
+    assert!(
+        follower
+            .until_heads(&heads, accepted + Duration::from_secs(1))
+            .await,
+        "the device on node A did not get node B's change within a second"
+    );
+    let view = fieldsync::records::read_household(&follower.doc).unwrap();
+    assert!(view.visits.iter().any(|v| v.notes == "visited from node B"));
+    a.kill().await;
+    b.kill().await;
+    drop(cluster);
+}
+
+/// The stock JS client on node A and another on node B edit one household offline; after
+/// reconnecting both hold both edits (they met only through the database), and a fresh
+/// Rust device on node C gets everything, with the same heads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_made_through_two_nodes_merge_and_a_third_serves_them() {
+    if !on_postgres() {
+        return;
+    }
+    let js = js_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
+    let a = node(dir.path(), "a", &cluster).await;
+    world_via_cli(&dir.path().join("a")).await;
+    let url_a = a.url_with(&a.enrol(AMY).await);
+    let b = node(dir.path(), "b", &cluster).await;
+    let c = node(dir.path(), "c", &cluster).await;
+    let b_token = b.enrol(BEN).await;
+    let c_token = c.enrol(BEN).await;
+    let output = tokio::time::timeout(
+        WAIT * 2,
+        tokio::process::Command::new("node")
+            .arg(js.join("interop.mjs"))
+            .arg(&url_a)
+            .arg("--b-url")
+            .arg(b.url_with(&b_token))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the JS clients finish")
+    .expect("node runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "node failed: {stderr}");
+    let line = String::from_utf8_lossy(&output.stdout);
+    let result: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("bad JSON from node ({e}): {line}"));
+    assert_eq!(result["seenByB"]["address"]["house_no"], "18");
+    assert_eq!(result["headsA"], result["headsB"]);
+    assert_eq!(result["visitsA"].as_array().unwrap().len(), 2);
+
+    let id = DocumentId::parse_url_or_id(result["url"].as_str().unwrap()).unwrap();
+    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    fresh.set_token(&c_token).await.unwrap();
+    fresh.track(id).await.unwrap();
+    assert!(fresh.sync(&c.url).await.unwrap().all_held());
+    let view = fresh.household(id).await.unwrap();
+    assert_eq!(view.visits.len(), 2);
+    let mut heads: Vec<String> = fresh
+        .heads(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    heads.sort();
+    let mut js_heads: Vec<String> = result["headsA"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_string())
+        .collect();
+    js_heads.sort();
+    assert_eq!(heads, js_heads);
+    for n in [a, b, c] {
+        n.kill().await;
+    }
+    drop(cluster);
+}
+
+/// Revoking a device through node B closes its socket on node A at once (node A hears of
+/// the directory change from the database), and its token is then refused on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_node_closes_the_devices_socket_on_another() {
+    if !on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
+    let a = node(dir.path(), "a", &cluster).await;
+    world_via_cli(&dir.path().join("a")).await;
+    let known = admin_cli(&dir.path().join("a"), &["device", "list"], None).await;
+    let token = a.enrol(AMY).await;
+    let bystander = a.enrol(BEN).await;
+    let listed = admin_cli(&dir.path().join("a"), &["device", "list"], None).await;
+    let device = listed
+        .lines()
+        .find(|l| !known.contains(*l) && l.contains("\tamy\t"))
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_string();
+    let b = node(dir.path(), "b", &cluster).await;
+    let mut peer = RawPeer::connect(&a.url_with(&token), "amy-on-a").await;
+    let mut other = RawPeer::connect(&a.url_with(&bystander), "ben-on-a").await;
+
+    let out = admin_cli(&dir.path().join("b"), &["device", "revoke", &device], None).await;
+    assert!(out.contains("revoked"), "{out}");
+    match peer.next().await {
+        Seen::Msg(Message::Error(e)) => assert!(e.message.contains("revoked"), "{}", e.message),
+        other => panic!("expected an error on node A, got {other:?}"),
+    }
+    assert!(matches!(peer.next().await, Seen::Closed(1008, _)));
+    for n in [&a, &b] {
+        assert_eq!(
+            refused_with_401(&n.url_with(&token)).await,
+            "device_revoked"
+        );
+    }
+    // Everyone else on node A is still served.
+    other.request(DocumentId::random()).await;
+    assert!(matches!(
+        other.next().await,
+        Seen::Msg(Message::DocUnavailable(_))
+    ));
+    a.kill().await;
+    b.kill().await;
+    drop(cluster);
+}
