@@ -216,3 +216,50 @@ async fn on_postgres_changes_acknowledged_before_sigkill_survive_restart() {
     server.kill().await;
     drop(cluster);
 }
+
+/// Two nodes on one PostgreSQL (issue 13): node A is SIGKILLed while its devices push a
+/// burst of visits; the devices go on with node B, and every change, acknowledged by A or
+/// not, is there exactly once (a fresh device on B gets every round, same heads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_two_nodes_a_killed_node_loses_nothing_its_devices_sent() {
+    use fieldsync::storage::postgres::testing::Cluster;
+    if !crate::common::on_postgres() {
+        return; // it needs PostgreSQL whatever the backend: run once, in that pass
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
+    let database = ["--database", cluster.url.as_str()];
+    let start = |name: &str| {
+        let data = dir.path().join(name);
+        async move {
+            ServerProcess::start_with(&data, &database, &[], std::process::Stdio::inherit()).await
+        }
+    };
+    let a = start("a").await;
+    world_via_cli(&dir.path().join("a")).await;
+    let b = start("b").await;
+    let (officers, ids) = officers_with_a_household_each(dir.path(), &["a1", "a2", "a3"], 80).await;
+    for d in &officers {
+        d.set_token(&a.enrol("amy").await).await.unwrap();
+    }
+    visit_and_sync_everyone(&officers, &ids, &a.url, 0).await;
+
+    // Round 1 is pushed to node A as it dies.
+    for (d, id) in officers.iter().zip(&ids) {
+        d.change(*id, move |tx| {
+            records::add_visit(tx, &visit("officer", "round 1"))
+        })
+        .await
+        .unwrap();
+    }
+    let url_a = a.url.clone();
+    let pushes = futures_util::future::join_all(officers.iter().map(|d| d.sync(&url_a)));
+    let (_, ()) = tokio::join!(pushes, a.kill());
+    for d in &officers {
+        let report = d.sync(&b.url).await.unwrap();
+        assert!(report.all_held(), "{report:?}");
+    }
+    a_fresh_device_gets_every_round(&b, dir.path(), &officers, &ids, 2).await;
+    b.kill().await;
+    drop(cluster);
+}

@@ -17,10 +17,10 @@ use fieldsync::protocol::{DocMessage, Message};
 use fieldsync::records;
 use fieldsync::storage::postgres::testing::Cluster;
 
-use crate::common::world::{AMY, BEN};
+use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
 use crate::common::{
     admin_cli, household, js_dir, on_postgres, refused_with_401, visit, world_via_cli, RawPeer,
-    Seen, ServerProcess, WAIT,
+    Seen, ServerProcess, StaffSession, WAIT,
 };
 
 /// A node on `cluster`, its data directory `dir/name`.
@@ -143,6 +143,22 @@ async fn a_change_accepted_by_one_node_reaches_a_device_on_another_within_a_seco
     );
     let view = fieldsync::records::read_household(&follower.doc).unwrap();
     assert!(view.visits.iter().any(|v| v.notes == "visited from node B"));
+
+    // Staff see the same on either node, and a session opened on one holds on the other.
+    let on_a = StaffSession::sign_in(&a.http(), SUE, SUE_PASSWORD).await;
+    let list = on_a.get_ok("/households").await;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["households"][0]["visit_count"], 1);
+    let coverage = on_a.get_ok("/coverage").await;
+    let on_b = StaffSession::sign_in(&b.http(), SUE, SUE_PASSWORD).await;
+    assert_eq!(on_b.get_ok("/households").await, list);
+    assert_eq!(on_b.get_ok("/coverage").await, coverage);
+    let carried = StaffSession {
+        http: b.http(),
+        cookie: on_a.cookie.clone(),
+        csrf: on_a.csrf.clone(),
+    };
+    assert_eq!(carried.get_ok("/households").await, list);
     a.kill().await;
     b.kill().await;
     drop(cluster);
