@@ -62,6 +62,10 @@ struct Args {
     /// The server's WebSocket URL.
     #[arg(long, default_value = "ws://127.0.0.1:8080/sync")]
     url: String,
+    /// Other nodes of the same service (fieldsync on one PostgreSQL): the devices are spread
+    /// over `--url` and these in turn (accounts are set up through `--url`).
+    #[arg(long)]
+    also_url: Vec<String>,
     /// `fieldsync` (enrols devices, syncs village catalogs) or `automerge-repo` (the
     /// reference sync server: no accounts, no catalogs).
     #[arg(long, default_value = "fieldsync")]
@@ -532,15 +536,12 @@ fn start_sessions(
     shared.unsettled.store(total as i64, Ordering::Release);
     let mut handles = Vec::new();
     let mut senders = Vec::new();
+    let urls: Vec<&String> = std::iter::once(&args.url).chain(&args.also_url).collect();
     for dev in devices {
         let (tx, rx) = mpsc::channel(1024);
         senders.push(tx);
-        handles.push(tokio::spawn(session(
-            dev,
-            args.url.clone(),
-            shared.clone(),
-            rx,
-        )));
+        let url = urls[dev.index % urls.len()].clone();
+        handles.push(tokio::spawn(session(dev, url, shared.clone(), rx)));
     }
     (handles, senders)
 }

@@ -182,6 +182,9 @@ const NOTICE_QUEUE: usize = 4096;
 /// beside the other on one database (whichever machine they run on).
 const SERVING_LOCK: i64 = 0x6669_656c_6473_796e;
 
+/// The advisory lock key ("fieldsmi") held while the schema is migrated.
+const MIGRATION_LOCK: i64 = 0x6669_656c_6473_6d69;
+
 impl PgStore {
     /// Connects to `url` (`postgres://user@host:port/db`), applies the migrations this
     /// binary knows in one transaction, and refuses a schema newer than it knows. Call it
@@ -236,6 +239,11 @@ impl PgStore {
     async fn migrate(&self) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        // Nodes starting together on a fresh database: one migrates, the others wait for it
+        // (two concurrent `CREATE TABLE IF NOT EXISTS` can both try to create the table).
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS fieldsync_schema (version integer NOT NULL);
              LOCK TABLE fieldsync_schema IN EXCLUSIVE MODE;",
@@ -724,7 +732,12 @@ fn uuid(doc: DocumentId) -> uuid::Uuid {
 }
 
 fn db(e: tokio_postgres::Error) -> StorageError {
-    StorageError::Io(format!("database: {e}"))
+    // The server's own message ("relation … does not exist", "permission denied …") says
+    // more than tokio-postgres's summary ("db error").
+    match e.as_db_error() {
+        Some(d) => StorageError::Io(format!("database: {} ({})", d.message(), d.code().code())),
+        None => StorageError::Io(format!("database: {e}")),
+    }
 }
 
 /// Host and port of a configuration, for messages (never the password).
