@@ -700,21 +700,46 @@ impl Authorizer for Accounts {
     fn admit(&self, who: &Principal, doc: DocumentId, content: &Automerge) -> Result<(), String> {
         let claim = crate::records::household_scope(content);
         let _w = lock(&self.inner.write);
+        // Registered meanwhile (another node, seen since access was decided): the stored
+        // registration decides.
+        let allowed_by_existing =
+            |dir: &Directory| matches!(dir.access(who, doc), Access::ReadWrite);
+        if read(&self.inner.dir).household(doc).is_some() {
+            return if allowed_by_existing(&read(&self.inner.dir)) {
+                Ok(())
+            } else {
+                Err("the document is registered to a village this device may not write".into())
+            };
+        }
         let household = read(&self.inner.dir).admit_household(
             who,
             doc,
             claim.as_ref().map(|(s, v)| (s.as_str(), v.as_str())),
             self.now(),
         )?;
-        let ops = vec![Op::Put(Record::Household(household.clone()))];
         // Not flushed here: the document's actor flushes the registration with the chunk.
-        self.inner
+        // Insert-if-absent: two nodes registering one household at once keep the first.
+        let record = Record::Household(household.clone());
+        let existing = self
+            .inner
             .store
-            .commit(&ops, None)
+            .insert_if_absent(&record)
             .map_err(|e| format!("could not store the registration: {e}"))?;
-        write(&self.inner.dir).apply(&ops);
-        tracing::info!(doc = %doc, village = %household.village, device = %household.registered_by, "household registered");
-        Ok(())
+        match existing {
+            None => {
+                write(&self.inner.dir).apply(&[Op::Put(record)]);
+                tracing::info!(doc = %doc, village = %household.village, device = %household.registered_by, "household registered");
+                Ok(())
+            }
+            Some(first) => {
+                write(&self.inner.dir).apply(&[Op::Put(first)]);
+                if allowed_by_existing(&read(&self.inner.dir)) {
+                    Ok(())
+                } else {
+                    Err("the document is registered to a village this device may not write".into())
+                }
+            }
+        }
     }
 }
 

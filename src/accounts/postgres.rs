@@ -80,6 +80,39 @@ impl DirectoryStore for PgDirectory {
         true
     }
 
+    fn insert_if_absent(&self, record: &Record) -> Result<Option<Record>, StorageError> {
+        let key = String::from_utf8_lossy(&record.key().encode()).into_owned();
+        let json = serde_json::to_value(record).expect("records serialise");
+        let kind = kind(record);
+        let store = self.store.clone();
+        self.store.with_transaction(move |tx| {
+            Box::pin(async move {
+                // Waits for another node's uncommitted insert of the key, then does nothing.
+                let inserted = tx
+                    .query_opt(
+                        "INSERT INTO directory (key, kind, record) VALUES ($1, $2, $3)
+                         ON CONFLICT (key) DO NOTHING RETURNING key",
+                        &[&key, &kind, &json],
+                    )
+                    .await
+                    .map_err(db)?;
+                if inserted.is_some() {
+                    store.notify_directory_changed(tx).await?;
+                    return Ok(None);
+                }
+                let row = tx
+                    .query_one("SELECT record FROM directory WHERE key = $1", &[&key])
+                    .await
+                    .map_err(db)?;
+                serde_json::from_value(row.get::<_, serde_json::Value>(0))
+                    .map(Some)
+                    .map_err(|e| {
+                        StorageError::Corrupt(format!("account record {key} is unreadable: {e}"))
+                    })
+            })
+        })
+    }
+
     fn commit(&self, ops: &[Op], audit: Option<&NewAudit>) -> Result<(), StorageError> {
         let ops = ops.to_vec();
         let audit = audit.cloned();

@@ -35,6 +35,17 @@ pub trait DirectoryStore: Send + Sync + 'static {
         false
     }
 
+    /// Stores `record` unless a record with its key is stored (another node registered the
+    /// same household a moment ago); returns the stored one then. Waits for a concurrent
+    /// writer of the same key to finish.
+    fn insert_if_absent(&self, record: &Record) -> Result<Option<Record>, StorageError> {
+        if let Some(existing) = self.record(&record.key())? {
+            return Ok(Some(existing));
+        }
+        self.commit(&[Op::Put(record.clone())], None)?;
+        Ok(None)
+    }
+
     /// Applies `ops` and appends `audit` (numbered after every earlier entry) as one unit.
     /// Durable once [`DirectoryStore::durable`] resolves.
     fn commit(&self, ops: &[Op], audit: Option<&NewAudit>) -> Result<(), StorageError>;
@@ -218,6 +229,19 @@ pub(crate) mod tests {
         assert_eq!(s.record(&north).unwrap(), Some(station("north")));
         let south = RecordKey::Station(StationId::new("south").unwrap());
         assert_eq!(s.record(&south).unwrap(), None);
+        // The first registration of a key stays; a second gets the first back.
+        assert_eq!(s.insert_if_absent(&station("west")).unwrap(), None);
+        assert_eq!(
+            s.insert_if_absent(&station("west")).unwrap(),
+            Some(station("west"))
+        );
+        s.commit(
+            &[Op::Remove(RecordKey::Station(
+                StationId::new("west").unwrap(),
+            ))],
+            None,
+        )
+        .unwrap();
 
         let all = s.audit(10).unwrap();
         assert_eq!(all.len(), 3);
