@@ -229,9 +229,12 @@ async fn half_sent_headers_cannot_exhaust_descriptors_or_block_administration() 
     let (status, _, _) = http("GET", &format!("{}/healthz", server.http()), None, &[]).await;
     assert_eq!(status, 200, "a real client is served during the attack");
     let during = open_descriptors(pid);
+    // On PostgreSQL the server also opens database connections as it needs them (its pool
+    // of 16 and the listener's): bounded too, but not by the connection cap.
+    let database = if crate::common::on_postgres() { 17 } else { 0 };
     assert!(
-        during <= before + CAP,
-        "{during} descriptors open (started with {before}, cap {CAP})"
+        during <= before + CAP + database,
+        "{during} descriptors open (started with {before}, cap {CAP}, database {database})"
     );
     // The server hangs up on every one of them: after the header deadline, or at once
     // beyond the cap.
