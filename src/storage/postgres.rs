@@ -423,6 +423,19 @@ impl PgStore {
         Ok(())
     }
 
+    /// The document ids a query's first column holds.
+    fn doc_ids(&self, query: &'static str) -> Result<Vec<DocumentId>> {
+        self.with_client(move |c| {
+            Box::pin(async move {
+                let rows = c.query(query, &[]).await.map_err(db)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
+                    .collect())
+            })
+        })
+    }
+
     /// Where the database is, as host:port/database (no credentials), for messages.
     pub fn location(&self) -> &str {
         &self.location
@@ -555,18 +568,7 @@ impl DocumentStore for PgStore {
     }
 
     fn list(&self) -> Result<Vec<DocumentId>> {
-        self.with_client(|c| {
-            Box::pin(async move {
-                let rows = c
-                    .query("SELECT DISTINCT doc FROM chunks ORDER BY doc", &[])
-                    .await
-                    .map_err(db)?;
-                Ok(rows
-                    .iter()
-                    .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
-                    .collect())
-            })
-        })
+        self.doc_ids("SELECT DISTINCT doc FROM chunks ORDER BY doc")
     }
 
     fn put_change(&self, doc: DocumentId, bytes: &[u8]) -> Result<ChunkKey> {
@@ -607,18 +609,7 @@ impl DocumentStore for PgStore {
     }
 
     fn unsettled(&self) -> Result<Vec<DocumentId>> {
-        self.with_client(|c| {
-            Box::pin(async move {
-                let rows = c
-                    .query("SELECT doc FROM unsettled ORDER BY doc", &[])
-                    .await
-                    .map_err(db)?;
-                Ok(rows
-                    .iter()
-                    .map(|r| DocumentId::from_bytes(*r.get::<_, uuid::Uuid>(0).as_bytes()))
-                    .collect())
-            })
-        })
+        self.doc_ids("SELECT doc FROM unsettled ORDER BY doc")
     }
 
     fn compact(

@@ -3,35 +3,15 @@
 //! household, a fresh JS client finds it by URL, concurrent offline edits from both merge; a
 //! Rust device then sees the same merged record. Without a token it gets 401 first.
 
-use std::process::Stdio;
-
 use fieldsync::client::Device;
 use fieldsync::ids::DocumentId;
 
-use crate::common::{js_dir, TestServer, WAIT};
+use crate::common::{run_js_interop, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stock_js_client_syncs_and_merges_offline_edits() {
-    let js = js_dir();
     let server = TestServer::spawn().await;
-    let output = tokio::time::timeout(
-        WAIT * 2,
-        tokio::process::Command::new("node")
-            .arg(js.join("interop.mjs"))
-            .arg(&server.url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the JS client finishes")
-    .expect("node runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "node failed: {stderr}");
-    let line = String::from_utf8_lossy(&output.stdout);
-    let result: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap())
-        .unwrap_or_else(|e| panic!("bad JSON from node ({e}): {line}"));
+    let result = run_js_interop(&[&server.url]).await;
 
     // Without a token: 401 with the JSON error, before any upgrade; the run then went on.
     assert_eq!(result["noTokenStatus"]["status"], 401);

@@ -19,8 +19,8 @@ use fieldsync::storage::postgres::testing::Cluster;
 
 use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
 use crate::common::{
-    admin_cli, household, js_dir, on_postgres, refused_with_401, visit, world_via_cli, RawPeer,
-    Seen, ServerProcess, StaffSession, WAIT,
+    admin_cli, household, on_postgres, refused_with_401, run_js_interop, visit, world_via_cli,
+    RawPeer, Seen, ServerProcess, StaffSession, WAIT,
 };
 
 /// A node on `cluster`, its data directory `dir/name`.
@@ -172,7 +172,6 @@ async fn offline_edits_made_through_two_nodes_merge_and_a_third_serves_them() {
     if !on_postgres() {
         return;
     }
-    let js = js_dir();
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(dir.path().join("cluster")).await;
     let a = node(dir.path(), "a", &cluster).await;
@@ -182,26 +181,8 @@ async fn offline_edits_made_through_two_nodes_merge_and_a_third_serves_them() {
     let c = node(dir.path(), "c", &cluster).await;
     let b_token = b.enrol(BEN).await;
     let c_token = c.enrol(BEN).await;
-    let output = tokio::time::timeout(
-        WAIT * 2,
-        tokio::process::Command::new("node")
-            .arg(js.join("interop.mjs"))
-            .arg(&url_a)
-            .arg("--b-url")
-            .arg(b.url_with(&b_token))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the JS clients finish")
-    .expect("node runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "node failed: {stderr}");
-    let line = String::from_utf8_lossy(&output.stdout);
-    let result: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap())
-        .unwrap_or_else(|e| panic!("bad JSON from node ({e}): {line}"));
+    let url_b = b.url_with(&b_token);
+    let result = run_js_interop(&[&url_a, "--b-url", &url_b]).await;
     assert_eq!(result["seenByB"]["address"]["house_no"], "18");
     assert_eq!(result["headsA"], result["headsB"]);
     assert_eq!(result["visitsA"].as_array().unwrap().len(), 2);

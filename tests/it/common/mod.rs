@@ -760,6 +760,29 @@ pub fn js_dir() -> PathBuf {
     dir
 }
 
+/// Runs `tests/js/interop.mjs` (the official JS client's scenario) with `args` and returns
+/// the JSON line it prints; panics with its stderr if it fails.
+pub async fn run_js_interop(args: &[&str]) -> serde_json::Value {
+    let output = tokio::time::timeout(
+        WAIT * 2,
+        tokio::process::Command::new("node")
+            .arg(js_dir().join("interop.mjs"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the JS client finishes")
+    .expect("node runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "node failed: {stderr}");
+    let line = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(line.trim().lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("bad JSON from node ({e}): {line}"))
+}
+
 /// A signed-in staff browser session: the cookie and the CSRF token it echoes.
 pub struct StaffSession {
     pub http: String,
