@@ -174,6 +174,9 @@ struct Shared {
     /// Frames handed to the write tasks, and frames they have written.
     frames_queued: AtomicU64,
     frames_written: Arc<AtomicU64>,
+    /// Why each (device, document) that heard from the server is not settled yet: said
+    /// when a phase gives up.
+    stuck: Mutex<HashMap<(usize, DocumentId), String>>,
 }
 
 impl Shared {
@@ -860,7 +863,7 @@ fn received(
         }
     }
     send_sync(s, me, server, out);
-    update_settled(s, shared);
+    update_settled(dev.index, s, shared);
 }
 
 fn unavailable(dev: &mut Device, shared: &Shared, doc: DocumentId) {
@@ -937,7 +940,7 @@ fn catalog_entries(doc: &Automerge) -> usize {
     }
 }
 
-fn update_settled(s: &mut Slot, shared: &Shared) {
+fn update_settled(device: usize, s: &mut Slot, shared: &Shared) {
     let settled = s.pending.is_empty()
         && match s.kind {
             Kind::Own => true,
@@ -948,6 +951,40 @@ fn update_settled(s: &mut Slot, shared: &Shared) {
             }
             Kind::Catalog => catalog_entries(&s.doc) >= s.expected_entries,
         };
+    {
+        let mut stuck = shared.stuck.lock().unwrap();
+        if settled {
+            stuck.remove(&(device, s.id));
+        } else {
+            let server_agrees = s.state.their_heads.as_deref() == Some(&s.doc.get_heads()[..]);
+            let why = match s.kind {
+                Kind::Catalog => format!(
+                    "{} of {} entries",
+                    catalog_entries(&s.doc),
+                    s.expected_entries
+                ),
+                Kind::Shared => format!(
+                    "{} of {} expected heads",
+                    s.expected_heads
+                        .iter()
+                        .filter(|h| s.doc.get_change_meta_by_hash(h).is_some())
+                        .count(),
+                    s.expected_heads.len()
+                ),
+                Kind::Own => String::new(),
+            };
+            stuck.insert(
+                (device, s.id),
+                format!(
+                    "device {device}: {:?} {}: {} sent changes not yet held by the server; {why}; server's heads {} ours",
+                    s.kind,
+                    s.id,
+                    s.pending.len(),
+                    if server_agrees { "equal" } else { "differ from" }
+                ),
+            );
+        }
+    }
     if settled != s.settled {
         s.settled = settled;
         shared.settle(if settled { 1 } else { -1 });
@@ -990,6 +1027,15 @@ async fn wait_settled(name: &str, shared: &Shared, deadline: Instant, started: I
                 shared.frames_queued.load(Ordering::Relaxed),
                 shared.frames_written.load(Ordering::Relaxed)
             );
+            let stuck = shared.stuck.lock().unwrap();
+            let mut lines: Vec<&String> = stuck.values().collect();
+            lines.sort();
+            for line in lines.iter().take(20) {
+                eprintln!("  not settled: {line}");
+            }
+            if lines.len() > 20 {
+                eprintln!("  … and {} more", lines.len() - 20);
+            }
             return false;
         }
         if last_print.elapsed() >= Duration::from_secs(2) {

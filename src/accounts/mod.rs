@@ -375,7 +375,8 @@ impl Accounts {
         tokio::task::spawn_blocking(move || -> Result<usize, AccountsError> {
             let _w = lock(&this.inner.write);
             let records = this.inner.store.load()?;
-            *write(&this.inner.dir) = Directory::from_records(records);
+            let fresh = read(&this.inner.dir).reloaded(records);
+            *write(&this.inner.dir) = fresh;
             let dir = read(&this.inner.dir);
             let mut closed = 0;
             for c in lock(&this.inner.live).values() {

@@ -279,6 +279,7 @@ impl DocActor {
         tokio::task::spawn_blocking(move || {
             let stored = store.load(id).map_err(|e| e.to_string())?;
             let doc = stored.hydrate().map_err(|e| e.to_string())?;
+            tracing::debug!(doc = %id, chunks = stored.chunks.len(), actor = %doc.get_actor(), "loaded");
             let incrementals = stored
                 .chunks
                 .iter()
@@ -483,9 +484,12 @@ impl DocState {
                 self.incrementals += 1;
             }
         }
+        let new_chunks = now.iter().filter(|k| !known.contains(k)).count();
         self.chunks = now;
         self.exists = !self.doc.get_heads().is_empty();
-        Ok(self.doc.get_heads() != before)
+        let changed = self.doc.get_heads() != before;
+        tracing::debug!(doc = %self.id, new_chunks, changed, "refreshed from the store");
+        Ok(changed)
     }
 
     fn apply_batch(&mut self, hub: &HubInner, batch: Vec<Cmd>) -> Result<Applied, StorageError> {
