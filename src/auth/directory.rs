@@ -815,14 +815,26 @@ mod tests {
         let fresh = DocumentId::random();
         let h = w
             .dir
-            .admit_household(&w.amy, fresh, Some(("north", "east")), Timestamp::from_millis(3))
+            .admit_household(
+                &w.amy,
+                fresh,
+                Some(("north", "east")),
+                Timestamp::from_millis(3),
+            )
             .unwrap();
         w.dir.apply(&[Op::Put(Record::Household(h.clone()))]);
 
         let reloaded = w.dir.reloaded(committed);
-        assert_eq!(reloaded.household(fresh), Some(&h), "the registration is kept");
+        assert_eq!(
+            reloaded.household(fresh),
+            Some(&h),
+            "the registration is kept"
+        );
         assert_eq!(reloaded.access(&w.amy, fresh), Access::ReadWrite);
-        assert_eq!(reloaded.household(w.east_house), w.dir.household(w.east_house));
+        assert_eq!(
+            reloaded.household(w.east_house),
+            w.dir.household(w.east_house)
+        );
         // Everything else follows the store: the revocation made elsewhere holds here.
         assert_eq!(reloaded.access(&w.carl, w.south_house), Access::None);
         assert_eq!(w.dir.access(&w.carl, w.south_house), Access::ReadWrite);

@@ -264,3 +264,67 @@ async fn a_revocation_through_one_node_closes_the_devices_socket_on_another() {
     b.kill().await;
     drop(cluster);
 }
+
+/// Households registered at once through two nodes are all in their village's catalog, on
+/// either node: each node's directory follows the other's registrations without losing its
+/// own (a reload read while a registration's batch was still open once dropped it, and
+/// with it the household's catalog entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn households_registered_at_once_through_two_nodes_are_all_in_the_catalog() {
+    if !on_postgres() {
+        return;
+    }
+    const EACH: usize = 15;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
+    let a = node(dir.path(), "a", &cluster).await;
+    world_via_cli(&dir.path().join("a")).await;
+    let b = node(dir.path(), "b", &cluster).await;
+    let mut phones = Vec::new();
+    for (user, server) in [(AMY, &a), (BEN, &b)] {
+        let code = admin_cli(&dir.path().join("a"), &["device", "enroll", user], None).await;
+        let phone = Device::open(&dir.path().join(user)).await.unwrap();
+        let answer = phone
+            .enroll(&server.http(), code.lines().last().unwrap(), "phone")
+            .await
+            .unwrap();
+        let catalog =
+            DocumentId::parse_url_or_id(answer["villages"][0]["catalog_url"].as_str().unwrap())
+                .unwrap();
+        for n in 0..EACH {
+            phone
+                .create_household(&household(&format!("{user}-{n}")))
+                .await
+                .unwrap();
+        }
+        phones.push((phone, server, catalog));
+    }
+    // Both phones come back online at once, each to its own node.
+    let (amy_sync, ben_sync) = tokio::join!(
+        phones[0].0.sync(&phones[0].1.url),
+        phones[1].0.sync(&phones[1].1.url)
+    );
+    assert!(amy_sync.unwrap().all_held() && ben_sync.unwrap().all_held());
+
+    // Each phone's catalog comes to list both phones' households (the other node's entries
+    // arrive once its node has heard of them: a bounded wait, syncing again meanwhile).
+    for (phone, server, catalog) in &phones {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            assert!(phone.sync(&server.url).await.unwrap().all_held());
+            let listed = phone.catalog(*catalog).await.unwrap().households.len();
+            if listed == 2 * EACH {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the catalog lists {listed} of {} households",
+                2 * EACH
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    a.kill().await;
+    b.kill().await;
+    drop(cluster);
+}
