@@ -7,11 +7,14 @@
 #   RATE=100 STEADY_SECS=10 examples/compare.sh 50 40 4 10      (steady phase settings)
 #   ONLY=fieldsync examples/compare.sh 200 40 4 10              (skip the reference)
 #   BACKENDS="sled postgres" examples/compare.sh                 (fieldsync on each backend)
+#   NODES=2 BACKENDS=postgres ONLY=fieldsync examples/compare.sh (two nodes on one database)
 #
 # BACKENDS names the stores fieldsync runs on, one run each (default: sled). `postgres`
 # starts a throwaway PostgreSQL cluster (Debian's postgresql, as the tests do; as root it
 # runs as the `postgres` user) on a free loopback port, and reports the CPU its backends
-# used beside fieldsync's own.
+# used beside fieldsync's own. NODES (default 1) runs that many fieldsync processes on the
+# PostgreSQL backend, the devices spread over them in turn; the report sums their CPU and
+# memory and gives each node's.
 # It builds first (release) and installs the reference server's pinned npm packages
 # (examples/reference-server), then measures: never while something else builds.
 # Reports land in target/compare/<D>x<H>x<V>+<S>/{reference,fieldsync-<backend>}.json.
@@ -20,6 +23,7 @@ cd "$(dirname "$0")/.."
 
 D=${1:-20}; H=${2:-40}; V=${3:-4}; S=${4:-10}
 RATE=${RATE:-100}; STEADY_SECS=${STEADY_SECS:-10}; ONLY=${ONLY:-}; BACKENDS=${BACKENDS:-sled}
+NODES=${NODES:-1}
 LOADGEN_ARGS=(--devices "$D" --households "$H" --visits "$V" --shared "$S"
               --rate "$RATE" --steady-secs "$STEADY_SECS" --timeout-secs "${TIMEOUT_SECS:-900}")
 
@@ -35,9 +39,17 @@ mkdir -p "$out"
 work=$(mktemp -d)
 chmod 755 "$work"
 server_pid=
+node_pids=()
 pg_data=
+stop_nodes() {
+  local pid
+  for pid in ${server_pid:-} ${node_pids[@]+"${node_pids[@]}"}; do
+    kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  done
+  server_pid=; node_pids=()
+}
 cleanup() {
-  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  stop_nodes
   if [ -n "$pg_data" ]; then as_postgres "$(pg_bin pg_ctl)" -D "$pg_data" -m immediate stop >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
@@ -95,32 +107,44 @@ if [ "$ONLY" != fieldsync ]; then
   port=$(port_of "$work/reference.log" "$server_pid" 'listening on [0-9]+')
   target/release/examples/loadgen --server automerge-repo --url "ws://127.0.0.1:$port" \
     --server-pid "$server_pid" --json "$out/reference.json" "${LOADGEN_ARGS[@]}" || true
-  kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
+  stop_nodes
 fi
 
 for backend in $BACKENDS; do
   db_args=()
+  nodes=1
   case $backend in
     sled) ;;
-    postgres) pg_data="$work/pg/data"; url=$(start_postgres); db_args=(--database "$url") ;;
+    postgres) pg_data="$work/pg/data"; url=$(start_postgres); db_args=(--database "$url"); nodes=$NODES ;;
     *) echo "error: unknown backend $backend (sled | postgres)" >&2; exit 1 ;;
   esac
-  echo "==> fieldsync on $backend"
-  target/release/fieldsync serve --data "$work/fieldsync-$backend" --listen 127.0.0.1:0 \
-    ${db_args[@]+"${db_args[@]}"} > "$work/fieldsync-$backend.log" 2>&1 &
-  server_pid=$!
-  port=$(port_of "$work/fieldsync-$backend.log" "$server_pid" 'ws://127\.0\.0\.1:[0-9]+')
-  target/release/examples/loadgen --server fieldsync --url "ws://127.0.0.1:$port/sync" \
-    --data "$work/fieldsync-$backend" --server-pid "$server_pid" \
-    --json "$out/fieldsync-$backend.json" "${LOADGEN_ARGS[@]}"
-  kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
+  name="fieldsync-$backend"
+  if [ "$nodes" -gt 1 ]; then name="$name-${nodes}nodes"; fi
+  echo "==> fieldsync on $backend ($nodes node(s))"
+  node_args=()
+  for n in $(seq 1 "$nodes"); do
+    target/release/fieldsync serve --data "$work/$name-$n" --listen 127.0.0.1:0 \
+      ${db_args[@]+"${db_args[@]}"} > "$work/$name-$n.log" 2>&1 &
+    pid=$!
+    node_pids+=("$pid")
+    port=$(port_of "$work/$name-$n.log" "$pid" 'ws://127\.0\.0\.1:[0-9]+')
+    if [ "$n" = 1 ]; then
+      node_args+=(--url "ws://127.0.0.1:$port/sync")
+    else
+      node_args+=(--also-url "ws://127.0.0.1:$port/sync")
+    fi
+    node_args+=(--server-pid "$pid")
+  done
+  target/release/examples/loadgen --server fieldsync "${node_args[@]}" \
+    --data "$work/$name-1" --json "$out/$name.json" "${LOADGEN_ARGS[@]}"
+  stop_nodes
   if [ "$backend" = postgres ]; then
     sleep 1 # the backends exit once fieldsync's connections close
     echo "PostgreSQL's backends used $(postgres_cpu) s of CPU besides fieldsync's"
     as_postgres "$(pg_bin pg_ctl)" -D "$pg_data" -m fast stop >/dev/null; pg_data=
   fi
   if [ -f "$out/reference.json" ] && [ "$ONLY" != fieldsync ]; then
-    target/release/examples/loadgen --compare "$out/reference.json" "$out/fieldsync-$backend.json"
+    target/release/examples/loadgen --compare "$out/reference.json" "$out/$name.json"
   fi
 done
 echo "reports: $out/"

@@ -92,9 +92,11 @@ struct Args {
     /// Give up on a phase after this long (what did not converge counts as failed).
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
-    /// The server's process id: its CPU time and peak memory go into the report.
+    /// The server's process id: its CPU time and peak memory go into the report. Given once
+    /// per node (several nodes on one PostgreSQL), the figures are summed and each node's
+    /// own are reported too.
     #[arg(long)]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -237,9 +239,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let shared = Arc::new(Shared::default());
     let mut report = Report::new(&args, villages, households_total);
-    let cpu_at_start = args
-        .server_pid
-        .map(|p| cpu_seconds(&format!("/proc/{p}/stat")));
+    let cpu_at_start: Vec<f64> = args.server_pid.iter().map(|&p| pid_cpu(p)).collect();
 
     // Phase 1 and 2 on the same connections.
     let (handles, senders) = start_sessions(&args, devices, &shared);
@@ -256,10 +256,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     report.phase("reconnect", reconnect, &args, &shared);
     stop_sessions(&shared, handles, senders).await?;
 
-    if let (Some(pid), Some(start)) = (args.server_pid, cpu_at_start) {
-        report.json["server_cpu_s"] =
-            json!(round3(cpu_seconds(&format!("/proc/{pid}/stat")) - start));
-        report.json["server_peak_rss_mb"] = json!(status_mb(pid, "VmHWM:"));
+    if !args.server_pid.is_empty() {
+        let nodes: Vec<serde_json::Value> = args
+            .server_pid
+            .iter()
+            .zip(&cpu_at_start)
+            .map(|(&pid, start)| {
+                json!({
+                    "pid": pid,
+                    "cpu_s": round3(pid_cpu(pid) - start),
+                    "peak_rss_mb": status_mb(pid, "VmHWM:"),
+                })
+            })
+            .collect();
+        let sum = |field: &str| round3(nodes.iter().filter_map(|n| n[field].as_f64()).sum());
+        report.json["server_cpu_s"] = json!(sum("cpu_s"));
+        report.json["server_peak_rss_mb"] = json!(sum("peak_rss_mb"));
+        if nodes.len() > 1 {
+            report.json["nodes"] = json!(nodes);
+        }
     }
     report.json["loadgen_cpu_s"] = json!(round3(cpu_seconds("/proc/self/stat")));
     report.json["failures"] = json!(shared.failures.load(Ordering::Relaxed));
@@ -1112,12 +1127,7 @@ impl Report {
             }),
             rows: Vec::new(),
             failures_before: 0,
-            marks: (
-                0,
-                0,
-                args.server_pid
-                    .map(|p| cpu_seconds(&format!("/proc/{p}/stat"))),
-            ),
+            marks: (0, 0, servers_cpu(args)),
         }
     }
 
@@ -1136,15 +1146,20 @@ impl Report {
         let (bytes_sent, bytes_received) = (sent - self.marks.0, recv - self.marks.1);
         self.marks.0 = sent;
         self.marks.1 = recv;
-        let cpu = args
-            .server_pid
-            .map(|p| cpu_seconds(&format!("/proc/{p}/stat")));
+        let cpu = servers_cpu(args);
         let server_cpu = match (cpu, self.marks.2) {
             (Some(now), Some(before)) => Some(round3(now - before)),
             _ => None,
         };
         self.marks.2 = cpu;
-        let rss = args.server_pid.map(|p| status_mb(p, "VmRSS:"));
+        let rss = (!args.server_pid.is_empty()).then(|| {
+            round3(
+                args.server_pid
+                    .iter()
+                    .map(|&p| status_mb(p, "VmRSS:"))
+                    .sum(),
+            )
+        });
         let per_s = if r.seconds > 0.0 {
             r.changes as f64 / r.seconds
         } else {
@@ -1219,6 +1234,12 @@ impl Report {
             "server CPU total {} s, peak RSS {} MB; loadgen CPU {} s; failures {}",
             j["server_cpu_s"], j["server_peak_rss_mb"], j["loadgen_cpu_s"], j["failures"]
         );
+        for n in j["nodes"].as_array().into_iter().flatten() {
+            println!(
+                "  node pid {}: CPU {} s, peak RSS {} MB",
+                n["pid"], n["cpu_s"], n["peak_rss_mb"]
+            );
+        }
         for f in j["failure_examples"].as_array().into_iter().flatten() {
             println!("  failure: {}", f.as_str().unwrap_or_default());
         }
@@ -1302,6 +1323,15 @@ fn compare(reference: &Path, fieldsync: &Path) -> anyhow::Result<()> {
     }
     row("failures", num(&a["failures"]), num(&b["failures"]));
     Ok(())
+}
+
+fn pid_cpu(pid: u32) -> f64 {
+    cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// The CPU seconds of every server process given, summed (`None`: none given).
+fn servers_cpu(args: &Args) -> Option<f64> {
+    (!args.server_pid.is_empty()).then(|| args.server_pid.iter().map(|&p| pid_cpu(p)).sum())
 }
 
 /// utime + stime of a process from its /proc stat line, in seconds (USER_HZ = 100 on Linux).

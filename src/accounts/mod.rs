@@ -375,8 +375,8 @@ impl Accounts {
         tokio::task::spawn_blocking(move || -> Result<usize, AccountsError> {
             let _w = lock(&this.inner.write);
             let records = this.inner.store.load()?;
-            let fresh = read(&this.inner.dir).reloaded(records);
-            *write(&this.inner.dir) = fresh;
+            // Under the write lock, so every record this node committed is in `records`.
+            *write(&this.inner.dir) = Directory::from_records(records);
             let dir = read(&this.inner.dir);
             let mut closed = 0;
             for c in lock(&this.inner.live).values() {
@@ -718,8 +718,10 @@ impl Authorizer for Accounts {
             claim.as_ref().map(|(s, v)| (s.as_str(), v.as_str())),
             self.now(),
         )?;
-        // Not flushed here: the document's actor flushes the registration with the chunk.
-        // Insert-if-absent: two nodes registering one household at once keep the first.
+        // Embedded: not flushed here, the document's actor flushes the registration with the
+        // chunk. PostgreSQL: committed at once, so a reload never misses it (see
+        // `PgDirectory::insert_if_absent`). Insert-if-absent: two nodes registering one
+        // household at once keep the first.
         let record = Record::Household(household.clone());
         let existing = self
             .inner

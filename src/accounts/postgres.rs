@@ -38,7 +38,8 @@ fn kind(record: &Record) -> &'static str {
 
 impl DirectoryStore for PgDirectory {
     fn load(&self) -> Result<Vec<Record>, StorageError> {
-        self.store.with_client(|c| {
+        // Under the accounts' write lock (a reload): see `PgStore::with_own_transaction`.
+        self.store.with_own_transaction(|c| {
             Box::pin(async move {
                 let rows = c
                     .query("SELECT key, record FROM directory ORDER BY key", &[])
@@ -85,7 +86,11 @@ impl DirectoryStore for PgDirectory {
         let json = serde_json::to_value(record).expect("records serialise");
         let kind = kind(record);
         let store = self.store.clone();
-        self.store.with_transaction(move |tx| {
+        // Committed at once, not with the document's batch: every registration this node
+        // holds in memory is then in the database, so a reload (another node's notice)
+        // never drops one. A batch that then fails leaves a registration without a
+        // document: it reserves the id for that device's village, whose retry it admits.
+        self.store.with_own_transaction(move |tx| {
             Box::pin(async move {
                 // Waits for another node's uncommitted insert of the key, then does nothing.
                 let inserted = tx
@@ -117,7 +122,8 @@ impl DirectoryStore for PgDirectory {
         let ops = ops.to_vec();
         let audit = audit.cloned();
         let store = self.store.clone();
-        self.store.with_transaction(move |tx| {
+        // Under the accounts' write lock: see `PgStore::with_own_transaction`.
+        self.store.with_own_transaction(move |tx| {
             Box::pin(async move {
                 if !ops.is_empty() {
                     // The other nodes reload their directories once this commits.

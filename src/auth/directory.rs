@@ -216,28 +216,6 @@ impl Directory {
         d
     }
 
-    /// The directory as `committed` (every record the shared store holds) says, keeping the
-    /// household registrations this one holds that `committed` lacks. Registrations are
-    /// insert-only while servers run (only an offline migration removes any), and a node
-    /// applies its own as its document's batch stores it, before that batch commits: a
-    /// snapshot read in between lacks it, and dropping it would leave this node without a
-    /// registration it just made (its catalog entry and access would then be missing).
-    /// Every other kind follows `committed`: a revocation, a logout or a used code made on
-    /// another node takes effect here.
-    pub fn reloaded(&self, committed: impl IntoIterator<Item = Record>) -> Directory {
-        let mut fresh = Directory::from_records(committed);
-        let kept: Vec<Household> = self
-            .households
-            .values()
-            .filter(|h| !fresh.households.contains_key(&h.doc))
-            .cloned()
-            .collect();
-        for h in kept {
-            fresh.put(Record::Household(h));
-        }
-        fresh
-    }
-
     pub fn apply(&mut self, ops: &[Op]) {
         for op in ops {
             match op {
@@ -784,65 +762,6 @@ mod tests {
         assert_eq!(
             r.key().encode(),
             format!("household/{}", w.east_house).into_bytes()
-        );
-    }
-
-    #[test]
-    fn a_reload_follows_the_store_but_keeps_a_registration_not_yet_committed() {
-        let mut w = world();
-        // What the store held when another node's notice made this one reload: carl's device
-        // revoked there, and this node's registration of `fresh` not yet committed.
-        let mut committed: Vec<Record> = Vec::new();
-        for u in w.dir.users() {
-            committed.push(Record::User(u.clone()));
-        }
-        for s in w.dir.stations() {
-            committed.push(Record::Station(s.clone()));
-            for v in w.dir.villages_of(&s.name) {
-                committed.push(Record::Village(v.clone()));
-            }
-        }
-        for d in w.dir.devices() {
-            let mut d = d.clone();
-            if d.id.as_str() == "dev-carl" {
-                d.revoked_at = Some(Timestamp::from_millis(2));
-            }
-            committed.push(Record::Device(d));
-        }
-        for h in w.dir.households() {
-            committed.push(Record::Household(h.clone()));
-        }
-        let fresh = DocumentId::random();
-        let h = w
-            .dir
-            .admit_household(
-                &w.amy,
-                fresh,
-                Some(("north", "east")),
-                Timestamp::from_millis(3),
-            )
-            .unwrap();
-        w.dir.apply(&[Op::Put(Record::Household(h.clone()))]);
-
-        let reloaded = w.dir.reloaded(committed);
-        assert_eq!(
-            reloaded.household(fresh),
-            Some(&h),
-            "the registration is kept"
-        );
-        assert_eq!(reloaded.access(&w.amy, fresh), Access::ReadWrite);
-        assert_eq!(
-            reloaded.household(w.east_house),
-            w.dir.household(w.east_house)
-        );
-        // Everything else follows the store: the revocation made elsewhere holds here.
-        assert_eq!(reloaded.access(&w.carl, w.south_house), Access::None);
-        assert_eq!(w.dir.access(&w.carl, w.south_house), Access::ReadWrite);
-        // A record the store no longer has (a logout elsewhere) is gone here too.
-        assert_eq!(
-            w.dir.reloaded(Vec::new()).users().len(),
-            0,
-            "only registrations outlive a reload"
         );
     }
 }

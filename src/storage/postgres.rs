@@ -145,6 +145,9 @@ pub struct PgStore {
     /// This process among the nodes on the database (random per start): it names the
     /// sender of every notification, so a node skips its own.
     node: String,
+    /// The connection of [`PgStore::with_own_transaction`], opened on first use and again
+    /// after it breaks.
+    own: std::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// The channel on which a node announces, when a batch commits, the documents it stored
@@ -219,6 +222,7 @@ impl PgStore {
                     .map_err(|e| StorageError::Io(format!("no randomness for the node id: {e}")))?;
                 hex::encode(bytes)
             },
+            own: std::sync::Mutex::new(None),
         };
         store.migrate().await.map_err(|e| match e {
             StorageError::Io(why) => StorageError::Io(format!(
@@ -490,6 +494,50 @@ impl PgStore {
             let client = self.client().await?;
             client.batch_execute("BEGIN").await.map_err(db)?;
             match f(&client).await {
+                Ok(out) => {
+                    client.batch_execute("COMMIT").await.map_err(db)?;
+                    Ok(out)
+                }
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+impl PgStore {
+    /// Runs `f` in a transaction of its own on a connection outside the pool, whatever batch
+    /// is open on this thread: it commits when `f` succeeds. For work done while holding a
+    /// lock that a batch's holder may wait for (the account directory's write lock, which
+    /// a registration takes inside its document's batch): taking a pooled connection there
+    /// would wait for one held by such a batch once the pool is exhausted, a deadlock. One
+    /// connection, so callers take turns (they hold that lock anyway).
+    pub fn with_own_transaction<T>(
+        &self,
+        f: impl for<'c> FnOnce(&'c Client) -> Query<'c, T>,
+    ) -> Result<T> {
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        self.block_on(async {
+            if own.as_ref().is_none_or(|c| c.is_closed()) {
+                let (client, connection) =
+                    self.config.connect(NoTls).await.map_err(|e| {
+                        StorageError::Io(format!(
+                            "cannot connect to the database at {}: {e}",
+                            self.location
+                        ))
+                    })?;
+                self.runtime.spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(error = %e, "the account directory's database connection ended");
+                    }
+                });
+                *own = Some(client);
+            }
+            let client = own.as_ref().expect("connected above");
+            client.batch_execute("BEGIN").await.map_err(db)?;
+            match f(client).await {
                 Ok(out) => {
                     client.batch_execute("COMMIT").await.map_err(db)?;
                     Ok(out)
