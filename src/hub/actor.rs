@@ -215,6 +215,15 @@ impl DocActor {
             };
             let Some(first) = first else { break };
             let batch = next_batch(first, &mut deferred, &mut rx);
+            // Told if the batch fails: their messages are not stored and nobody else would
+            // answer them.
+            let senders: Vec<PeerLink> = batch
+                .iter()
+                .filter_map(|c| match c {
+                    Cmd::Sync { link, .. } => Some(link.clone()),
+                    _ => None,
+                })
+                .collect();
             match self.process(state, batch).await {
                 Ok(s) => {
                     state = s;
@@ -230,11 +239,14 @@ impl DocActor {
                     // The in-memory document may now hold changes that are not durable; it
                     // must not answer anyone. Stop; the next use reloads from disk.
                     tracing::error!(doc = %self.id, error = %e, "storage failed; unloading document");
-                    self.fail_queued(
-                        deferred,
-                        &mut rx,
-                        "the server could not store this change; retry later",
-                    );
+                    let message = "the server could not store this change; retry later";
+                    for link in senders {
+                        link.send(Outbound::Fail {
+                            code: CloseCode::InternalError,
+                            message: message.into(),
+                        });
+                    }
+                    self.fail_queued(deferred, &mut rx, message);
                     self.hub.actor_exited(self.id, self.generation);
                     return;
                 }

@@ -4,9 +4,13 @@
 //! backoff, and after every (re)connection refreshes each loaded document, because
 //! notifications sent while no listener was there are lost (a document that is not loaded
 //! here is read from the database when it is next loaded, so it misses nothing).
+//! It also keeps this node's view of whether the database answers (for readiness): the
+//! listener's connection is probed every second, and a node is following only once its
+//! listener has caught up.
 //! Must not: carry data (notifications name documents only; the chunks are read from the
 //! database), or acknowledge anything (the node that committed the change did).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,15 +24,38 @@ use crate::storage::postgres::{Notice, PgStore};
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_LAST: Duration = Duration::from_secs(5);
 
+/// How often the listener's connection is probed, and how long an answer may take.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Whether this node follows the others now: its listener is connected, caught up, and the
+/// database answered its last probe.
+#[derive(Default)]
+pub(super) struct Following {
+    now: AtomicBool,
+}
+
+impl Following {
+    pub(super) fn is_following(&self) -> bool {
+        self.now.load(Ordering::Acquire)
+    }
+
+    fn set(&self, following: bool) {
+        self.now.store(following, Ordering::Release);
+    }
+}
+
 /// Follows the other nodes until `stop`.
 pub(super) async fn follow(
     pg: Arc<PgStore>,
     hub: Hub,
     accounts: Accounts,
+    state: Arc<Following>,
     stop: CancellationToken,
 ) {
     let mut retry = RETRY_FIRST;
     loop {
+        state.set(false);
         let listening = tokio::select! {
             _ = stop.cancelled() => return,
             l = pg.listen() => l,
@@ -50,12 +77,26 @@ pub(super) async fn follow(
         // loading them and listening; no document is loaded yet).
         reload_accounts(&accounts).await;
         hub.refresh_all().await;
+        state.set(true);
+        tracing::info!("following the other nodes on the database");
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let notice = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = probe.tick() => {
+                    if let Err(e) = listener.probe(PROBE_LIMIT).await {
+                        tracing::error!(error = %e, "the database does not answer: not ready (changes are refused until it does); reconnecting");
+                        break;
+                    }
+                    continue;
+                }
                 n = listener.notices.recv() => n,
             };
-            let Some(first) = notice else { break };
+            let Some(first) = notice else {
+                tracing::warn!("lost the connection that hears the other nodes' changes: not ready; reconnecting");
+                break;
+            };
             // Everything already queued goes with it: one directory reload for a burst of
             // registrations, each document refreshed once.
             let mut directory = false;
@@ -79,7 +120,6 @@ pub(super) async fn follow(
                 hub.refresh(doc).await;
             }
         }
-        tracing::warn!("lost the connection that hears the other nodes' changes; reconnecting");
     }
 }
 

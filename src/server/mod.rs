@@ -15,6 +15,7 @@ mod auth;
 pub mod backend;
 mod errors;
 mod follow;
+mod health;
 mod households;
 mod listen;
 mod web;
@@ -123,6 +124,8 @@ pub struct Services {
     _dir_lock: Option<Arc<std::fs::File>>,
     /// Stops following the other nodes on the database (`follow`), when serving ends.
     following: CancellationToken,
+    /// On PostgreSQL: whether this node follows the others now (for readiness).
+    followed: Option<Arc<follow::Following>>,
     pub hub: Hub,
     pub accounts: Accounts,
     pub changelog: ChangeLog,
@@ -193,6 +196,7 @@ impl Services {
         Ok(Services {
             documents,
             embedded,
+            followed: postgres.as_ref().map(|_| Arc::default()),
             postgres,
             _dir_lock: dir_lock,
             following: CancellationToken::new(),
@@ -229,6 +233,7 @@ impl Services {
                 pg.clone(),
                 self.hub.clone(),
                 self.accounts.clone(),
+                self.followed.clone().unwrap_or_default(),
                 self.following.clone(),
             ));
         }
@@ -521,14 +526,11 @@ fn routes(
     sockets: TaskTracker,
     closing: CancellationToken,
 ) -> warp::filters::BoxedFilter<(Box<dyn warp::Reply>,)> {
-    let health = warp::get()
-        .and(warp::path("healthz"))
-        .and(warp::path::end())
-        .map(|| {
-            Box::new(warp::reply::json(&serde_json::json!({"status": "ok"})))
-                as Box<dyn warp::Reply>
-        })
-        .boxed();
+    let health = health::routes(health::Readiness::new(
+        services.documents.clone(),
+        services.followed.clone(),
+        closing.clone(),
+    ));
     let api = api::routes(&services)
         .or(households::routes(&services))
         .unify()

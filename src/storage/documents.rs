@@ -69,6 +69,13 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// the call is durable, sharing the work with concurrent callers where the backend can
     /// (sled: group commit).
     fn durable(&self) -> Durable;
+
+    /// Why this store cannot make writes durable now, as far as it knows without I/O (for
+    /// readiness; `None`: nothing known against it). sled: its flusher stopped, or a flush
+    /// has run longer than `limit`. PostgreSQL answers through its listener instead.
+    fn stalled(&self, _limit: std::time::Duration) -> Option<String> {
+        None
+    }
 }
 
 /// What [`DocumentStore::durable`] returns.
@@ -123,6 +130,10 @@ impl DocumentStore for super::Store {
 
     fn durable(&self) -> Durable {
         Box::pin(super::Store::flush(self))
+    }
+
+    fn stalled(&self, limit: std::time::Duration) -> Option<String> {
+        super::Store::stalled(self, limit)
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +23,10 @@ type Waiter = oneshot::Sender<Result<()>>;
 pub(super) struct GroupCommit {
     tx: mpsc::Sender<Waiter>,
     flushes: Arc<AtomicU64>,
+    /// When the flush under way started, in microseconds after `epoch` plus one (0: none
+    /// under way), so readiness can tell a stuck disk without asking it anything.
+    flushing_since: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl GroupCommit {
@@ -31,6 +36,9 @@ impl GroupCommit {
         let (tx, mut rx) = mpsc::channel::<Waiter>(QUEUE);
         let flushes = Arc::new(AtomicU64::new(0));
         let counter = flushes.clone();
+        let epoch = Instant::now();
+        let flushing_since = Arc::new(AtomicU64::new(0));
+        let since = flushing_since.clone();
         std::thread::Builder::new()
             .name("fieldsync-flush".into())
             .spawn(move || {
@@ -40,7 +48,9 @@ impl GroupCommit {
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
+                    since.store(micros_since(epoch) + 1, Ordering::Relaxed);
                     let outcome = db.flush().map(|_| ()).map_err(StorageError::from);
+                    since.store(0, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = &outcome {
                         tracing::error!(error = %e, "flushing the store failed");
@@ -51,7 +61,26 @@ impl GroupCommit {
                     }
                 }
             })?;
-        Ok(Self { tx, flushes })
+        Ok(Self {
+            tx,
+            flushes,
+            flushing_since,
+            epoch,
+        })
+    }
+
+    /// Why writes cannot be made durable now, if they cannot: the flusher thread stopped,
+    /// or the flush under way has run longer than `limit`.
+    pub(super) fn stalled(&self, limit: Duration) -> Option<String> {
+        if self.tx.is_closed() {
+            return Some("the flusher thread stopped".into());
+        }
+        let since = self.flushing_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let running = Duration::from_micros(micros_since(self.epoch).saturating_sub(since - 1));
+        (running > limit).then(|| format!("a flush has run for {} s", running.as_secs()))
     }
 
     /// Owns what it needs, so the future is `'static` and can be awaited anywhere.
@@ -70,4 +99,8 @@ impl GroupCommit {
     pub(super) fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
     }
+}
+
+fn micros_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
 }

@@ -356,6 +356,12 @@ impl Store {
         self.inner.commit.flush()
     }
 
+    /// Why writes cannot be made durable now, if that is known without I/O: the flusher
+    /// stopped, or a flush has run longer than `limit`.
+    pub fn stalled(&self, limit: std::time::Duration) -> Option<String> {
+        self.inner.commit.stalled(limit)
+    }
+
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             flushes: self.inner.commit.flushes(),

@@ -173,7 +173,22 @@ pub enum Notice {
 pub struct Listener {
     pub notices: tokio::sync::mpsc::Receiver<Notice>,
     /// Keeps the connection open.
-    _client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
+}
+
+impl Listener {
+    /// Whether the database answers on this connection within `limit` (a broken network
+    /// may leave a connection open that nothing comes through).
+    pub async fn probe(&self, limit: std::time::Duration) -> Result<()> {
+        match tokio::time::timeout(limit, self.client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(db(e)),
+            Err(_) => Err(StorageError::Io(format!(
+                "the database did not answer within {} s",
+                limit.as_secs()
+            ))),
+        }
+    }
 }
 
 /// Notices queued for a slow follower; past it the listener waits (the database keeps
@@ -381,10 +396,7 @@ impl PgStore {
             ))
             .await
             .map_err(db)?;
-        Ok(Listener {
-            notices,
-            _client: client,
-        })
+        Ok(Listener { notices, client })
     }
 
     /// Holds the serving lock (shared with the other servers on this database) for as long
@@ -805,6 +817,9 @@ pub mod testing {
     pub struct Cluster {
         data: PathBuf,
         pub url: String,
+        /// The server's options (its port), to start it again the same way.
+        options: String,
+        running: bool,
     }
 
     fn bin(name: &str) -> PathBuf {
@@ -895,32 +910,48 @@ pub mod testing {
                     "--no-sync",
                 ],
             );
-            let options =
-                format!("-p {port} -k {data_s} -c listen_addresses=127.0.0.1 -c fsync=on");
+            let mut cluster = Cluster {
+                data,
+                url: format!("postgres://fieldsync@127.0.0.1:{port}/postgres"),
+                options: format!("-p {port} -k {data_s} -c listen_addresses=127.0.0.1 -c fsync=on"),
+                running: false,
+            };
+            cluster.start_again();
+            cluster
+        }
+
+        /// Stops the server at once, as a crash or a lost machine would (`-m immediate`).
+        pub fn stop(&mut self) {
+            let data_s = self.data.display().to_string();
+            run(bin("pg_ctl"), &["-D", &data_s, "-m", "immediate", "stop"]);
+            self.running = false;
+        }
+
+        /// Starts the server again, on the same port, and waits until it takes connections.
+        pub fn start_again(&mut self) {
+            let data_s = self.data.display().to_string();
             run(
                 bin("pg_ctl"),
                 &[
                     "-D",
                     &data_s,
                     "-o",
-                    &options,
+                    &self.options,
                     "-w",
                     "-l",
                     &format!("{data_s}/log"),
                     "start",
                 ],
             );
-            Cluster {
-                data,
-                url: format!("postgres://fieldsync@127.0.0.1:{port}/postgres"),
-            }
+            self.running = true;
         }
     }
 
     impl Drop for Cluster {
         fn drop(&mut self) {
-            let data_s = self.data.display().to_string();
-            run(bin("pg_ctl"), &["-D", &data_s, "-m", "immediate", "stop"]);
+            if self.running {
+                self.stop();
+            }
         }
     }
 }

@@ -245,9 +245,15 @@ async fn half_sent_headers_cannot_exhaust_descriptors_or_block_administration() 
             .expect("the server closes a connection that never finishes its header");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
-    // And serves again.
+    // And serves again, and says it is ready (its store flushes; on PostgreSQL its
+    // listener follows the database).
     let (status, _, _) = http("GET", &format!("{}/healthz", server.http()), None, &[]).await;
     assert_eq!(status, 200);
+    let (status, body, _) = http("GET", &format!("{}/readyz", server.http()), None, &[]).await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({"status": "ready"}))
+    );
     server.kill().await;
 }
 

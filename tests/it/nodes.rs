@@ -19,8 +19,8 @@ use fieldsync::storage::postgres::testing::Cluster;
 
 use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
 use crate::common::{
-    admin_cli, household, on_postgres, refused_with_401, run_js_interop, visit, world_via_cli,
-    RawPeer, Seen, ServerProcess, StaffSession, WAIT,
+    admin_cli, household, http, on_postgres, refused_with_401, run_js_interop, visit,
+    world_via_cli, RawPeer, Seen, ServerProcess, StaffSession, WAIT,
 };
 
 /// A node on `cluster`, its data directory `dir/name`.
@@ -328,5 +328,91 @@ async fn households_registered_at_once_through_two_nodes_are_all_in_the_catalog(
     }
     a.kill().await;
     b.kill().await;
+    drop(cluster);
+}
+
+/// `/readyz` on a node whose database stops: it says so within seconds (its listener's
+/// probe), acknowledges nothing meanwhile, and is ready again once the database is back,
+/// when the device's change goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_its_database_is_not_ready_and_acknowledges_nothing() {
+    if !on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path().join("cluster")).await;
+    let a = node(dir.path(), "a", &cluster).await;
+    world_via_cli(&dir.path().join("a")).await;
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    amy.set_token(&a.enrol(AMY).await).await.unwrap();
+    let id = amy.create_household(&household("7")).await.unwrap();
+    assert!(amy.sync(&a.url).await.unwrap().all_held());
+    let readyz = format!("{}/readyz", a.http());
+    let ready = |body: serde_json::Value| body == serde_json::json!({"status": "ready"});
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = http("GET", &readyz, None, &[]).await;
+        if status == 200 {
+            assert!(ready(body));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tokio::task::block_in_place(|| cluster.stop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = http("GET", &readyz, None, &[]).await;
+        if status == 503 {
+            assert_eq!(
+                body,
+                serde_json::json!({"status": "not ready", "failing": ["database"]})
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    amy.change(id, |tx| {
+        records::add_visit(tx, &visit(AMY, "while the database was down")).map(|_| ())
+    })
+    .await
+    .unwrap();
+    // Refused with a reason, at once (not left to time out), and nothing acknowledged.
+    match amy.sync(&a.url).await {
+        Err(fieldsync::client::ClientError::Server(reason)) => {
+            assert!(reason.contains("could not store"), "{reason}")
+        }
+        other => panic!("expected the server to refuse the change, got {other:?}"),
+    }
+
+    tokio::task::block_in_place(|| cluster.start_again());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = http("GET", &readyz, None, &[]).await;
+        if status == 200 && ready(body.clone()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(amy.sync(&a.url).await.unwrap().all_held());
+    let on_a = StaffSession::sign_in(&a.http(), SUE, SUE_PASSWORD).await;
+    let detail = on_a.get_ok(&format!("/households/{id}")).await;
+    assert!(
+        detail.to_string().contains("while the database was down"),
+        "{detail}"
+    );
+    a.kill().await;
     drop(cluster);
 }
