@@ -2,7 +2,7 @@
 # The whole test suite from a clean checkout (the README's test command; .ci/run calls it).
 # Installs what the tests need (the official automerge-repo JS client from npm, Debian's
 # chromium for the staff page, Debian's postgresql for the PostgreSQL backend; each test
-# starts its own throwaway cluster), then checks
+# starts its own throwaway cluster; Debian's systemd for its unit checker), then checks
 # formatting, lints, keeps the sans-IO layers free of I/O crates, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,16 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
   else
     echo "error: PostgreSQL is missing; install it (Debian: sudo apt-get install postgresql) and re-run" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v systemd-analyze >/dev/null; then
+  echo "==> installing Debian's systemd (its checker verifies the service unit in deploy/)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd
+  else
+    echo "error: systemd-analyze is missing; install it (Debian: sudo apt-get install systemd) and re-run" >&2
     exit 1
   fi
 fi

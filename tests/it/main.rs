@@ -15,6 +15,7 @@ mod hardening;
 mod js_client;
 mod migrate;
 mod nodes;
+mod operations;
 mod projection;
 mod records;
 mod relay;

@@ -17,6 +17,7 @@ use fieldsync::protocol::{DocMessage, Message};
 use fieldsync::records;
 use fieldsync::storage::postgres::testing::Cluster;
 
+use crate::common::browser::Browser;
 use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
 use crate::common::{
     admin_cli, household, http, on_postgres, refused_with_401, run_js_interop, visit,
@@ -159,6 +160,41 @@ async fn a_change_accepted_by_one_node_reaches_a_device_on_another_within_a_seco
         csrf: on_a.csrf.clone(),
     };
     assert_eq!(carried.get_ok("/households").await, list);
+
+    // And the staff page on either node shows the same dashboard and list.
+    let mut seen = Vec::new();
+    for n in [&a, &b] {
+        let mut page = Browser::launch().await;
+        page.goto(&format!("{}/", n.http())).await;
+        page.wait_for("document.querySelector('#signin')").await;
+        page.fill("#signin input[name=name]", SUE).await;
+        page.fill("#signin input[name=password]", SUE_PASSWORD)
+            .await;
+        page.click("#signin button[type=submit]").await;
+        page.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
+            .await;
+        let coverage = page
+            .eval(
+                r#"[...document.querySelectorAll('#coverage tbody tr')].map(r => [r.dataset.village,
+                    r.querySelector('[data-col=households]').textContent,
+                    r.querySelector('[data-col=visited]').textContent])"#,
+            )
+            .await;
+        page.click("#nav a[href='#/households']").await;
+        page.wait_for("document.querySelector('#main').dataset.view === 'list' && document.querySelectorAll('#households tbody tr').length === 1")
+            .await;
+        let row = page
+            .eval("document.querySelector('#households tbody tr').dataset.id")
+            .await;
+        assert_eq!(row, id.to_string());
+        seen.push(coverage);
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert!(
+        seen[0].to_string().contains(r#"["Linsen","1","1 (100%)"]"#),
+        "{}",
+        seen[0]
+    );
     a.kill().await;
     b.kill().await;
     drop(cluster);
