@@ -33,6 +33,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the sync server (embedded sled store; no other service needed).
     Serve(ServeArgs),
+    /// Make a demo station on a fresh data directory (villages, officers' phones that sync
+    /// realistic households, a staff account whose password it prints), then serve it. A
+    /// directory the demo made earlier is served as it is; any other data is refused.
+    Demo(DemoArgs),
     /// Manage stations, villages, accounts and devices. Works while the server runs (through
     /// its admin socket, taking effect at once) and while it is stopped.
     Admin(AdminArgs),
@@ -43,6 +47,16 @@ pub enum Command {
     /// postgres:// URL, either way), verify it and rebuild the target's projection. Run it
     /// with the servers on both sides stopped; safe to run again.
     Migrate(MigrateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The demo's data directory (created; kept apart from a real one).
+    #[arg(long, default_value = "./fieldsync-demo")]
+    pub data: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

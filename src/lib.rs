@@ -61,6 +61,7 @@ pub mod auth;
 pub mod changelog;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod hub;
 pub mod ids;
 pub mod migrate;

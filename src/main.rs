@@ -42,7 +42,7 @@ fn tune_allocator_by_reexec() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Serve(_)) {
+    if matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
         tune_allocator_by_reexec();
     }
     init_tracing(cli.log_format);
@@ -75,6 +75,7 @@ fn main() -> std::process::ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|runtime| match cli.command {
             Command::Serve(args) => runtime.block_on(serve(args)),
+            Command::Demo(args) => runtime.block_on(demo(args)),
             Command::Admin(args) => runtime.block_on(admin(args)),
             Command::Reindex(args) => runtime.block_on(reindex(args)),
             Command::Migrate(args) => runtime.block_on(migrate(args)),
@@ -115,6 +116,72 @@ async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
         let _ = writeln!(out, "{announcement}").and_then(|()| out.flush());
     }
     fieldsync::server::run(listener, services, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn demo(args: fieldsync::config::DemoArgs) -> anyhow::Result<()> {
+    let found = fieldsync::demo::inspect(&args.data)?;
+    // Every other setting as `serve` has it (its defaults and FIELDSYNC_* variables).
+    let serve_args = match Cli::try_parse_from([
+        "fieldsync".as_ref(),
+        "serve".as_ref(),
+        "--data".as_ref(),
+        args.data.as_os_str(),
+        "--listen".as_ref(),
+        args.listen.to_string().as_ref(),
+    ] as [&std::ffi::OsStr; 6])?
+    .command
+    {
+        Command::Serve(a) => a,
+        _ => unreachable!("parsed as serve"),
+    };
+    let (addr, config) = serve_args.into_config()?;
+    let data_dir = config.data_dir.clone();
+    let services = fieldsync::server::Services::open(config).await?;
+    let listener = fieldsync::server::bind(addr).await?;
+    services.prepare_to_serve().await?;
+    let local = listener.local_addr()?;
+    let progress = |step: &str| eprintln!("demo: {step}");
+    // Accounts first, so the server starts with its admin; the phones then sync through it.
+    let made = match &found {
+        fieldsync::demo::Found::Fresh => {
+            Some(fieldsync::demo::make_accounts(&services, &data_dir, progress).await?)
+        }
+        fieldsync::demo::Found::Demo { .. } => None,
+    };
+    let serving = tokio::spawn(fieldsync::server::run(
+        listener,
+        services.clone(),
+        shutdown_signal(),
+    ));
+    let password = match (made, found) {
+        (Some(made), _) => {
+            fieldsync::demo::fill(&services, made, &format!("ws://{local}/sync"), progress).await?
+        }
+        (None, fieldsync::demo::Found::Demo { password }) => {
+            eprintln!(
+                "demo: serving the demo made earlier in {}",
+                data_dir.display()
+            );
+            password
+        }
+        (None, fieldsync::demo::Found::Fresh) => unreachable!("made above"),
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "fieldsync listening on ws://{local}/sync (data: {})\n\
+             staff page: http://{local}/ (sign in as {} with password {password}; {} is an admin with the same password)\n\
+             demo data only: real records go in a new data directory with `fieldsync serve`",
+            data_dir.display(),
+            fieldsync::demo::STAFF_USER,
+            fieldsync::demo::ADMIN_USER,
+        )
+        .and_then(|()| out.flush());
+    }
+    serving.await??;
     Ok(())
 }
 

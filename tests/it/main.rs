@@ -8,6 +8,7 @@ mod api_docs;
 mod bad_input;
 mod cache;
 mod crash;
+mod demo;
 mod devices;
 mod examples;
 mod fixtures;
