@@ -47,6 +47,54 @@ pub enum Command {
     /// postgres:// URL, either way), verify it and rebuild the target's projection. Run it
     /// with the servers on both sides stopped; safe to run again.
     Migrate(MigrateArgs),
+    /// Back up everything (documents, accounts, provenance, audit) into one archive file, as
+    /// one consistent point, while the server runs (through its admin socket) or not;
+    /// `backup verify FILE` checks an archive whole.
+    Backup(BackupArgs),
+    /// Restore a backup into an empty data directory (or database). The restored server gets
+    /// a new storage id: phones then send again what the backup lacks.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub action: Option<BackupAction>,
+    /// The archive to write (a new file, readable by its owner only; written whole or not
+    /// at all).
+    #[arg(long)]
+    pub to: Option<PathBuf>,
+    /// The server's data directory (as given to `serve`).
+    #[arg(long, env = "FIELDSYNC_DATA", default_value = "./fieldsync-data")]
+    pub data: PathBuf,
+    /// The server's PostgreSQL database, when it keeps its data there; needed only while
+    /// that server is not running.
+    #[arg(long, env = "FIELDSYNC_DATABASE")]
+    pub database: Option<String>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BackupAction {
+    /// Check an archive whole (its checksum, every entry, every document, the counts) and
+    /// print its manifest. Writes nothing.
+    Verify {
+        /// The archive.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The archive, as `fieldsync backup` wrote it.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// A new (or empty) data directory for the restored server.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Restore into this PostgreSQL database (empty) instead of the data directory.
+    #[arg(long)]
+    pub database: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

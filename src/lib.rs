@@ -58,6 +58,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod backup;
 pub mod changelog;
 pub mod client;
 pub mod config;

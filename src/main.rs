@@ -79,6 +79,8 @@ fn main() -> std::process::ExitCode {
             Command::Admin(args) => runtime.block_on(admin(args)),
             Command::Reindex(args) => runtime.block_on(reindex(args)),
             Command::Migrate(args) => runtime.block_on(migrate(args)),
+            Command::Backup(args) => runtime.block_on(backup(args)),
+            Command::Restore(args) => runtime.block_on(restore(args)),
         });
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -219,6 +221,114 @@ async fn reindex(args: fieldsync::config::ReindexArgs) -> anyhow::Result<()> {
     println!(
         "projection rebuilt from {total} households in {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn backup(args: fieldsync::config::BackupArgs) -> anyhow::Result<()> {
+    use fieldsync::backup::Progress;
+    if let Some(fieldsync::config::BackupAction::Verify { file }) = args.action {
+        let started = std::time::Instant::now();
+        let mut last = std::time::Instant::now();
+        let m = tokio::task::spawn_blocking(move || {
+            fieldsync::backup::verify(&file, &mut |p| {
+                if let Progress::Documents(done, _) = p {
+                    if last.elapsed().as_millis() >= 500 {
+                        last = std::time::Instant::now();
+                        eprintln!("checked {done} documents");
+                    }
+                }
+            })
+        })
+        .await??;
+        println!(
+            "the archive is whole ({:.1} s): taken from server {} at change {}, {} documents, {} account records, {} audit entries, {} provenance rows, {} actor bindings",
+            started.elapsed().as_secs_f64(),
+            m.storage_id,
+            m.feed_seq,
+            m.documents,
+            m.records,
+            m.audit_entries,
+            m.provenance_rows,
+            m.actor_bindings
+        );
+        return Ok(());
+    }
+    let Some(to) = args.to else {
+        anyhow::bail!("say where the archive goes: `fieldsync backup --to FILE` (or `fieldsync backup verify FILE`)");
+    };
+    if to.exists() {
+        anyhow::bail!(
+            "{} exists already; give a new file name (a backup never overwrites one)",
+            to.display()
+        );
+    }
+    // The server writes the file: give it a path that means the same there.
+    let to = std::path::absolute(&to)?;
+    let mut config = fieldsync::server::ServerConfig::new(args.data);
+    config.database = args.database;
+    eprintln!("backing up into {} …", to.display());
+    let operator = format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    let output = fieldsync::server::admin(
+        config,
+        fieldsync::accounts::AdminCommand::Backup {
+            to: to.display().to_string(),
+        },
+        &operator,
+    )
+    .await?;
+    println!("{output}");
+    Ok(())
+}
+
+async fn restore(args: fieldsync::config::RestoreArgs) -> anyhow::Result<()> {
+    use fieldsync::backup::Progress;
+    use fieldsync::server::backend::Place;
+    let started = std::time::Instant::now();
+    let place = match args.database {
+        Some(url) => Place::Database(url),
+        None => Place::Directory(args.data.clone()),
+    };
+    // The first progress line after half a second: a small restore prints none.
+    let mut last = Some(std::time::Instant::now());
+    let restored = fieldsync::backup::restore(&args.from, &place, move |p| {
+        let (what, done, total) = match p {
+            Progress::Documents(done, 0) => ("checked", done, 0),
+            Progress::Documents(done, total) => ("restored", done, total),
+            Progress::Reindex(done, total) => ("projected", done, total),
+        };
+        if done != total && last.is_some_and(|t| t.elapsed().as_millis() < 500) {
+            return;
+        }
+        last = Some(std::time::Instant::now());
+        if total == 0 {
+            eprintln!("{what} {done} documents");
+        } else {
+            eprintln!("{what} {done}/{total}");
+        }
+    })
+    .await?;
+    let m = &restored.manifest;
+    println!(
+        "restored in {:.1} s: {} documents, {} account records, {} audit entries, {} provenance rows (up to change {}), {} actor bindings; {} households projected. New storage id {} (it was {}): phones that synced after the backup send those changes again. Start it with `fieldsync serve --data {}`{}",
+        started.elapsed().as_secs_f64(),
+        m.documents,
+        m.records,
+        m.audit_entries,
+        m.provenance_rows,
+        m.feed_seq,
+        m.actor_bindings,
+        restored.households_projected,
+        restored.storage_id,
+        m.storage_id,
+        args.data.display(),
+        match &place {
+            Place::Database(url) => format!(" --database {url}"),
+            Place::Directory(_) => String::new(),
+        }
     );
     Ok(())
 }

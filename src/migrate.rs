@@ -115,6 +115,12 @@ enum Role {
     Target,
 }
 
+/// Opens `place` to be written into (by `migrate` or a restore): a PostgreSQL database is
+/// taken from every server for the duration (its maintenance lock).
+pub(crate) async fn open_target(place: &Place) -> Result<Backend, crate::Error> {
+    open(place, Role::Target).await
+}
+
 async fn open(place: &Place, role: Role) -> Result<Backend, crate::Error> {
     match place {
         Place::Database(url) => {
@@ -154,7 +160,7 @@ fn written_since(source: &Backend, target: &Backend) -> Result<bool, StorageErro
         || last_audit(target)? > last_audit(source)?)
 }
 
-fn is_empty(b: &Backend) -> Result<bool, StorageError> {
+pub(crate) fn is_empty(b: &Backend) -> Result<bool, StorageError> {
     Ok(b.documents.list()?.is_empty() && b.directory.load()?.is_empty())
 }
 
@@ -305,7 +311,7 @@ fn last_provenance(b: &Backend) -> Result<(usize, u64), StorageError> {
 }
 
 /// Rebuilds the target's projection from the documents and rows just copied.
-async fn reindex(
+pub(crate) async fn reindex(
     target: &Backend,
     mut progress: impl FnMut(Progress) + Send + 'static,
 ) -> Result<usize, crate::Error> {

@@ -47,6 +47,12 @@ pub enum AdminCommand {
     Audit {
         limit: usize,
     },
+    /// A backup of everything into `to` (an absolute path on the server's machine). Not an
+    /// account command: the server runs it (`backup::take`); it travels the admin socket so
+    /// that a running server, which holds the store, can take it.
+    Backup {
+        to: String,
+    },
 }
 
 /// One line of the admin audit log.
@@ -371,6 +377,9 @@ impl Accounts {
                     "device {device} revoked; {closed} open connection(s) closed"
                 ))
             }
+            AdminCommand::Backup { .. } => Err(AccountsError::Invalid(
+                "a backup is taken by the server, not the account directory: run `fieldsync backup --to FILE`".into(),
+            )),
             AdminCommand::Audit { limit } => {
                 let entries = self.audit(limit).await?;
                 let mut out = String::from("SEQ\tAT\tOPERATOR\tACTION\tDETAIL\n");

@@ -12,8 +12,19 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Accounts, AccountsError, AdminCommand};
-use crate::hub::Hub;
+use super::{AccountsError, AdminCommand};
+
+/// Runs one admin command for the socket, with the operator's name: the server decides
+/// which layer answers it (account commands go to the directory, a backup to `backup`).
+pub type Runner = std::sync::Arc<
+    dyn Fn(
+            AdminCommand,
+            String,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<String, crate::Error>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// The socket's file name inside the data directory.
 pub const SOCKET_FILE: &str = "admin.sock";
@@ -57,8 +68,7 @@ pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(
     listener: UnixListener,
     data_dir: PathBuf,
-    accounts: Accounts,
-    hub: Hub,
+    run: Runner,
     cancel: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
@@ -74,9 +84,9 @@ pub async fn serve(
                 continue;
             }
         };
-        let (accounts, hub) = (accounts.clone(), hub.clone());
+        let run = run.clone();
         tasks.spawn(async move {
-            if let Err(e) = handle(stream, accounts, hub).await {
+            if let Err(e) = handle(stream, run).await {
                 tracing::warn!(error = %e, "admin socket request failed");
             }
         });
@@ -86,7 +96,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(socket_path(&data_dir));
 }
 
-async fn handle(stream: UnixStream, accounts: Accounts, hub: Hub) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, run: Runner) -> std::io::Result<()> {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -100,12 +110,7 @@ async fn handle(stream: UnixStream, accounts: Accounts, hub: Hub) -> std::io::Re
                 None => req.operator,
             };
             let span = tracing::info_span!("admin", operator = %operator);
-            match tracing::Instrument::instrument(
-                accounts.admin(&hub, req.command, &operator),
-                span,
-            )
-            .await
-            {
+            match tracing::Instrument::instrument(run(req.command, operator.clone()), span).await {
                 Ok(output) => Response::Ok { output },
                 Err(e) => Response::Error {
                     message: e.to_string(),

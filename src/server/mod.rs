@@ -119,6 +119,8 @@ pub struct Services {
     pub embedded: Option<Store>,
     /// The database, when the data is there.
     postgres: Option<Arc<PgStore>>,
+    /// Every layer's store (a backup reads them).
+    backend: Backend,
     /// A lock on the data directory's PostgreSQL marker, so that two processes never share
     /// one data directory (its admin socket); sled locks its own files.
     _dir_lock: Option<Arc<std::fs::File>>,
@@ -152,6 +154,7 @@ impl Services {
         crate::storage::prepare_data_dir(&config.data_dir)?;
         crate::storage::check_private(&config.data_dir)?;
         let Layers {
+            backend,
             documents,
             embedded,
             postgres,
@@ -194,6 +197,7 @@ impl Services {
             join_timeout: config.join_timeout,
         };
         Ok(Services {
+            backend,
             documents,
             embedded,
             followed: postgres.as_ref().map(|_| Arc::default()),
@@ -215,6 +219,45 @@ impl Services {
     pub async fn document_exists(&self, doc: crate::ids::DocumentId) -> Result<bool, crate::Error> {
         let documents = self.documents.clone();
         Ok(crate::storage::blocking(move || documents.exists(doc)).await?)
+    }
+
+    /// Runs one admin command: a backup here, account commands in the directory.
+    pub async fn run_admin(
+        &self,
+        command: AdminCommand,
+        operator: &str,
+    ) -> Result<String, crate::Error> {
+        match command {
+            AdminCommand::Backup { to } => {
+                let to = PathBuf::from(to);
+                let started = std::time::Instant::now();
+                tracing::info!(operator, to = %to.display(), "backup started");
+                let m = crate::backup::take(self, &to, |_| {}).await?;
+                tracing::info!(
+                    operator,
+                    documents = m.documents,
+                    feed_seq = m.feed_seq,
+                    "backup written"
+                );
+                Ok(format!(
+                    "backup written to {} in {:.1} s: {} documents, {} account records, {} audit entries, {} provenance rows (up to change {}), {} actor bindings",
+                    to.display(),
+                    started.elapsed().as_secs_f64(),
+                    m.documents,
+                    m.records,
+                    m.audit_entries,
+                    m.provenance_rows,
+                    m.feed_seq,
+                    m.actor_bindings
+                ))
+            }
+            other => Ok(self.accounts.admin(&self.hub, other, operator).await?),
+        }
+    }
+
+    /// Every layer's store.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     pub fn server_storage_id(&self) -> &crate::ids::StorageId {
@@ -261,6 +304,7 @@ impl Services {
 
 /// The storage-backed layers, on one backend.
 struct Layers {
+    backend: Backend,
     documents: Arc<dyn DocumentStore>,
     embedded: Option<Store>,
     postgres: Option<Arc<PgStore>>,
@@ -317,6 +361,7 @@ impl Layers {
             changelog.clone(),
         );
         Ok(Layers {
+            backend: backend.clone(),
             documents: backend.documents.clone(),
             embedded: backend.embedded_store(),
             postgres: match &backend.engine {
@@ -413,12 +458,9 @@ pub async fn admin(
                 }
                 other => other,
             })?;
-            let answer = services
-                .accounts
-                .admin(&services.hub, command, operator)
-                .await;
+            let answer = services.run_admin(command, operator).await;
             services.close().await?;
-            Ok(answer?)
+            answer
         }
     }
 }
@@ -469,11 +511,17 @@ pub async fn run(
     let admin_listener = lock(&services.admin_listener)
         .take()
         .expect("bound by prepare_to_serve");
+    let runner: crate::accounts::socket::Runner = {
+        let services = services.clone();
+        Arc::new(move |command, operator| {
+            let services = services.clone();
+            Box::pin(async move { services.run_admin(command, &operator).await })
+        })
+    };
     let admin_task = tokio::spawn(crate::accounts::socket::serve(
         admin_listener,
         data_dir,
-        services.accounts.clone(),
-        services.hub.clone(),
+        runner,
         closing.clone(),
     ));
     if !services.accounts.has_admin() {

@@ -5,6 +5,7 @@ mod common;
 
 mod access;
 mod api_docs;
+mod backup;
 mod bad_input;
 mod cache;
 mod crash;
