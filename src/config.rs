@@ -320,6 +320,10 @@ pub struct ServeArgs {
     /// Mark the staff session cookie `Secure` (set it when staff reach the page over HTTPS).
     #[arg(long, env = "FIELDSYNC_SECURE_COOKIES")]
     pub secure_cookies: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, apart from the public port (e.g.
+    /// 127.0.0.1:9464). Off unless given.
+    #[arg(long, env = "FIELDSYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Operations one Automerge change may hold.
     #[arg(long, env = "FIELDSYNC_MAX_OPS_PER_CHANGE", default_value_t = 100_000)]
     pub max_ops_per_change: u64,
@@ -408,6 +412,7 @@ impl ServeArgs {
         config.listen.trusted_proxies = self.trusted_proxies;
         config.join_timeout = Duration::from_secs(self.join_timeout_secs);
         config.secure_cookies = self.secure_cookies;
+        config.metrics_listen = self.metrics_listen;
         config.hub.max_ops_per_change = self.max_ops_per_change;
         config.hub.max_ops_per_document = self.max_ops_per_document;
         config.hub.max_document_bytes = self.max_document_bytes;

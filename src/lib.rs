@@ -65,6 +65,7 @@ pub mod config;
 pub mod demo;
 pub mod hub;
 pub mod ids;
+pub mod metrics;
 pub mod migrate;
 pub mod projection;
 pub mod protocol;

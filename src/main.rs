@@ -106,6 +106,9 @@ async fn serve(args: fieldsync::config::ServeArgs) -> anyhow::Result<()> {
         "fieldsync listening on ws://{local}/sync (data: {})",
         data_dir.display()
     );
+    if let Some(addr) = services.metrics_addr() {
+        announcement.push_str(&format!("; metrics at http://{addr}/metrics"));
+    }
     if !services.accounts.has_admin() {
         announcement.push_str(&format!(
             "\nno admin account yet; create one (in another terminal):\n  fieldsync admin --data {dir} station add STATION\n  fieldsync admin --data {dir} user add NAME --role admin --station STATION --password-stdin",

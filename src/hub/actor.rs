@@ -323,6 +323,7 @@ impl DocActor {
         state: Box<DocState>,
         batch: Vec<Cmd>,
     ) -> Result<Box<DocState>, StorageError> {
+        let taken_up = std::time::Instant::now();
         let hub = self.hub.clone();
         let (mut state, mut applied) = blocking(move || {
             let mut state = state;
@@ -358,6 +359,11 @@ impl DocActor {
             // Durable before advertised: nobody hears of these changes (nor of their
             // provenance and registration rows, written in `apply`) until they are on disk.
             self.hub.store.durable().await?;
+        }
+        let accepted: usize = applied.accepted.iter().map(|(_, h)| h.len()).sum();
+        if accepted > 0 {
+            crate::metrics::CHANGES_ACCEPTED.inc_by(accepted as u64);
+            crate::metrics::ACK_SECONDS.observe(taken_up.elapsed().as_secs_f64());
         }
         for (done, result) in applied.local_done.drain(..) {
             let _ = done.send(result);
@@ -633,6 +639,9 @@ impl DocState {
             // Counted from the chunks' headers before Automerge expands anything.
             if let Err(reason) = self.within_limits(&hub.config, &message) {
                 tracing::warn!(doc = %self.id, peer = %link.peer_id, reason = %reason, "changes refused: over a limit");
+                crate::metrics::CHANGES_REFUSED
+                    .with_label_values(&["limits"])
+                    .inc();
                 self.peers.remove(&link.conn);
                 out.failed.push((link, CloseCode::PolicyViolation, reason));
                 return;
@@ -665,6 +674,9 @@ impl DocState {
             // registered to this peer (its station and an assigned village).
             if let Err(reason) = hub.authorizer.admit(&link.principal, id, doc) {
                 tracing::info!(doc = %id, peer = %link.peer_id, reason = %reason, "new document refused; nothing stored");
+                crate::metrics::CHANGES_REFUSED
+                    .with_label_values(&["scope"])
+                    .inc();
                 *doc = Automerge::new();
                 self.peers.remove(&conn);
                 out.unavailable.push(link);

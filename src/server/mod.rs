@@ -18,6 +18,7 @@ mod follow;
 mod health;
 mod households;
 mod listen;
+mod metrics;
 mod web;
 mod ws;
 
@@ -60,6 +61,9 @@ pub struct ServerConfig {
     pub accounts: AccountsConfig,
     /// Connection cap, header deadline, trusted proxies.
     pub listen: ListenConfig,
+    /// Where to serve Prometheus metrics (`/metrics`), apart from the public port; `None`:
+    /// not served.
+    pub metrics_listen: Option<SocketAddr>,
     /// Largest WebSocket message accepted, in bytes.
     pub max_message_bytes: usize,
     pub ping_interval: Duration,
@@ -95,6 +99,7 @@ impl ServerConfig {
             hub: HubConfig::default(),
             accounts: AccountsConfig::default(),
             listen: ListenConfig::default(),
+            metrics_listen: None,
             max_message_bytes: 16 * 1024 * 1024,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(50),
@@ -136,6 +141,8 @@ pub struct Services {
     config: Arc<ServerConfig>,
     /// The admin socket, when bound before [`run`].
     admin_listener: Arc<std::sync::Mutex<Option<tokio::net::UnixListener>>>,
+    /// The metrics listener, when configured and bound before [`run`].
+    metrics_listener: Arc<std::sync::Mutex<Option<TcpListener>>>,
     /// What every connection's outbox counts against together.
     outbound: Arc<crate::hub::OutboundBudget>,
 }
@@ -212,6 +219,7 @@ impl Services {
             outbound: crate::hub::OutboundBudget::new(config.outbound_budget_bytes),
             config: Arc::new(config),
             admin_listener: Arc::default(),
+            metrics_listener: Arc::default(),
         })
     }
 
@@ -282,7 +290,22 @@ impl Services {
         }
         let listener = bind_admin(&self.config.data_dir)?;
         *lock(&self.admin_listener) = Some(listener);
+        if let Some(addr) = self.config.metrics_listen {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                crate::Error::Config(format!(
+                    "cannot listen for metrics on {addr}: {e}; choose another --metrics-listen address"
+                ))
+            })?;
+            *lock(&self.metrics_listener) = Some(listener);
+        }
         Ok(())
+    }
+
+    /// Where `/metrics` is served, once [`Services::prepare_to_serve`] bound it.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        lock(&self.metrics_listener)
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// On PostgreSQL, takes the database from every server (refused while one runs) for a
@@ -529,6 +552,19 @@ pub async fn run(
             "no admin account yet: create a station and the first admin with `fieldsync admin station add STATION` and `fieldsync admin user add NAME --role admin --station STATION --password-stdin` (add --data DIR as for serve)"
         );
     }
+    if let Some(listener) = lock(&services.metrics_listener).take() {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
+        tokio::spawn(listen::serve(
+            listener,
+            metrics::routes(services.clone()),
+            ListenConfig {
+                max_connections: 16,
+                ..ListenConfig::default()
+            },
+            closing.clone(),
+            services.config.shutdown_grace,
+        ));
+    }
     let routes = routes(services.clone(), sockets.clone(), closing.clone());
     let listen = effective_listen_config(&services.config.listen);
     tracing::info!(addr = ?addr, max_connections = listen.max_connections, "serving");
@@ -592,6 +628,14 @@ fn routes(
         .or(sync)
         .unify()
         .recover(errors::recover)
+        .map(|r| Box::new(r) as Box<dyn warp::Reply>)
+        .with(warp::log::custom(|info| {
+            crate::metrics::http_request(
+                info.path(),
+                info.status().as_u16(),
+                info.elapsed().as_secs_f64(),
+            )
+        }))
         .map(|r| Box::new(r) as Box<dyn warp::Reply>)
         .boxed()
 }

@@ -15,6 +15,7 @@ mod examples;
 mod fixtures;
 mod hardening;
 mod js_client;
+mod metrics;
 mod migrate;
 mod nodes;
 mod operations;

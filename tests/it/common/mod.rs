@@ -449,6 +449,8 @@ pub struct ServerProcess {
     /// `ws://addr/sync` (no credentials).
     pub url: String,
     pub data: PathBuf,
+    /// The first line it printed (where it listens, and its metrics address if any).
+    pub announcement: String,
 }
 
 impl ServerProcess {
@@ -532,6 +534,7 @@ impl ServerProcess {
             child,
             url,
             data: data.to_path_buf(),
+            announcement: line,
         }
     }
 
