@@ -119,7 +119,7 @@ pub fn route_of(path: &str) -> &'static str {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match parts.as_slice() {
         [] | [""] => "/",
-        ["app.js"] | ["app.css"] => "/static",
+        ["assets", "app.js" | "app.css"] => "/assets",
         ["sync"] => "/sync",
         ["healthz"] => "/healthz",
         ["readyz"] => "/readyz",
@@ -151,6 +151,7 @@ mod tests {
     fn routes_are_templates_whatever_the_path() {
         assert_eq!(route_of("/"), "/");
         assert_eq!(route_of("/sync"), "/sync");
+        assert_eq!(route_of("/assets/app.js"), "/assets");
         assert_eq!(
             route_of("/api/v1/households/2jiDxyz/history"),
             "/api/v1/households/{id}/history"

@@ -146,8 +146,15 @@ pub(super) fn respond(r: Result<Box<dyn Reply>, ApiError>) -> Box<dyn Reply> {
     }
 }
 
+/// A path that is none of the server's routes (see [`crate::metrics::route_of`]): 404
+/// whatever the method, not the 405 warp would make of another route's method filter.
+#[derive(Debug)]
+pub(super) struct NoSuchEndpoint;
+
+impl warp::reject::Reject for NoSuchEndpoint {}
+
 pub(super) async fn recover(err: warp::Rejection) -> Result<Box<dyn Reply>, Infallible> {
-    let e = if err.is_not_found() {
+    let e = if err.is_not_found() || err.find::<NoSuchEndpoint>().is_some() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
     } else if err.find::<warp::reject::InvalidQuery>().is_some() {
         ApiError::bad_request("the query string is not valid")

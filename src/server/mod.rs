@@ -622,11 +622,18 @@ fn routes(
         .unify()
         .boxed();
     let sync = ws::route(services, sockets, closing);
-    health
-        .or(api)
-        .unify()
-        .or(sync)
-        .unify()
+    // A path none of the routes serve is 404 at once, whatever the method.
+    let known = warp::path::full()
+        .and_then(|full: warp::path::FullPath| async move {
+            if crate::metrics::route_of(full.as_str()) == "other" {
+                Err(warp::reject::custom(errors::NoSuchEndpoint))
+            } else {
+                Ok(())
+            }
+        })
+        .untuple_one();
+    known
+        .and(health.or(api).unify().or(sync).unify())
         .recover(errors::recover)
         .map(|r| Box::new(r) as Box<dyn warp::Reply>)
         .with(warp::log::custom(|info| {

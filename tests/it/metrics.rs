@@ -177,7 +177,8 @@ async fn metrics_are_valid_prometheus_text_on_their_own_port_and_move_as_a_phone
         .to_string();
     // Never on the public port.
     let (status, body, _) = http("GET", &format!("{}/metrics", server.http()), None, &[]).await;
-    assert!(status >= 400, "{status} {body}");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
 
     let amy = Device::open(&dir.path().join("amy")).await.unwrap();
     amy.set_token(&server.enrol(AMY).await).await.unwrap();
