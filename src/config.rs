@@ -416,6 +416,10 @@ impl ServeArgs {
         config.hub.max_ops_per_change = self.max_ops_per_change;
         config.hub.max_ops_per_document = self.max_ops_per_document;
         config.hub.max_document_bytes = self.max_document_bytes;
+        if self.failpoint == Some(crate::hub::Failpoint::StallFlushes) {
+            config.store.stall_flushes_while =
+                Some(crate::hub::Failpoint::STALL_FLUSHES_FILE.to_string());
+        }
         config.hub.failpoint = self.failpoint;
         config.hub.idle_unload_after = Duration::from_secs(self.idle_unload_secs);
         config.hub.push_hold = Duration::from_millis(self.push_hold_ms);

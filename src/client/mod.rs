@@ -80,6 +80,7 @@ impl Device {
             dir,
             &StoreConfig {
                 sled_cache_bytes: 8 * 1024 * 1024,
+                ..StoreConfig::default()
             },
         )?;
         let s = store.clone();

@@ -72,6 +72,14 @@ pub enum Failpoint {
     /// After a document's new chunk and provenance rows are durable, before its projection
     /// is written: the thread stops for good, so the test can SIGKILL the process there.
     StallBeforeProjection,
+    /// Every flush of the embedded store hangs while the file `stall-flushes` exists in
+    /// the data directory (a disk that stopped answering; readiness tests).
+    StallFlushes,
+}
+
+impl Failpoint {
+    /// The file that arms [`Failpoint::StallFlushes`], in the data directory.
+    pub const STALL_FLUSHES_FILE: &str = "stall-flushes";
 }
 
 impl std::str::FromStr for Failpoint {
@@ -79,6 +87,7 @@ impl std::str::FromStr for Failpoint {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "stall-before-projection" => Ok(Failpoint::StallBeforeProjection),
+            "stall-flushes" => Ok(Failpoint::StallFlushes),
             other => Err(format!("unknown failpoint `{other}`")),
         }
     }

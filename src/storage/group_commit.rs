@@ -32,7 +32,11 @@ pub(super) struct GroupCommit {
 impl GroupCommit {
     /// Starts the flusher thread. It stops by itself when the last store handle is dropped
     /// (its queue closes).
-    pub(super) fn start(db: sled::Db) -> std::io::Result<Self> {
+    /// `stall_while`: tests only; while that file exists every flush hangs (a dead disk).
+    pub(super) fn start(
+        db: sled::Db,
+        stall_while: Option<std::path::PathBuf>,
+    ) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Waiter>(QUEUE);
         let flushes = Arc::new(AtomicU64::new(0));
         let counter = flushes.clone();
@@ -49,6 +53,12 @@ impl GroupCommit {
                         batch.push(more);
                     }
                     since.store(micros_since(epoch) + 1, Ordering::Relaxed);
+                    if stall_while.as_ref().is_some_and(|f| f.exists()) {
+                        tracing::error!("failpoint stall-flushes: this flush hangs for good");
+                        loop {
+                            std::thread::park();
+                        }
+                    }
                     let outcome = db.flush().map(|_| ()).map_err(StorageError::from);
                     since.store(0, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);

@@ -86,12 +86,16 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 pub struct StoreConfig {
     /// sled's page cache, in bytes.
     pub sled_cache_bytes: u64,
+    /// Tests only (the `stall-flushes` failpoint): while a file of this name exists in the
+    /// data directory, every flush hangs, as on a disk that stopped answering.
+    pub stall_flushes_while: Option<String>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             sled_cache_bytes: 16 * 1024 * 1024,
+            stall_flushes_while: None,
         }
     }
 }
@@ -333,7 +337,8 @@ impl Store {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         check_identity(dir, &meta)?;
         restrict_files(dir)?;
-        let commit = GroupCommit::start(db.clone())
+        let stall = config.stall_flushes_while.as_ref().map(|f| dir.join(f));
+        let commit = GroupCommit::start(db.clone(), stall)
             .map_err(|e| StorageError::Io(format!("cannot start the flusher thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {

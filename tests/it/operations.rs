@@ -54,3 +54,62 @@ fn the_systemd_unit_is_accepted_by_systemd_and_keeps_its_hardening() {
     // systemd rates 0 (locked down) to 10 (unprotected); "OK" is below 2.
     assert!(exposure < 2.0, "exposure {exposure}: {text}");
 }
+
+/// A disk that stops answering: `/readyz` turns `not ready` naming the store, and the change
+/// waiting on it is not acknowledged. (The `stall-flushes` failpoint hangs every flush
+/// while its file exists in the data directory.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_when_the_embedded_stores_flushes_hang() {
+    use crate::common::world::AMY;
+    use crate::common::{household, http, on_postgres, world_via_cli, ServerProcess, WAIT};
+    if on_postgres() {
+        return; // the embedded store's flusher; the PostgreSQL side is in nodes.rs
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    world_via_cli(&data).await;
+    let server = ServerProcess::start_with(
+        &data,
+        &["--failpoint", "stall-flushes"],
+        &[],
+        std::process::Stdio::inherit(),
+    )
+    .await;
+    let token = server.enrol(AMY).await;
+    let readyz = format!("{}/readyz", server.http());
+    let (status, body, _) = http("GET", &readyz, None, &[]).await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({"status": "ready"}))
+    );
+
+    std::fs::write(data.join("stall-flushes"), b"").unwrap();
+    let phone = fieldsync::client::Device::open(&dir.path().join("amy"))
+        .await
+        .unwrap();
+    phone.set_token(&token).await.unwrap();
+    phone.create_household(&household("1")).await.unwrap();
+    let url = server.url.clone();
+    let syncing = tokio::spawn(async move { phone.sync(&url).await.map(|r| r.all_held()) });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = http("GET", &readyz, None, &[]).await;
+        if status == 503 {
+            assert_eq!(
+                body,
+                serde_json::json!({"status": "not ready", "failing": ["store"]})
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        !syncing.is_finished() || !matches!(syncing.await, Ok(Ok(true))),
+        "a change was acknowledged while no flush completed"
+    );
+    server.kill().await;
+}
