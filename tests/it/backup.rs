@@ -1,5 +1,5 @@
 //! `fieldsync backup`, `backup verify` and `restore` with the real binary, as station IT
-//! would run them: a backup taken through the running server while a phone keeps writing
+//! would run them: a backup taken through the running server while two phones keep writing
 //! holds everything acknowledged before it; the restored server answers for it, gets a new
 //! storage id, and phones send again what the backup lacks, so nothing is lost. A damaged
 //! archive is refused in one line and nothing is written.
@@ -41,7 +41,7 @@ fn s(p: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_taken_while_a_phone_writes_restores_what_was_held_and_phones_resend_the_rest() {
+async fn a_backup_taken_while_phones_write_restores_what_was_held_and_phones_resend_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let station = StationData::new(dir.path()).await;
     world_via_cli(&station.data).await;
@@ -55,30 +55,37 @@ async fn a_backup_taken_while_a_phone_writes_restores_what_was_held_and_phones_r
     assert!(amy.sync(&server.url).await.unwrap().all_held());
     assert!(ben.sync(&server.url).await.unwrap().all_held());
 
-    // Amy's phone keeps recording visits, each synced; the notes the server acknowledged.
+    // Both phones keep recording visits, each synced; the notes the server acknowledged.
     let stop = Arc::new(AtomicBool::new(false));
     let held: Arc<Mutex<Vec<String>>> = Arc::default();
-    let writer = {
-        let (amy, url, stop, held) = (amy.clone(), server.url.clone(), stop.clone(), held.clone());
-        tokio::spawn(async move {
-            for n in 0..400 {
-                if stop.load(Ordering::Acquire) {
-                    break;
+    let ben = Arc::new(ben);
+    let writers: Vec<_> = [(amy.clone(), amys, AMY), (ben.clone(), bens, BEN)]
+        .into_iter()
+        .map(|(phone, doc, officer)| {
+            let (url, stop, held) = (server.url.clone(), stop.clone(), held.clone());
+            tokio::spawn(async move {
+                for n in 0..400 {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let note = format!("{officer}'s visit {n} while the backup runs");
+                    let text = note.clone();
+                    phone
+                        .change(doc, move |tx| {
+                            records::add_visit(tx, &visit(officer, &text))
+                        })
+                        .await
+                        .unwrap();
+                    if phone.sync(&url).await.unwrap().all_held() {
+                        held.lock().unwrap().push(note);
+                    }
                 }
-                let note = format!("visit {n} while the backup runs");
-                let text = note.clone();
-                amy.change(amys, move |tx| records::add_visit(tx, &visit(AMY, &text)))
-                    .await
-                    .unwrap();
-                if amy.sync(&url).await.unwrap().all_held() {
-                    held.lock().unwrap().push(note);
-                }
-            }
+            })
         })
-    };
+        .collect();
     // Let it get going, then back up while it writes.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while held.lock().unwrap().len() < 3 {
+    while held.lock().unwrap().len() < 6 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the writer is stuck"
@@ -95,7 +102,9 @@ async fn a_backup_taken_while_a_phone_writes_restores_what_was_held_and_phones_r
     assert!(out.contains("backup written to"), "{out}");
     let during = held.lock().unwrap().len();
     stop.store(true, Ordering::Release);
-    writer.await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
     let written = held.lock().unwrap().clone();
     // Certainly after the point: Ben's next visit.
     ben.change(bens, |tx| {
@@ -130,7 +139,11 @@ async fn a_backup_taken_while_a_phone_writes_restores_what_was_held_and_phones_r
     let detail = staff
         .get_ok(&format!("/households/{amys}"))
         .await
-        .to_string();
+        .to_string()
+        + &staff
+            .get_ok(&format!("/households/{bens}"))
+            .await
+            .to_string();
     for note in &held_before {
         assert!(
             detail.contains(note),
@@ -152,7 +165,11 @@ async fn a_backup_taken_while_a_phone_writes_restores_what_was_held_and_phones_r
     let detail = staff
         .get_ok(&format!("/households/{amys}"))
         .await
-        .to_string();
+        .to_string()
+        + &staff
+            .get_ok(&format!("/households/{bens}"))
+            .await
+            .to_string();
     for note in &written {
         assert!(detail.contains(note), "{note:?} was lost");
     }
