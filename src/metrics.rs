@@ -53,6 +53,18 @@ pub static CHANGES_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Accepted batches that left their household quarantined (kept and stored, but out of the
+/// staff lists until someone fixes it).
+pub static QUARANTINED_UPDATES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "fieldsync_quarantined_updates_total",
+            "Accepted changes to a household that left it quarantined (stored, held out of staff lists)",
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// From a batch of a document's messages being taken up to its changes being durable (the
 /// acknowledgement follows at once).
 pub static ACK_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
@@ -99,6 +111,7 @@ pub static HTTP_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub fn init() {
     LazyLock::force(&CHANGES_ACCEPTED);
     LazyLock::force(&CHANGES_REFUSED);
+    LazyLock::force(&QUARANTINED_UPDATES);
     LazyLock::force(&ACK_SECONDS);
     LazyLock::force(&HTTP_REQUESTS);
     LazyLock::force(&HTTP_SECONDS);

@@ -167,19 +167,22 @@ impl Projection {
     }
 
     /// Brings the projection of `doc` up to date with `content`.
+    /// Returns whether the household is quarantined now.
     pub fn update_blocking(
         &self,
         doc: DocumentId,
         content: &Automerge,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let Some(row) = self.build_row(doc, content)? else {
-            return Ok(());
+            return Ok(false);
         };
+        let quarantined = row.quarantined();
         // Counters kept apart are read, moved and written back: one writer at a time. A
         // backend that derives them needs no lock (a row is only written by its
         // document's actor).
         let _w = (!self.inner.rows.counts_are_derived()).then(|| lock(&self.inner.write));
-        self.write_row_blocking(row)
+        self.write_row_blocking(row)?;
+        Ok(quarantined)
     }
 
     /// Replaces a household's row and visit rows and moves its contribution to the counters.
@@ -371,7 +374,10 @@ impl ChangeObserver for Projection {
         content: &Automerge,
         _received_at: Timestamp,
     ) -> Result<(), StorageError> {
-        self.update_blocking(doc, content)
+        if self.update_blocking(doc, content)? {
+            crate::metrics::QUARANTINED_UPDATES.inc();
+        }
+        Ok(())
     }
 }
 

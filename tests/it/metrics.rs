@@ -189,6 +189,21 @@ async fn metrics_are_valid_prometheus_text_on_their_own_port_and_move_as_a_phone
     })
     .await
     .unwrap();
+    // And a household a phone wrote with a malformed visit key: stored, quarantined.
+    let odd = amy.create_household(&household("2")).await.unwrap();
+    amy.change(odd, |tx| {
+        use automerge::transaction::Transactable;
+        use automerge::ReadDoc;
+        let Some((automerge::Value::Object(automerge::ObjType::Map), visits)) =
+            tx.get(automerge::ROOT, "visits")?
+        else {
+            unreachable!("a household has visits")
+        };
+        tx.put_object(&visits, "not-a-uuid", automerge::ObjType::Map)?;
+        Ok(())
+    })
+    .await
+    .unwrap();
     assert!(amy.sync(&server.url).await.unwrap().all_held());
     let after = scrape(&metrics).await;
 
@@ -201,6 +216,7 @@ async fn metrics_are_valid_prometheus_text_on_their_own_port_and_move_as_a_phone
     assert!(moved("fieldsync_accepted_batch_durable_seconds_count") >= 1.0);
     assert!(moved("fieldsync_http_requests_total{route=\"/sync\",status=\"101\"}") >= 1.0);
     assert!(moved("fieldsync_document_loads_total") >= 1.0);
+    assert!(moved("fieldsync_quarantined_updates_total") >= 1.0);
     assert!(before.contains_key("fieldsync_connections"));
     assert!(before.contains_key("fieldsync_projection_unsettled_documents"));
     assert!(after.contains_key("fieldsync_documents_loaded_bytes"));
