@@ -76,6 +76,12 @@ pub async fn take(
     to: &Path,
     mut progress: impl FnMut(Progress) + Send,
 ) -> Result<Manifest, BackupError> {
+    if to.exists() {
+        return Err(BackupError::Refused(format!(
+            "{} exists already; give a new file name (a backup never overwrites one)",
+            to.display()
+        )));
+    }
     let backend = services.backend().clone();
     let storage_id = services.server_storage_id().to_string();
     let created_at_ms = services.accounts.now().as_millis() as i64;
@@ -100,6 +106,10 @@ pub async fn take(
     for r in &rows {
         heads_at.insert(r.doc, r.heads_after.clone());
     }
+    // Rows written before they recorded heads say nothing of the point: such a document
+    // is saved whole (it may then hold a change or two from after the point).
+    heads_at.retain(|_, heads| !heads.is_empty());
+    let recorded: BTreeSet<DocumentId> = rows.iter().map(|r| r.doc).collect();
     // Read after the point: every household saved below has its registration here.
     let b = backend.clone();
     let (records, audit, actors, ids) = blocking(move || {
@@ -148,8 +158,9 @@ pub async fn take(
                         ))
                     })?,
             ),
-            // A catalog: whole. Anything else has no change up to the point: after it.
-            None if catalogs.contains(&id) => None,
+            // A catalog (the server's, without provenance), or a household whose rows
+            // predate recorded heads: whole. Anything else had no change up to the point.
+            None if catalogs.contains(&id) || recorded.contains(&id) => None,
             None => continue,
         };
         let saved = services
