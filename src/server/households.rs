@@ -16,7 +16,7 @@ use crate::accounts::Authenticated;
 use crate::ids::DocumentId;
 use crate::projection::{Cursor, Filter as ListFilter};
 use crate::records::FollowUpUpdate;
-use crate::staff::{FollowUpRequest, MemberCorrection, ReviewRequest, StaffDesk, VisitPage};
+use crate::staff::{AsOf, FollowUpRequest, MemberCorrection, ReviewRequest, StaffDesk, VisitPage};
 
 type Route = BoxedFilter<(Box<dyn Reply>,)>;
 
@@ -190,8 +190,18 @@ fn page_params(
     max: usize,
 ) -> Result<(usize, usize), ApiError> {
     let pairs = query_pairs(raw, &[offset_name, limit_name])?;
-    let offset = param(&pairs, offset_name, "a whole number")?.unwrap_or(0);
-    let limit = param(&pairs, limit_name, "a whole number")?.unwrap_or(default);
+    page_from(&pairs, (offset_name, limit_name), default, max)
+}
+
+/// The page `pairs` ask for (checked by [`query_pairs`] already).
+fn page_from(
+    pairs: &[(String, String)],
+    (offset_name, limit_name): (&str, &str),
+    default: usize,
+    max: usize,
+) -> Result<(usize, usize), ApiError> {
+    let offset = param(pairs, offset_name, "a whole number")?.unwrap_or(0);
+    let limit = param(pairs, limit_name, "a whole number")?.unwrap_or(default);
     if limit == 0 || limit > max {
         return Err(ApiError::bad_request(format!(
             "`{limit_name}` must be 1 to {max}"
@@ -200,7 +210,32 @@ fn page_params(
     Ok((offset, limit))
 }
 
-/// `GET /api/v1/households/{id}?visits_offset=&visits_limit=`
+/// `at` (a server receive time, ms) or `heads` (comma-separated change hashes), not both.
+fn as_of_param(pairs: &[(String, String)]) -> Result<Option<AsOf>, ApiError> {
+    let at: Option<i64> = param(pairs, "at", "a time in milliseconds since the epoch")?;
+    let heads: Option<String> = param(pairs, "heads", "comma-separated change hashes")?;
+    match (at, heads) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give `at` or `heads`, not both")),
+        (Some(t), None) => Ok(Some(AsOf::ReceivedBy(t))),
+        (None, Some(h)) => {
+            let heads = h
+                .split(',')
+                .map(|x| {
+                    x.trim().parse::<automerge::ChangeHash>().map_err(|_| {
+                        ApiError::bad_request(format!("`heads`: `{x}` is not a change hash"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if heads.is_empty() || heads.len() > 64 {
+                return Err(ApiError::bad_request("`heads` takes 1 to 64 change hashes"));
+            }
+            Ok(Some(AsOf::Heads(heads)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// `GET /api/v1/households/{id}?visits_offset=&visits_limit=&at=|heads=`
 fn detail(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::get()
@@ -214,14 +249,21 @@ fn detail(services: &Services, desk: &StaffDesk) -> Route {
                     respond(
                         async {
                             let who = who?;
-                            let (offset, limit) = page_params(
+                            let pairs = query_pairs(
                                 &raw,
+                                &["visits_offset", "visits_limit", "at", "heads"],
+                            )?;
+                            let (offset, limit) = page_from(
+                                &pairs,
                                 ("visits_offset", "visits_limit"),
                                 VisitPage::DEFAULT_LIMIT,
                                 VisitPage::MAX_LIMIT,
                             )?;
                             let page = VisitPage { offset, limit };
-                            let d = desk.detail(who.principal(), doc_id(&id)?, page).await?;
+                            let as_of = as_of_param(&pairs)?;
+                            let d = desk
+                                .detail(who.principal(), doc_id(&id)?, page, as_of)
+                                .await?;
                             Ok(json(&d))
                         }
                         .await,

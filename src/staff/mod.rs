@@ -85,8 +85,33 @@ pub struct Detail {
     pub visits_total: usize,
     /// The `visits_offset` of the next (older) page, if there is one.
     pub visits_next_offset: Option<usize>,
+    /// Set when the record is shown as it was at an earlier point (`?at=` or `?heads=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<AsOfView>,
     #[serde(flatten)]
     pub detail: HouseholdDetail,
+}
+
+/// Which earlier point of a household to show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AsOf {
+    /// Every change the server had received by then (its receive time, ms).
+    ReceivedBy(i64),
+    /// The document at these heads (and everything they depend on).
+    Heads(Vec<automerge::ChangeHash>),
+}
+
+/// The point a detail shows, as the answer says it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AsOfView {
+    /// The receive time asked for, if the point was given as one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_by_ms: Option<i64>,
+    /// The record's heads at that point (hex).
+    pub heads: Vec<String>,
+    /// Changes the record had then, of all it has now.
+    pub changes_then: usize,
+    pub changes_now: usize,
 }
 
 /// Which visits a detail carries: the `limit` most recent after skipping `offset` of the
@@ -278,37 +303,47 @@ impl StaffDesk {
         Ok(self.changelog.changes_after(who, after, limit).await?)
     }
 
-    /// A household's merged record with one page of its visits (see [`VisitPage`]).
+    /// A household's merged record with one page of its visits (see [`VisitPage`]), as it
+    /// is now or, with `as_of`, as it was then: its merged value, conflicts, review and
+    /// quarantine reasons at that point.
     pub async fn detail(
         &self,
         who: &Principal,
         doc: DocumentId,
         page: VisitPage,
+        as_of: Option<AsOf>,
     ) -> Result<Detail, StaffError> {
         let (station, village) = self.readable(who, doc)?;
         let changelog = self.changelog.clone();
-        let mut detail = self
+        let (mut detail, quarantine, as_of) = self
             .hub
             .read(doc, move |content: &Automerge| {
                 let rows = changelog.provenance_blocking(doc)?;
                 let attribution = crate::projection::attribution(content, &rows);
-                Ok::<_, StorageError>((
-                    records::household_detail(content, &attribution),
-                    records::validate(content),
-                ))
+                let (then, view) = match as_of_point(content, &rows, as_of) {
+                    Ok(point) => point,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let shown = then.as_ref().unwrap_or(content);
+                Ok::<_, StorageError>(Ok((
+                    records::household_detail(shown, &attribution),
+                    records::validate(shown),
+                    view,
+                )))
             })
             .await?
-            .ok_or(StaffError::NotFound(doc))??;
-        let (visits_total, visits_next_offset) = page_visits(&mut detail.0, page);
+            .ok_or(StaffError::NotFound(doc))???;
+        let (visits_total, visits_next_offset) = page_visits(&mut detail, page);
         Ok(Detail {
             id: doc,
             url: doc.to_url(),
             station,
             village,
-            quarantine: detail.1,
+            quarantine,
             visits_total,
             visits_next_offset,
-            detail: detail.0,
+            as_of,
+            detail,
         })
     }
 
@@ -415,7 +450,7 @@ impl StaffDesk {
             records::set_review(tx, req.state, &by, at, &heads, &req.comment)
         })
         .await?;
-        self.detail(who, doc, VisitPage::default()).await
+        self.detail(who, doc, VisitPage::default(), None).await
     }
 
     /// Creates a follow-up; returns its id.
@@ -510,4 +545,55 @@ impl StaffDesk {
             )))
         }
     }
+}
+
+/// The document at `as_of` (`None`: as it is now), with how the answer names that point.
+#[allow(clippy::type_complexity)]
+fn as_of_point(
+    content: &Automerge,
+    rows: &[crate::changelog::ProvenanceRow],
+    as_of: Option<AsOf>,
+) -> Result<(Option<Automerge>, Option<AsOfView>), StaffError> {
+    let Some(as_of) = as_of else {
+        return Ok((None, None));
+    };
+    let (heads, received_by_ms) = match as_of {
+        // Everything received by then, in server order (a change's dependencies were
+        // received before it, so this is a closed set).
+        AsOf::ReceivedBy(t) => {
+            let upto: Vec<automerge::ChangeHash> = rows
+                .iter()
+                .filter(|r| r.received_at.as_millis() as i64 <= t)
+                .filter_map(|r| r.hash.parse().ok())
+                .collect();
+            if upto.is_empty() {
+                return Err(StaffError::Invalid(
+                    "the server had received nothing of this household by then; give a later `at`"
+                        .into(),
+                ));
+            }
+            (upto, Some(t))
+        }
+        AsOf::Heads(heads) => {
+            if let Some(unknown) = heads
+                .iter()
+                .find(|h| content.get_change_meta_by_hash(h).is_none())
+            {
+                return Err(StaffError::Invalid(format!(
+                    "`heads`: {unknown} is not a change of this household"
+                )));
+            }
+            (heads, None)
+        }
+    };
+    let then = content
+        .fork_at(&heads)
+        .map_err(|e| StaffError::Invalid(format!("that point cannot be shown ({e})")))?;
+    let view = AsOfView {
+        received_by_ms,
+        heads: then.get_heads().iter().map(|h| h.to_string()).collect(),
+        changes_then: then.get_changes_meta(&[]).len(),
+        changes_now: content.get_changes_meta(&[]).len(),
+    };
+    Ok((Some(then), Some(view)))
 }

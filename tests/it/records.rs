@@ -686,3 +686,92 @@ async fn the_reindex_command_rebuilds_the_projection_after_a_crash() {
     assert_eq!(sue.get_ok("/coverage").await, coverage_before);
     server.kill().await;
 }
+
+/// A household as it was (issue 15): `?at=` a server receive time gives the merged value,
+/// conflicts and review as of then; `?heads=` a point named by its heads; nonsense is
+/// refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_household_is_shown_as_it_was_at_an_earlier_time_or_heads() {
+    use fieldsync::ids::{Clock, ManualClock, Timestamp};
+    let clock = std::sync::Arc::new(ManualClock::new(Timestamp::from_millis(1_790_000_000_000)));
+    let server = TestServer::spawn_with_clock(|_| {}, clock.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let id = amy.create_household(&household("9")).await.unwrap();
+    amy.change(id, |tx| {
+        records::add_visit(tx, &visit(AMY, "first visit")).map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let first_heads = amy.heads(id).await.unwrap();
+    let t1 = clock.now().as_millis() as i64;
+
+    clock.advance(std::time::Duration::from_secs(3600));
+    let ben_url = server.url_for(BEN).await;
+    let ben = fetching_device(&dir.path().join("ben"), &ben_url, id).await;
+    ben.change(id, |tx| {
+        records::add_visit(tx, &visit(BEN, "second visit")).map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    let t2 = clock.now().as_millis() as i64;
+
+    let staff = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let notes = |d: &Value| -> Vec<String> {
+        d["visits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["value"]["notes"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let now = staff.get_ok(&format!("/households/{id}")).await;
+    assert!(
+        now.get("as_of").is_none(),
+        "the current record names no point"
+    );
+    assert_eq!(notes(&now).len(), 2);
+
+    let then = staff.get_ok(&format!("/households/{id}?at={t1}")).await;
+    assert_eq!(notes(&then), vec!["first visit".to_string()]);
+    assert_eq!(then["as_of"]["received_by_ms"], t1);
+    let mut heads: Vec<String> = first_heads.iter().map(|h| h.to_string()).collect();
+    heads.sort();
+    let mut shown: Vec<String> = then["as_of"]["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_string())
+        .collect();
+    shown.sort();
+    assert_eq!(shown, heads);
+    assert!(then["as_of"]["changes_then"].as_u64() < then["as_of"]["changes_now"].as_u64());
+
+    let later = staff.get_ok(&format!("/households/{id}?at={t2}")).await;
+    assert_eq!(notes(&later).len(), 2);
+    let by_heads = staff
+        .get_ok(&format!("/households/{id}?heads={}", heads.join(",")))
+        .await;
+    assert_eq!(notes(&by_heads), vec!["first visit".to_string()]);
+
+    for (query, why) in [
+        (format!("at={}", t1 - 86_400_000), "received nothing"),
+        (
+            format!("heads={}", "ab".repeat(32)),
+            "not a change of this household",
+        ),
+        ("heads=xyz".to_string(), "not a change hash"),
+        (format!("at={t1}&heads={}", heads[0]), "not both"),
+        ("when=1".to_string(), "unknown query parameter"),
+    ] {
+        let (status, body) = staff.get(&format!("/households/{id}?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{query}: {body}"
+        );
+    }
+    server.stop().await;
+}
