@@ -236,6 +236,29 @@ async fn staff_review_records_in_a_real_browser() {
         )
     );
 
+    // The history opens the record as it was after its first change: the page says so,
+    // shows fewer visits, offers no edits, and goes back to the current record.
+    let visits_now = b
+        .eval("document.querySelectorAll('#visits li').length")
+        .await;
+    b.click("#history tbody tr a.then").await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'detail' && !!document.querySelector('#as-of')")
+        .await;
+    let then = b
+        .eval("({visits: document.querySelectorAll('#visits li').length, review: !!document.querySelector('#review'), newFollowUp: !!document.querySelector('#new-follow-up'), buttons: document.querySelectorAll('#follow-ups button').length})")
+        .await;
+    assert!(
+        then["visits"].as_u64() < visits_now.as_u64(),
+        "{then} against {visits_now}"
+    );
+    assert_eq!(
+        (&then["review"], &then["newFollowUp"], &then["buttons"]),
+        (&json!(false), &json!(false), &json!(0))
+    );
+    b.click("#as-of a").await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'detail' && !document.querySelector('#as-of') && !!document.querySelector('#review')")
+        .await;
+
     // Without the CSRF token, and for another station's record, the API refuses.
     let refused = b
         .eval(&format!(

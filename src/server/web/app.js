@@ -24,6 +24,7 @@ const T = {
     task: "工作", owner: "負責員警", due: "期限", create: "新增", close: "結案", save: "儲存",
     conflictsTitle: "同時修改的欄位", value: "值", by: "填寫者", history: "變更紀錄", fields: "欄位",
     historyShown: (n, total) => `顯示最早的 ${n} 筆，共 ${total} 筆變更`,
+    asOf: (time, n, total) => `此為 ${time} 當時的紀錄（${total} 筆變更中的前 ${n} 筆）`, viewThen: "查看當時", current: "回到目前紀錄",
     visitsShown: (n, total) => `顯示最近的 ${n} 次，共 ${total} 次訪視`,
     reviewState: "審核狀態", approve: "核准", hasIssues: "有問題", reject: "退回", comment: "意見",
     changedSince: "核准後已有變更", changedFields: "變更欄位", noneYet: "尚無資料",
@@ -53,6 +54,7 @@ const T = {
     task: "Task", owner: "Owner", due: "Due", create: "Create", close: "Close", save: "Save",
     conflictsTitle: "Fields with concurrent values", value: "Value", by: "Written by", history: "History", fields: "Fields",
     historyShown: (n, total) => `The first ${n} of ${total} changes`,
+    asOf: (time, n, total) => `The record as it was at ${time} (${n} of its ${total} changes)`, viewThen: "View as it was", current: "Back to the current record",
     visitsShown: (n, total) => `The latest ${n} of ${total} visits`,
     reviewState: "Review state", approve: "Approve", hasIssues: "Has issues", reject: "Reject", comment: "Comment",
     changedSince: "Changed since approval", changedFields: "Changed fields", noneYet: "Nothing yet",
@@ -298,10 +300,12 @@ async function listView(params) {
 
 // ---- household detail -------------------------------------------------------------------
 
-async function detailView(id) {
+async function detailView(id, params) {
+  // `at`: the record as the server had it at that time (a history row's link).
+  const at = params && params.get("at");
   let d;
   try {
-    d = await api("GET", `/households/${encodeURIComponent(id)}`);
+    d = await api("GET", `/households/${encodeURIComponent(id)}${at ? `?at=${encodeURIComponent(at)}` : ""}`);
   } catch (err) {
     if (err.status === 404) return el("section", {}, el("p", { class: "error", id: "not-found" }, t("notFound")), el("a", { href: "#/households" }, t("back")));
     throw err;
@@ -375,11 +379,11 @@ async function detailView(id) {
           "tr",
           { dataset: { id: f.id, status } },
           el("td", {}, f.value.task),
-          el("td", {}, state.me.officers?.length ? owner : f.value.owner),
-          el("td", {}, due),
+          el("td", {}, state.me.officers?.length && !d.as_of ? owner : f.value.owner),
+          el("td", {}, d.as_of ? fmtTime(f.value.due) : due),
           el("td", { class: "status" }, t(status), f.value.note ? el("div", { class: "meta" }, f.value.note) : ""),
           el("td", {}, who(setBy)),
-          el(
+          d.as_of ? el("td", {}) : el(
             "td",
             {},
             el("button", { class: "secondary", type: "button", onclick: () => patchFollowUp(d.id, f.id, { owner: owner.value || undefined, due_ms: due.value ? Date.parse(due.value) : undefined }).then(reload) }, t("save")),
@@ -471,22 +475,29 @@ async function detailView(id) {
   const historyList = el(
     "table",
     { id: "history" },
-    el("thead", {}, el("tr", {}, [t("serverTime"), t("by"), t("device"), t("fields")].map(h => el("th", {}, h)))),
-    el("tbody", {}, history.changes.map(c => el("tr", {}, el("td", {}, fmtTime(c.author?.received_at_ms)), el("td", {}, who(c.author)), el("td", {}, c.author?.device || "—"), el("td", {}, el("code", {}, c.fields.join(", ")))))),
+    el("thead", {}, el("tr", {}, [t("serverTime"), t("by"), t("device"), t("fields"), ""].map(h => el("th", {}, h)))),
+    el("tbody", {}, history.changes.map(c => el("tr", { dataset: { hash: c.hash } }, el("td", {}, fmtTime(c.author?.received_at_ms)), el("td", {}, who(c.author)), el("td", {}, c.author?.device || "—"), el("td", {}, el("code", {}, c.fields.join(", "))),
+      el("td", {}, c.author?.received_at_ms ? el("a", { class: "then", href: `#/household/${encodeURIComponent(d.id)}?at=${c.author.received_at_ms}` }, t("viewThen")) : "")))),
   );
+  // Shown as it was: say so, and offer no edits (they would apply to the record as it is now).
+  const asOf = d.as_of
+    ? el("div", { class: "banner warn", id: "as-of", dataset: { changesThen: d.as_of.changes_then } }, el("strong", {}, t("asOf")(fmtTime(d.as_of.received_by_ms), d.as_of.changes_then, d.as_of.changes_now)), " ",
+        el("a", { href: `#/household/${encodeURIComponent(d.id)}` }, t("current")))
+    : "";
 
   return el(
     "section",
     { id: "detail", dataset: { id: d.id } },
     el("p", {}, el("a", { href: "#/households" }, t("back"))),
     el("h1", {}, [a.township, a.village, a.group, a.street, a.house_no ? `No. ${a.house_no}` : ""].filter(Boolean).join(" "), " ", el("span", { class: "badge" }, d.village)),
+    asOf,
     d.quarantine.length ? el("div", { class: "banner warn" }, el("strong", {}, t("quarantined")), el("ul", {}, d.quarantine.map(q => el("li", {}, q)))) : "",
-    review,
+    d.as_of ? "" : review,
     el("div", { class: "grid" }, el("div", { class: "panel" }, el("h2", {}, t("members")), members), el("div", { class: "panel" }, el("h2", {}, t("conflictsTitle")), conflicts)),
     el("div", { class: "panel" }, el("h2", {}, t("visitsTimeline")), visits,
       d.visits_next_offset != null ? el("p", { class: "muted" }, t("visitsShown")(d.visits.length, d.visits_total)) : ""),
     el("div", { class: "panel" }, el("h2", {}, t("matters")), matters),
-    el("div", { class: "panel" }, el("h2", {}, t("followUps")), followUps, el("h2", {}, t("newFollowUp")), newFollowUp),
+    el("div", { class: "panel" }, el("h2", {}, t("followUps")), followUps, d.as_of ? "" : el("h2", {}, t("newFollowUp")), d.as_of ? "" : newFollowUp),
     el("div", { class: "panel" }, el("h2", {}, t("history")), historyList,
       history.next_offset != null ? el("p", { class: "muted" }, t("historyShown")(history.changes.length, history.total)) : ""),
   );
@@ -538,7 +549,7 @@ async function render() {
   try {
     if (route.startsWith("/household/")) {
       name = "detail";
-      view = await detailView(decodeURIComponent(route.slice("/household/".length)));
+      view = await detailView(decodeURIComponent(route.slice("/household/".length)), params);
     } else if (route.startsWith("/households")) {
       name = "list";
       view = await listView(params);
