@@ -320,6 +320,9 @@ pub struct ServeArgs {
     /// Mark the staff session cookie `Secure` (set it when staff reach the page over HTTPS).
     #[arg(long, env = "FIELDSYNC_SECURE_COOKIES")]
     pub secure_cookies: bool,
+    /// The station's offset from UTC (`+08:00`), which monthly reports' boundaries follow.
+    #[arg(long, env = "FIELDSYNC_UTC_OFFSET", default_value = "+08:00", value_parser = parse_utc_offset)]
+    pub utc_offset: i32,
     /// Serve Prometheus metrics at http://ADDR/metrics, apart from the public port (e.g.
     /// 127.0.0.1:9464). Off unless given.
     #[arg(long, env = "FIELDSYNC_METRICS_LISTEN")]
@@ -413,6 +416,7 @@ impl ServeArgs {
         config.join_timeout = Duration::from_secs(self.join_timeout_secs);
         config.secure_cookies = self.secure_cookies;
         config.metrics_listen = self.metrics_listen;
+        config.utc_offset_minutes = self.utc_offset;
         config.hub.max_ops_per_change = self.max_ops_per_change;
         config.hub.max_ops_per_document = self.max_ops_per_document;
         config.hub.max_document_bytes = self.max_document_bytes;
@@ -435,6 +439,26 @@ impl ServeArgs {
         config.idle_timeout = Duration::from_millis(self.ping_interval_secs * 2500);
         Ok((self.listen, config))
     }
+}
+
+/// `+HH:MM` or `-HH:MM` (from -12:00 to +14:00) as minutes from UTC.
+fn parse_utc_offset(s: &str) -> Result<i32, String> {
+    let bad = || format!("`{s}` is not an offset from UTC like +08:00 or -05:00");
+    let (sign, rest) = match s.chars().next() {
+        Some('+') => (1, &s[1..]),
+        Some('-') => (-1, &s[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+    if h.len() != 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    let minutes = sign * (h * 60 + m);
+    if m >= 60 || !(-12 * 60..=14 * 60).contains(&minutes) {
+        return Err(bad());
+    }
+    Ok(minutes)
 }
 
 #[cfg(test)]
@@ -521,5 +545,15 @@ mod tests {
             panic!("not user add")
         };
         assert_eq!(villages, vec!["東村".to_string(), "West".to_string()]);
+    }
+
+    #[test]
+    fn utc_offsets_are_read_as_minutes_and_nonsense_is_refused() {
+        assert_eq!(parse_utc_offset("+08:00"), Ok(480));
+        assert_eq!(parse_utc_offset("-05:30"), Ok(-330));
+        assert_eq!(parse_utc_offset("+00:00"), Ok(0));
+        for bad in ["08:00", "+8:00", "+08:60", "+15:00", "-13:00", "UTC+8", ""] {
+            assert!(parse_utc_offset(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -150,6 +150,7 @@ pub fn route_of(path: &str) -> &'static str {
             ["changes"] => "/api/v1/changes",
             ["export.csv"] => "/api/v1/export.csv",
             ["coverage"] => "/api/v1/coverage",
+            ["reports", "monthly"] => "/api/v1/reports/monthly",
             _ => "other",
         },
         _ => "other",

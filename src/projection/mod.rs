@@ -12,6 +12,7 @@
 
 pub mod postgres;
 mod query;
+pub mod report;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};

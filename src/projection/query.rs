@@ -346,6 +346,32 @@ impl Projection {
         Ok(out.into_values().collect())
     }
 
+    /// The monthly report of `villages` (within `scope`) for `month`, at `offset_minutes`
+    /// from UTC, from the rows (see [`super::report`]).
+    pub fn monthly_report_blocking(
+        &self,
+        scope: &ReadingScope,
+        villages: &[String],
+        month: super::report::Month,
+        offset_minutes: i32,
+        now: Timestamp,
+    ) -> Result<super::report::MonthlyReport, StorageError> {
+        let mut report =
+            super::report::Builder::new(month, offset_minutes, now.as_millis() as i64, villages);
+        let wanted = |row: &HouseholdRow| {
+            scope.covers(&row.station, &row.village) && villages.contains(&row.village)
+        };
+        self.inner.rows.for_each_row_with_visits(
+            scope.station.as_str(),
+            &wanted,
+            &mut |row, visits| {
+                report.add(&row, &visits);
+                true
+            },
+        )?;
+        Ok(report.finish())
+    }
+
     /// Streams the CSV export (UTF-8 with a byte-order mark, a header row, one row per
     /// visit) of the households within `scope` matching `filter`, in chunks, to `sink`
     /// until it returns `false` (the client went away). Memory stays at one chunk and one

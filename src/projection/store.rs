@@ -622,6 +622,8 @@ pub(crate) mod tests {
             open,
             description: String::new(),
             confidential: false,
+            raised_at_ms: None,
+            status_set_at_ms: None,
         };
         let follow_up = |status: &str, due_ms: Option<i64>| FollowUpBrief {
             id: format!("{status}-{due_ms:?}"),

@@ -55,6 +55,13 @@ pub struct MatterBrief {
     /// Empty for confidential matters (tips): lists and exports do not show them.
     pub description: String,
     pub confidential: bool,
+    /// Server receive time of the change that raised it (rows projected before this was
+    /// kept have none until `fieldsync reindex`).
+    #[serde(default)]
+    pub raised_at_ms: Option<i64>,
+    /// Server receive time of the change that set its current status.
+    #[serde(default)]
+    pub status_set_at_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -152,14 +159,17 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
             text(&f, "description")
         };
         search.push(description.clone());
+        let received = |id: &automerge::ObjId| attribution.author_of(id).map(|a| a.received_at_ms);
         matters.push(MatterBrief {
             id,
             kind,
-            status,
             risk: text(&f, "risk"),
             open,
             description,
             confidential,
+            raised_at_ms: received(&obj),
+            status_set_at_ms: f.get("status").and_then(|(_, at)| received(at)),
+            status,
         });
     }
 

@@ -66,6 +66,8 @@ pub(super) fn routes(services: &Services) -> Route {
         .unify()
         .or(coverage(services, &desk))
         .unify()
+        .or(monthly_report(services, &desk))
+        .unify()
         .boxed()
 }
 
@@ -535,6 +537,44 @@ fn export(services: &Services, desk: &StaffDesk) -> Route {
 }
 
 /// `GET /api/v1/coverage?days=30`
+/// `GET /api/v1/reports/monthly?month=YYYY-MM[&village=]`
+fn monthly_report(services: &Services, desk: &StaffDesk) -> Route {
+    let desk = desk.clone();
+    let offset = services.config.utc_offset_minutes;
+    warp::get()
+        .and(warp::path!("api" / "v1" / "reports" / "monthly"))
+        .and(auth::caller(services))
+        .and(raw_query())
+        .then(move |who: Result<Authenticated, ApiError>, raw: String| {
+            let desk = desk.clone();
+            async move {
+                respond(
+                    async {
+                        let who = who?;
+                        let pairs = query_pairs(&raw, &["month", "village"])?;
+                        let month: String = param(&pairs, "month", "a month as YYYY-MM")?
+                            .ok_or_else(|| {
+                                ApiError::bad_request("`month` is required, as YYYY-MM")
+                            })?;
+                        let month =
+                            crate::projection::report::Month::parse(&month).ok_or_else(|| {
+                                ApiError::bad_request(format!(
+                                    "`month`: `{month}` is not a month as YYYY-MM"
+                                ))
+                            })?;
+                        let village: Option<String> = param(&pairs, "village", "a village")?;
+                        let report = desk
+                            .monthly_report(who.principal(), month, village, offset)
+                            .await?;
+                        Ok(json(&report))
+                    }
+                    .await,
+                )
+            }
+        })
+        .boxed()
+}
+
 fn coverage(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     warp::get()

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     /// Where to serve Prometheus metrics (`/metrics`), apart from the public port; `None`:
     /// not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// The station's offset from UTC, in minutes: monthly reports' boundaries follow it.
+    pub utc_offset_minutes: i32,
     /// Largest WebSocket message accepted, in bytes.
     pub max_message_bytes: usize,
     pub ping_interval: Duration,
@@ -100,6 +102,8 @@ impl ServerConfig {
             accounts: AccountsConfig::default(),
             listen: ListenConfig::default(),
             metrics_listen: None,
+            // Taiwan's time (no daylight saving).
+            utc_offset_minutes: 8 * 60,
             max_message_bytes: 16 * 1024 * 1024,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(50),

@@ -264,6 +264,36 @@ impl StaffDesk {
         Ok(blocking(move || p.coverage_blocking(&scope, &villages, days, now)).await?)
     }
 
+    /// The monthly report for `month` of the caller's villages (or only `village`), at the
+    /// station's UTC offset.
+    pub async fn monthly_report(
+        &self,
+        who: &Principal,
+        month: crate::projection::report::Month,
+        village: Option<String>,
+        offset_minutes: i32,
+    ) -> Result<crate::projection::report::MonthlyReport, StaffError> {
+        let scope = self.scope(who)?;
+        let villages: Vec<String> = self.accounts.with_directory(|d| {
+            d.villages_of(&scope.station)
+                .into_iter()
+                .filter(|v| scope.covers(scope.station.as_str(), v.name.as_str()))
+                .map(|v| v.name.to_string())
+                .filter(|v| village.as_ref().is_none_or(|w| w == v))
+                .collect()
+        });
+        if let (Some(v), true) = (&village, villages.is_empty()) {
+            return Err(StaffError::Invalid(format!(
+                "no village `{v}` that you may see in your station"
+            )));
+        }
+        let (p, now) = (self.projection.clone(), self.accounts.now());
+        Ok(blocking(move || {
+            p.monthly_report_blocking(&scope, &villages, month, offset_minutes, now)
+        })
+        .await?)
+    }
+
     /// A slot for one export, taken before its response starts (so a refusal can still be
     /// a 503); [`StaffDesk::export`] holds it until the export ends.
     pub fn reserve_export(&self) -> Result<ExportSlot, StaffError> {

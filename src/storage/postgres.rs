@@ -1049,6 +1049,8 @@ pub(crate) mod tests {
             open: true,
             description: String::new(),
             confidential: false,
+            raised_at_ms: None,
+            status_set_at_ms: None,
         }];
         row.summary.open_matters = [("complaint".to_string(), 1)].into();
         row.summary.conflicts = 1;

@@ -22,5 +22,6 @@ mod operations;
 mod projection;
 mod records;
 mod relay;
+mod reports;
 mod shutdown;
 mod web;

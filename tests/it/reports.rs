@@ -1,0 +1,375 @@
+//! The monthly report (issue 15) against a ledger the test keeps of what it wrote: visits on
+//! both sides of a month boundary in the station's time zone (UTC+8), a phone with a wrong
+//! clock, matters raised in one month and resolved in the next, scores, a suggestion and an
+//! overdue follow-up. Every figure of the report is compared with one the test computes
+//! from its ledger, not from the server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fieldsync::client::Device;
+use fieldsync::ids::{Clock, DocumentId, ManualClock, Timestamp};
+use fieldsync::records::{self, MatterKind, MatterStatus, NewHousehold, NewMatter, Risk};
+use serde_json::{json, Value};
+
+use crate::common::world::{AMY, BEN, CAT, OTHER_VILLAGE, STATION, SUE, SUE_PASSWORD, VILLAGE};
+use crate::common::{household, visit, StaffSession, TestServer};
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+/// 2026-11-01T00:00+08:00.
+const NOV_START: i64 = 1_793_462_400_000;
+
+/// One visit as the test wrote it.
+struct Written {
+    village: &'static str,
+    household: DocumentId,
+    device_ms: i64,
+    received_ms: i64,
+    outcome: &'static str,
+    mode: &'static str,
+    satisfaction: Option<u8>,
+    security: Option<u8>,
+}
+
+/// The month a visit belongs to by the documented rule (data-model.md): the phone's clock
+/// unless it is after the receive time (by more than 5 minutes) or more than 31 days
+/// before it. `true`: this month (from `start` for `len`).
+fn in_month(w: &Written, start: i64, end: i64) -> (bool, bool) {
+    let plausible =
+        w.device_ms <= w.received_ms + 5 * 60_000 && w.device_ms >= w.received_ms - 31 * DAY;
+    let t = if plausible {
+        w.device_ms
+    } else {
+        w.received_ms
+    };
+    (start <= t && t < end, !plausible)
+}
+
+fn in_village(house_no: &str, village: &str) -> NewHousehold {
+    let mut h = household(house_no);
+    h.station = STATION.into();
+    h.village = village.into();
+    h.address.village = village.into();
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
+    // 2026-10-31 22:00 in the station (14:00Z): an hour before the month turns.
+    let clock = Arc::new(ManualClock::new(Timestamp::from_millis(
+        (NOV_START - 2 * HOUR) as u64,
+    )));
+    let server = TestServer::spawn_with_clock(|_| {}, clock.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let now = || clock.now().as_millis() as i64;
+    let mut ledger: Vec<Written> = Vec::new();
+
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let amy_url = server.url.clone();
+    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
+    let ben_url = server.url_for(BEN).await;
+    let cat = Device::open(&dir.path().join("cat")).await.unwrap();
+    let cat_url = server.url_for(CAT).await;
+
+    // October, 23:30 local: Amy visits No. 1 and takes a complaint.
+    let one = amy
+        .create_household(&in_village("1", VILLAGE))
+        .await
+        .unwrap();
+    let at = NOV_START - 30 * 60_000;
+    let complaint = amy
+        .change(one, move |tx| {
+            let mut v = visit(AMY, "October visit");
+            v.started_at_ms = at;
+            v.satisfaction = Some(2);
+            v.security_score = Some(3);
+            let v = records::add_visit(tx, &v)?;
+            records::add_matter(
+                tx,
+                &NewMatter {
+                    visit: v,
+                    kind: MatterKind::Complaint,
+                    description: "noise at night".into(),
+                    risk: Risk::Yellow,
+                    confidential: false,
+                },
+            )
+        })
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis((90 * 60_000) as u64)); // received 23:30 local
+    assert!(amy.sync(&amy_url).await.unwrap().all_held());
+    ledger.push(Written {
+        village: VILLAGE,
+        household: one,
+        device_ms: at,
+        received_ms: now(),
+        outcome: "met",
+        mode: "in_home",
+        satisfaction: Some(2),
+        security: Some(3),
+    });
+
+    // Past midnight: November. Amy's second visit (00:10 local, phone offline until 02:00)
+    // resolves the complaint.
+    let at = NOV_START + 10 * 60_000;
+    amy.change(one, move |tx| {
+        let mut v = visit(AMY, "November visit");
+        v.started_at_ms = at;
+        v.satisfaction = Some(5);
+        v.security_score = Some(4);
+        records::add_visit(tx, &v)?;
+        records::update_matter(
+            tx,
+            &complaint,
+            MatterStatus::Resolved,
+            AMY,
+            at,
+            "patrols added",
+        )
+    })
+    .await
+    .unwrap();
+    clock.advance(Duration::from_millis((150 * 60_000) as u64));
+    assert!(amy.sync(&amy_url).await.unwrap().all_held());
+    ledger.push(Written {
+        village: VILLAGE,
+        household: one,
+        device_ms: at,
+        received_ms: now(),
+        outcome: "met",
+        mode: "in_home",
+        satisfaction: Some(5),
+        security: Some(4),
+    });
+
+    // Ben's phone thinks it is next year: his November visit counts by the server's time.
+    let two = ben
+        .create_household(&in_village("2", VILLAGE))
+        .await
+        .unwrap();
+    let at = NOV_START + 400 * DAY;
+    ben.change(two, move |tx| {
+        let mut v = visit(BEN, "");
+        v.started_at_ms = at;
+        v.outcome = records::VisitOutcome::NobodyHome;
+        v.mode = records::VisitMode::Doorstep;
+        v.satisfaction = None;
+        v.security_score = None;
+        records::add_visit(tx, &v).map(|_| ())
+    })
+    .await
+    .unwrap();
+    clock.advance(Duration::from_millis(DAY as u64));
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    ledger.push(Written {
+        village: VILLAGE,
+        household: two,
+        device_ms: at,
+        received_ms: now(),
+        outcome: "nobody_home",
+        mode: "doorstep",
+        satisfaction: None,
+        security: None,
+    });
+
+    // Dongmen: Cat's visit with a suggestion, a dispute mediated the same month, an
+    // overdue follow-up; and a household nobody visited.
+    let three = cat
+        .create_household(&in_village("3", OTHER_VILLAGE))
+        .await
+        .unwrap();
+    cat.create_household(&in_village("4", OTHER_VILLAGE))
+        .await
+        .unwrap();
+    let at = now() - HOUR;
+    let due = now() - 2 * HOUR;
+    cat.change(three, move |tx| {
+        let mut v = visit(CAT, "street lights");
+        v.started_at_ms = at;
+        v.satisfaction = Some(4);
+        v.security_score = Some(2);
+        let v = records::add_visit(tx, &v)?;
+        records::add_matter(
+            tx,
+            &NewMatter {
+                visit: v.clone(),
+                kind: MatterKind::Suggestion,
+                description: "more street lights on the lane".into(),
+                risk: Risk::Blue,
+                confidential: false,
+            },
+        )?;
+        let d = records::add_matter(
+            tx,
+            &NewMatter {
+                visit: v,
+                kind: MatterKind::Dispute,
+                description: "parking".into(),
+                risk: Risk::Yellow,
+                confidential: false,
+            },
+        )?;
+        records::update_matter(tx, &d, MatterStatus::Mediated, CAT, at, "agreed")?;
+        records::add_follow_up(
+            tx,
+            &records::NewFollowUp {
+                matter: None,
+                task: "check the lights".into(),
+                owner: CAT.into(),
+                due_ms: due,
+            },
+        )
+        .map(|_| ())
+    })
+    .await
+    .unwrap();
+    clock.advance(Duration::from_millis(HOUR as u64));
+    assert!(cat.sync(&cat_url).await.unwrap().all_held());
+    ledger.push(Written {
+        village: OTHER_VILLAGE,
+        household: three,
+        device_ms: at,
+        received_ms: now(),
+        outcome: "met",
+        mode: "in_home",
+        satisfaction: Some(4),
+        security: Some(2),
+    });
+
+    let staff = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let report = staff.get_ok("/reports/monthly?month=2026-11").await;
+    assert_eq!(report["month"], "2026-11");
+    assert_eq!(report["utc_offset"], "+08:00");
+    assert_eq!(report["starts_at_ms"], NOV_START);
+
+    // The ledger's figures for November, per village.
+    let nov = (NOV_START, NOV_START + 30 * DAY);
+    let oct = (NOV_START - 31 * DAY, NOV_START);
+    let households: BTreeMap<&str, u64> = [(VILLAGE, 2), (OTHER_VILLAGE, 2)].into();
+    for village in [VILLAGE, OTHER_VILLAGE] {
+        let mine: Vec<&Written> = ledger.iter().filter(|w| w.village == village).collect();
+        let this: Vec<&&Written> = mine
+            .iter()
+            .filter(|w| in_month(w, nov.0, nov.1).0)
+            .collect();
+        let before: Vec<&&Written> = mine
+            .iter()
+            .filter(|w| in_month(w, oct.0, oct.1).0)
+            .collect();
+        let mut visited: Vec<DocumentId> = this.iter().map(|w| w.household).collect();
+        visited.sort();
+        visited.dedup();
+        let count = |f: &dyn Fn(&Written) -> &'static str| {
+            let mut m: BTreeMap<String, u64> = BTreeMap::new();
+            for w in &this {
+                *m.entry(f(w).to_string()).or_default() += 1;
+            }
+            json!(m)
+        };
+        let avg = |ws: &[&&Written], f: &dyn Fn(&Written) -> Option<u8>| -> (Option<f64>, u64) {
+            let v: Vec<f64> = ws.iter().filter_map(|w| f(w)).map(f64::from).collect();
+            let n = v.len() as u64;
+            (
+                (n > 0).then(|| (v.iter().sum::<f64>() / n as f64 * 100.0).round() / 100.0),
+                n,
+            )
+        };
+        let score = |f: &dyn Fn(&Written) -> Option<u8>| {
+            let (a, n) = avg(&this, f);
+            let (p, _) = avg(&before, f);
+            json!({
+                "average": a, "count": n, "previous_average": p,
+                "change": a.zip(p).map(|(a, p)| ((a - p) * 100.0).round() / 100.0),
+            })
+        };
+        let got = report["villages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["village"] == village)
+            .unwrap_or_else(|| panic!("no {village} in {report}"));
+        let h = households[village];
+        assert_eq!(got["households"], h, "{village}");
+        assert_eq!(got["households_visited"], visited.len(), "{village}");
+        assert_eq!(
+            got["coverage"],
+            json!(((visited.len() as f64 / h as f64) * 100.0).round() / 100.0)
+        );
+        assert_eq!(got["visits"], this.len(), "{village}");
+        assert_eq!(got["visits_by_outcome"], count(&|w| w.outcome), "{village}");
+        assert_eq!(got["visits_by_mode"], count(&|w| w.mode), "{village}");
+        assert_eq!(
+            got["visits_by_server_time"],
+            this.iter().filter(|w| in_month(w, nov.0, nov.1).1).count(),
+            "{village}"
+        );
+        assert_eq!(got["satisfaction"], score(&|w| w.satisfaction), "{village}");
+        assert_eq!(got["security"], score(&|w| w.security), "{village}");
+    }
+    // Matters: Linsen's complaint was raised in October and resolved in November; Dongmen
+    // raised a suggestion and a dispute in November and mediated the dispute.
+    let village = |name: &str| -> Value {
+        report["villages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["village"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (linsen, dongmen) = (village(VILLAGE), village(OTHER_VILLAGE));
+    assert_eq!(linsen["matters_raised"], json!({}));
+    assert_eq!(linsen["matters_resolved"], 1);
+    assert_eq!(
+        dongmen["matters_raised"],
+        json!({"dispute": 1, "suggestion": 1})
+    );
+    assert_eq!(dongmen["matters_mediated"], 1);
+    assert_eq!(dongmen["follow_ups_open"], 1);
+    assert_eq!(dongmen["follow_ups_overdue"], 1);
+    assert_eq!(
+        dongmen["suggestions"][0]["text"],
+        "more street lights on the lane"
+    );
+    let station = &report["station"];
+    assert_eq!(station["households"], 4);
+    assert_eq!(station["visits"], 3);
+    assert_eq!(station["matters_resolved"], 1);
+
+    // October: the complaint was raised then, and Amy's first visit is there.
+    let october = staff.get_ok("/reports/monthly?month=2026-10").await;
+    let linsen = october["villages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["village"] == VILLAGE)
+        .unwrap()
+        .clone();
+    assert_eq!(linsen["visits"], 1);
+    assert_eq!(linsen["matters_raised"], json!({"complaint": 1}));
+    assert_eq!(linsen["matters_resolved"], 0);
+
+    // One village only; bad requests say why.
+    let only = staff
+        .get_ok(&format!(
+            "/reports/monthly?month=2026-11&village={OTHER_VILLAGE}"
+        ))
+        .await;
+    assert_eq!(only["villages"].as_array().unwrap().len(), 1);
+    for (query, why) in [
+        ("", "`month` is required"),
+        ("month=2026-13", "not a month"),
+        ("month=2026-11&village=Nowhere", "no village"),
+    ] {
+        let (status, body) = staff.get(&format!("/reports/monthly?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{query}: {body}"
+        );
+    }
+    server.stop().await;
+}
