@@ -151,6 +151,8 @@ pub fn route_of(path: &str) -> &'static str {
             ["export.csv"] => "/api/v1/export.csv",
             ["coverage"] => "/api/v1/coverage",
             ["reports", "monthly"] => "/api/v1/reports/monthly",
+            ["reports", "public"] => "/api/v1/reports/public",
+            ["reports", "public.csv"] => "/api/v1/reports/public.csv",
             _ => "other",
         },
         _ => "other",

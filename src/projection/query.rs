@@ -465,7 +465,7 @@ impl Projection {
 /// One CSV record (RFC 4180): fields with commas, quotes or line breaks are quoted; a
 /// field that a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR first) gets
 /// a leading apostrophe, since device text is untrusted.
-fn write_csv_row(buf: &mut Vec<u8>, fields: impl Iterator<Item = String>) {
+pub(super) fn write_csv_row(buf: &mut Vec<u8>, fields: impl Iterator<Item = String>) {
     for (i, f) in fields.enumerate() {
         if i > 0 {
             buf.push(b',');

@@ -368,9 +368,216 @@ fn add_into(total: &mut MonthFigures, f: &MonthFigures) {
     total.suggestions.extend(f.suggestions.iter().cloned());
 }
 
+/// Counts under this are not published: too few to hide who they are.
+pub const PUBLIC_MIN_COUNT: u64 = 3;
+
+/// A published count: the number, or `"<3"` when it is 1 or 2.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Published {
+    Count(u64),
+    Suppressed(&'static str),
+}
+
+impl Published {
+    fn of(n: u64) -> Published {
+        if n > 0 && n < PUBLIC_MIN_COUNT {
+            Published::Suppressed("<3")
+        } else {
+            Published::Count(n)
+        }
+    }
+
+    pub fn text(&self) -> String {
+        match self {
+            Published::Count(n) => n.to_string(),
+            Published::Suppressed(s) => (*s).to_string(),
+        }
+    }
+}
+
+/// One village's (or the station's) month as it may be published (警務公開): counts only,
+/// small ones suppressed, averages only over enough scores; no names, addresses, phones,
+/// notes, descriptions or suggestions' texts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PublicFigures {
+    pub households: Published,
+    pub households_visited: Published,
+    /// Percent, when both counts are published.
+    pub coverage_percent: Option<u64>,
+    pub visits: Published,
+    pub visits_by_outcome: BTreeMap<String, Published>,
+    pub visits_by_mode: BTreeMap<String, Published>,
+    pub matters_raised: BTreeMap<String, Published>,
+    pub matters_resolved: Published,
+    pub matters_mediated: Published,
+    pub matters_referred: Published,
+    pub suggestions: Published,
+    /// Averages over at least three scores, else absent.
+    pub satisfaction_average: Option<f64>,
+    pub security_average: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PublicVillage {
+    pub village: String,
+    #[serde(flatten)]
+    pub figures: PublicFigures,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PublicSummary {
+    pub month: String,
+    pub utc_offset: String,
+    /// Counts of 1 or 2 are shown as `"<3"`.
+    pub suppressed_below: u64,
+    pub villages: Vec<PublicVillage>,
+    pub station: PublicFigures,
+}
+
+fn publish(f: &MonthFigures) -> PublicFigures {
+    let map = |m: &BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, n)| (k.clone(), Published::of(*n)))
+            .collect()
+    };
+    let enough = |s: &Score| s.average.filter(|_| s.count >= PUBLIC_MIN_COUNT);
+    let coverage_percent = match (
+        Published::of(f.households),
+        Published::of(f.households_visited),
+    ) {
+        (Published::Count(h), Published::Count(v)) if h > 0 => Some((v * 100 + h / 2) / h),
+        _ => None,
+    };
+    PublicFigures {
+        households: Published::of(f.households),
+        households_visited: Published::of(f.households_visited),
+        coverage_percent,
+        visits: Published::of(f.visits),
+        visits_by_outcome: map(&f.visits_by_outcome),
+        visits_by_mode: map(&f.visits_by_mode),
+        matters_raised: map(&f.matters_raised),
+        matters_resolved: Published::of(f.matters_resolved),
+        matters_mediated: Published::of(f.matters_mediated),
+        matters_referred: Published::of(f.matters_referred),
+        suggestions: Published::of(f.suggestions.len() as u64),
+        satisfaction_average: enough(&f.satisfaction),
+        security_average: enough(&f.security),
+    }
+}
+
+impl MonthlyReport {
+    /// What of this report may be published (see [`PublicFigures`]).
+    pub fn public(&self) -> PublicSummary {
+        PublicSummary {
+            month: self.month.clone(),
+            utc_offset: self.utc_offset.clone(),
+            suppressed_below: PUBLIC_MIN_COUNT,
+            villages: self
+                .villages
+                .iter()
+                .map(|v| PublicVillage {
+                    village: v.village.clone(),
+                    figures: publish(&v.figures),
+                })
+                .collect(),
+            station: publish(&self.station),
+        }
+    }
+}
+
+impl PublicSummary {
+    /// As CSV (UTF-8 with a byte-order mark for spreadsheets): `month,area,figure,value`,
+    /// one row per figure, the station's rows last.
+    pub fn csv(&self) -> Vec<u8> {
+        let mut out = "\u{feff}".as_bytes().to_vec();
+        let write = |out: &mut Vec<u8>, fields: [String; 4]| {
+            super::query::write_csv_row(out, fields.into_iter())
+        };
+        write(
+            &mut out,
+            ["month", "area", "figure", "value"].map(String::from),
+        );
+        let mut rows = |area: &str, f: &PublicFigures| {
+            let mut figures: Vec<(String, String)> = vec![
+                ("households".into(), f.households.text()),
+                ("households_visited".into(), f.households_visited.text()),
+                (
+                    "coverage_percent".into(),
+                    f.coverage_percent
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                ),
+                ("visits".into(), f.visits.text()),
+            ];
+            for (prefix, m) in [
+                ("visits_outcome_", &f.visits_by_outcome),
+                ("visits_mode_", &f.visits_by_mode),
+                ("matters_raised_", &f.matters_raised),
+            ] {
+                figures.extend(m.iter().map(|(k, n)| (format!("{prefix}{k}"), n.text())));
+            }
+            figures.extend([
+                ("matters_resolved".into(), f.matters_resolved.text()),
+                ("matters_mediated".into(), f.matters_mediated.text()),
+                ("matters_referred".into(), f.matters_referred.text()),
+                ("suggestions".into(), f.suggestions.text()),
+                (
+                    "satisfaction_average".into(),
+                    f.satisfaction_average
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                ),
+                (
+                    "security_average".into(),
+                    f.security_average
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                ),
+            ]);
+            for (figure, value) in figures {
+                write(
+                    &mut out,
+                    [self.month.clone(), area.to_string(), figure, value],
+                );
+            }
+        };
+        for v in &self.villages {
+            rows(&v.village, &v.figures);
+        }
+        rows("station", &self.station);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_counts_are_not_published() {
+        assert_eq!(Published::of(0), Published::Count(0));
+        assert_eq!(Published::of(1), Published::Suppressed("<3"));
+        assert_eq!(Published::of(2), Published::Suppressed("<3"));
+        assert_eq!(Published::of(3), Published::Count(3));
+        let f = MonthFigures {
+            households: 10,
+            households_visited: 2,
+            satisfaction: Score {
+                average: Some(4.5),
+                count: 2,
+                ..Score::default()
+            },
+            ..MonthFigures::default()
+        };
+        let p = publish(&f);
+        assert_eq!(p.households_visited, Published::Suppressed("<3"));
+        assert_eq!(
+            p.coverage_percent, None,
+            "a share would give the small count away"
+        );
+        assert_eq!(p.satisfaction_average, None);
+    }
 
     #[test]
     fn months_start_at_local_midnight() {

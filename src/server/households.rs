@@ -66,7 +66,7 @@ pub(super) fn routes(services: &Services) -> Route {
         .unify()
         .or(coverage(services, &desk))
         .unify()
-        .or(monthly_report(services, &desk))
+        .or(reports(services, &desk))
         .unify()
         .boxed()
 }
@@ -537,41 +537,79 @@ fn export(services: &Services, desk: &StaffDesk) -> Route {
 }
 
 /// `GET /api/v1/coverage?days=30`
-/// `GET /api/v1/reports/monthly?month=YYYY-MM[&village=]`
-fn monthly_report(services: &Services, desk: &StaffDesk) -> Route {
+/// What a report route answers with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReportForm {
+    /// The whole monthly report (JSON).
+    Monthly,
+    /// The public summary (JSON).
+    Public,
+    /// The public summary (CSV).
+    PublicCsv,
+}
+
+/// `GET /api/v1/reports/monthly`, `/api/v1/reports/public` and `/api/v1/reports/public.csv`,
+/// each `?month=YYYY-MM[&village=]`.
+fn reports(services: &Services, desk: &StaffDesk) -> Route {
     let desk = desk.clone();
     let offset = services.config.utc_offset_minutes;
+    let form = warp::path!("api" / "v1" / "reports" / "monthly")
+        .map(|| ReportForm::Monthly)
+        .or(warp::path!("api" / "v1" / "reports" / "public").map(|| ReportForm::Public))
+        .unify()
+        .or(warp::path!("api" / "v1" / "reports" / "public.csv").map(|| ReportForm::PublicCsv))
+        .unify();
     warp::get()
-        .and(warp::path!("api" / "v1" / "reports" / "monthly"))
+        .and(form)
         .and(auth::caller(services))
         .and(raw_query())
-        .then(move |who: Result<Authenticated, ApiError>, raw: String| {
-            let desk = desk.clone();
-            async move {
-                respond(
-                    async {
-                        let who = who?;
-                        let pairs = query_pairs(&raw, &["month", "village"])?;
-                        let month: String = param(&pairs, "month", "a month as YYYY-MM")?
-                            .ok_or_else(|| {
-                                ApiError::bad_request("`month` is required, as YYYY-MM")
-                            })?;
-                        let month =
-                            crate::projection::report::Month::parse(&month).ok_or_else(|| {
-                                ApiError::bad_request(format!(
-                                    "`month`: `{month}` is not a month as YYYY-MM"
-                                ))
-                            })?;
-                        let village: Option<String> = param(&pairs, "village", "a village")?;
-                        let report = desk
-                            .monthly_report(who.principal(), month, village, offset)
-                            .await?;
-                        Ok(json(&report))
-                    }
-                    .await,
-                )
-            }
-        })
+        .then(
+            move |form: ReportForm, who: Result<Authenticated, ApiError>, raw: String| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let pairs = query_pairs(&raw, &["month", "village"])?;
+                            let month: String = param(&pairs, "month", "a month as YYYY-MM")?
+                                .ok_or_else(|| {
+                                    ApiError::bad_request("`month` is required, as YYYY-MM")
+                                })?;
+                            let month = crate::projection::report::Month::parse(&month)
+                                .ok_or_else(|| {
+                                    ApiError::bad_request(format!(
+                                        "`month`: `{month}` is not a month as YYYY-MM"
+                                    ))
+                                })?;
+                            let village: Option<String> = param(&pairs, "village", "a village")?;
+                            let report = desk
+                                .monthly_report(who.principal(), month, village, offset)
+                                .await?;
+                            Ok(match form {
+                                ReportForm::Monthly => json(&report),
+                                ReportForm::Public => json(&report.public()),
+                                ReportForm::PublicCsv => {
+                                    let name = format!(
+                                        "attachment; filename=\"fieldsync-public-{}.csv\"",
+                                        report.month
+                                    );
+                                    Box::new(warp::reply::with_header(
+                                        warp::reply::with_header(
+                                            report.public().csv(),
+                                            "content-type",
+                                            "text/csv; charset=utf-8",
+                                        ),
+                                        "content-disposition",
+                                        name,
+                                    )) as Box<dyn Reply>
+                                }
+                            })
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
         .boxed()
 }
 

@@ -213,6 +213,25 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
             },
         )?;
         records::update_matter(tx, &d, MatterStatus::Mediated, CAT, at, "agreed")?;
+        records::add_matter(
+            tx,
+            &NewMatter {
+                visit: String::new(),
+                kind: MatterKind::Tip,
+                description: "the informant Wang Da-ming saw a gambling den".into(),
+                risk: Risk::Red,
+                confidential: true,
+            },
+        )?;
+        records::add_member(
+            tx,
+            &records::NewMember {
+                name: "陳美玲".into(),
+                relation: "head".into(),
+                birth_year: Some(1968),
+                phone: "0911-000-111".into(),
+            },
+        )?;
         records::add_follow_up(
             tx,
             &records::NewFollowUp {
@@ -325,7 +344,7 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
     assert_eq!(linsen["matters_resolved"], 1);
     assert_eq!(
         dongmen["matters_raised"],
-        json!({"dispute": 1, "suggestion": 1})
+        json!({"dispute": 1, "suggestion": 1, "tip": 1})
     );
     assert_eq!(dongmen["matters_mediated"], 1);
     assert_eq!(dongmen["follow_ups_open"], 1);
@@ -351,6 +370,51 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
     assert_eq!(linsen["visits"], 1);
     assert_eq!(linsen["matters_raised"], json!({"complaint": 1}));
     assert_eq!(linsen["matters_resolved"], 0);
+
+    // The public summary (警務公開): nothing personal of the test data, small counts
+    // suppressed, in JSON and CSV.
+    let public = staff.get_ok("/reports/public?month=2026-11").await;
+    let (status, csv, kind) = staff.get_text("/reports/public.csv?month=2026-11").await;
+    assert_eq!((status, kind.as_str()), (200, "text/csv; charset=utf-8"));
+    let published = format!("{public}\n{csv}");
+    let mut personal: Vec<String> = vec![
+        AMY.into(),
+        BEN.into(),
+        CAT.into(),
+        "陳美玲".into(),
+        "0911-000-111".into(),
+        "Linsen S. Rd".into(),
+        "October visit".into(),
+        "November visit".into(),
+        "street lights".into(),
+        "noise at night".into(),
+        "parking".into(),
+        "Wang Da-ming".into(),
+        "gambling".into(),
+    ];
+    personal.extend([one, two, three].iter().map(|d| d.to_string()));
+    for p in &personal {
+        assert!(
+            !published.contains(p.as_str()),
+            "{p:?} is in the public summary: {published}"
+        );
+    }
+    let dongmen_public = public["villages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["village"] == OTHER_VILLAGE)
+        .unwrap();
+    assert_eq!(dongmen_public["visits"], "<3");
+    assert_eq!(dongmen_public["matters_raised"]["tip"], "<3");
+    assert_eq!(dongmen_public["satisfaction_average"], Value::Null);
+    assert_eq!(public["station"]["visits"], 3);
+    assert_eq!(public["station"]["households"], 4);
+    assert!(csv.contains("2026-11,station,visits,3"), "{csv}");
+    assert!(
+        csv.contains(&format!("2026-11,{OTHER_VILLAGE},visits,<3")),
+        "{csv}"
+    );
 
     // One village only; bad requests say why.
     let only = staff
