@@ -13,6 +13,7 @@ use fieldsync::ids::{Clock, DocumentId, ManualClock, Timestamp};
 use fieldsync::records::{self, MatterKind, MatterStatus, NewHousehold, NewMatter, Risk};
 use serde_json::{json, Value};
 
+use crate::common::browser::Browser;
 use crate::common::world::{AMY, BEN, CAT, OTHER_VILLAGE, STATION, SUE, SUE_PASSWORD, VILLAGE};
 use crate::common::{household, visit, StaffSession, TestServer};
 
@@ -414,6 +415,69 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
     assert!(
         csv.contains(&format!("2026-11,{OTHER_VILLAGE},visits,<3")),
         "{csv}"
+    );
+
+    // The report's page: the same figures, and it prints on one A4 page without the
+    // navigation or controls.
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{}/", server.http)).await;
+    b.wait_for("document.querySelector('#signin')").await;
+    b.fill("#signin input[name=name]", SUE).await;
+    b.fill("#signin input[name=password]", SUE_PASSWORD).await;
+    b.click("#signin button[type=submit]").await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
+        .await;
+    b.goto(&format!("{}/#/report?month=2026-11", server.http))
+        .await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'report'")
+        .await;
+    let shown = b
+        .eval(
+            r#"[...document.querySelectorAll('#report-table tbody tr')].map(r => [r.dataset.village,
+                r.querySelector('[data-col=households]').textContent,
+                r.querySelector('[data-col=visits]').firstChild.textContent])"#,
+        )
+        .await;
+    assert_eq!(
+        shown,
+        json!([
+            [OTHER_VILLAGE, "2", "1"],
+            [VILLAGE, "2", "2"],
+            ["全所合計", "4", "3"]
+        ])
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#suggestions li').firstChild.textContent")
+            .await,
+        "more street lights on the lane"
+    );
+    b.emulate_print(true).await;
+    let hidden = b
+        .eval("[getComputedStyle(document.querySelector('header#top')).display, getComputedStyle(document.querySelector('.no-print')).display]")
+        .await;
+    assert_eq!(hidden, json!(["none", "none"]));
+    let pdf = b.print_to_pdf().await;
+    let text = String::from_utf8_lossy(&pdf);
+    let pages = text.matches("/Type /Page").count() - text.matches("/Type /Pages").count();
+    assert_eq!(pages, 1, "one page");
+    let media = text
+        .split("/MediaBox")
+        .nth(1)
+        .map(|m| m.chars().take(40).collect::<String>())
+        .unwrap_or_default();
+    // A4 is 595.28 x 841.89 points (Chromium rounds to whole CSS pixels).
+    let size: Vec<f64> = media
+        .trim()
+        .trim_start_matches('[')
+        .split(']')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        size.len() == 4 && (size[2] - 595.28).abs() < 1.0 && (size[3] - 841.89).abs() < 1.0,
+        "not A4: {media}"
     );
 
     // One village only; bad requests say why.

@@ -11,6 +11,10 @@ const DAYS = 30;
 const T = {
   zh: {
     dashboard: "轄區概況", households: "住戶", signin: "登入", signout: "登出", lang: "English",
+    report: "月報", reportTitle: m => `${m} 警民懇談會月報`, month: "月份", print: "列印", publicCsv: "警務公開（CSV）",
+    visitsN: "訪視", coverage: "訪視率", raised: "受理案件", resolved: "已解決", mediated: "已調解", referred: "已轉介",
+    openFollowUps: "待追蹤", satisfaction: "滿意度", security: "治安感受", vsPrevious: "較上月", suggestions: "民眾建議",
+    stationTotal: "全所合計", byServerTime: "依伺服器時間", visitedMonth: "本月已訪戶",
     name: "帳號", memberName: "姓名", password: "密碼", wrongPassword: "帳號或密碼錯誤", village: "村里",
     householdsN: "戶數", visited: `近${DAYS}日已訪`, never: "從未訪視", openMatters: "未結案件",
     overdue: "逾期追蹤", quarantined: "隔離", behind: "未達目標", onTrack: "達標",
@@ -41,6 +45,10 @@ const T = {
   },
   en: {
     dashboard: "Coverage", households: "Households", signin: "Sign in", signout: "Sign out", lang: "中文",
+    report: "Monthly report", reportTitle: m => `Police–community meeting report, ${m}`, month: "Month", print: "Print", publicCsv: "Public summary (CSV)",
+    visitsN: "Visits", coverage: "Coverage", raised: "Matters raised", resolved: "Resolved", mediated: "Mediated", referred: "Referred",
+    openFollowUps: "Open follow-ups", satisfaction: "Satisfaction", security: "Feeling safe", vsPrevious: "vs. last month", suggestions: "Residents' suggestions",
+    stationTotal: "Station total", byServerTime: "by server time", visitedMonth: "Visited this month",
     name: "Account", memberName: "Name", password: "Password", wrongPassword: "Wrong account or password", village: "Village",
     householdsN: "Households", visited: `Visited (${DAYS} d)`, never: "Never visited", openMatters: "Open matters",
     overdue: "Overdue follow-ups", quarantined: "Quarantined", behind: "Behind goal", onTrack: "On track",
@@ -298,6 +306,55 @@ async function listView(params) {
   );
 }
 
+// ---- monthly report ------------------------------------------------------------------------
+
+function thisMonth() {
+  const d = new Date();
+  return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, "0")}`;
+}
+
+async function reportView(params) {
+  const month = params.get("month") || thisMonth();
+  const r = await api("GET", `/reports/monthly?month=${encodeURIComponent(month)}`);
+  const score = s => (s.average == null ? "—" : `${s.average} (${s.count})${s.change == null ? "" : ` ${s.change >= 0 ? "+" : ""}${s.change} ${t("vsPrevious")}`}`);
+  const kinds = m => Object.entries(m).map(([k, n]) => `${t(k)} ${n}`).join("、") || "0";
+  const row = (name, f, cls) => el(
+    "tr",
+    { class: cls || "", dataset: { village: name } },
+    el("td", {}, name),
+    el("td", { class: "num", dataset: { col: "households" } }, f.households),
+    el("td", { class: "num", dataset: { col: "visited" } }, f.households_visited, f.coverage == null ? "" : ` (${Math.round(f.coverage * 100)}%)`),
+    el("td", { class: "num", dataset: { col: "visits" } }, f.visits, f.visits_by_server_time ? el("div", { class: "meta" }, `${f.visits_by_server_time} ${t("byServerTime")}`) : ""),
+    el("td", { dataset: { col: "raised" } }, kinds(f.matters_raised)),
+    el("td", { class: "num" }, f.matters_resolved),
+    el("td", { class: "num" }, f.matters_mediated),
+    el("td", { class: "num" }, f.matters_referred),
+    el("td", { class: "num" }, f.follow_ups_open, f.follow_ups_overdue ? el("div", { class: "meta" }, `${t("overdue")} ${f.follow_ups_overdue}`) : ""),
+    el("td", { dataset: { col: "satisfaction" } }, score(f.satisfaction)),
+    el("td", {}, score(f.security)),
+  );
+  const picker = el("input", { type: "month", name: "month", value: month });
+  picker.addEventListener("change", () => { location.hash = `#/report?month=${encodeURIComponent(picker.value)}`; });
+  return el(
+    "section",
+    { id: "report", dataset: { month: r.month } },
+    el("div", { class: "no-print filters" },
+      el("label", {}, t("month"), picker),
+      el("button", { class: "secondary", type: "button", onclick: () => window.print() }, t("print")),
+      el("a", { href: `/api/v1/reports/public.csv?month=${encodeURIComponent(r.month)}`, id: "public-csv" }, t("publicCsv"))),
+    el("h1", {}, t("reportTitle")(r.month), " — ", state.me.station),
+    el("p", { class: "meta" }, `UTC${r.utc_offset} · ${fmtTime(r.starts_at_ms)} – ${fmtTime(r.ends_at_ms - 1)}`),
+    el(
+      "table",
+      { id: "report-table" },
+      el("thead", {}, el("tr", {}, [t("village"), t("householdsN"), t("visitedMonth"), t("visitsN"), t("raised"), t("resolved"), t("mediated"), t("referred"), t("openFollowUps"), t("satisfaction"), t("security")].map(h => el("th", {}, h)))),
+      el("tbody", {}, r.villages.map(v => row(v.village, v)), row(t("stationTotal"), r.station, "total")),
+    ),
+    el("h2", {}, t("suggestions")),
+    el("ul", { id: "suggestions" }, r.station.suggestions.map(s => el("li", {}, s.text, el("span", { class: "meta" }, ` — ${s.address_label}`)))),
+  );
+}
+
 // ---- household detail -------------------------------------------------------------------
 
 async function detailView(id, params) {
@@ -528,6 +585,7 @@ function header() {
     nav.append(
       el("a", { href: "#/", class: route === "#/" || route === "" ? "active" : "" }, t("dashboard")),
       el("a", { href: "#/households", class: route.startsWith("#/household") ? "active" : "" }, t("households")),
+      el("a", { href: "#/report", class: route.startsWith("#/report") ? "active" : "" }, t("report")),
     );
   }
 }
@@ -550,6 +608,9 @@ async function render() {
     if (route.startsWith("/household/")) {
       name = "detail";
       view = await detailView(decodeURIComponent(route.slice("/household/".length)), params);
+    } else if (route.startsWith("/report")) {
+      name = "report";
+      view = await reportView(params);
     } else if (route.startsWith("/households")) {
       name = "list";
       view = await listView(params);

@@ -138,6 +138,30 @@ impl Browser {
         answer["result"].clone()
     }
 
+    /// Styles the page for print (`@media print`), or back for the screen.
+    pub async fn emulate_print(&mut self, print: bool) {
+        self.call(
+            "Emulation.setEmulatedMedia",
+            json!({"media": if print { "print" } else { "" }}),
+        )
+        .await;
+    }
+
+    /// Prints the page to PDF as the browser's print dialog would, with the page size its
+    /// CSS asks for; returns the PDF's bytes.
+    pub async fn print_to_pdf(&mut self) -> Vec<u8> {
+        use base64::Engine as _;
+        let r = self
+            .call(
+                "Page.printToPDF",
+                json!({"preferCSSPageSize": true, "printBackground": false}),
+            )
+            .await;
+        base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().expect("PDF data"))
+            .expect("base64 PDF")
+    }
+
     /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
     pub async fn eval(&mut self, expression: &str) -> Value {
         let r = self
