@@ -516,6 +516,42 @@ impl ProjectionStore for PgProjection {
         })
     }
 
+    fn same_address(
+        &self,
+        station: &str,
+        wanted: &[(String, String)],
+    ) -> Result<super::store::SameAddress, StorageError> {
+        let mut out = super::store::SameAddress::new();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let keys: Vec<String> = wanted.iter().map(|(_, k)| k.clone()).collect();
+        let station = station.to_string();
+        let rows = self.store.with_client(move |client| {
+            Box::pin(async move {
+                client
+                    .query(
+                        "SELECT village, row->>'address_key', id FROM households
+                         WHERE station = $1 AND row->>'address_key' = ANY($2)",
+                        &[&station, &keys],
+                    )
+                    .await
+                    .map_err(db)
+            })
+        })?;
+        let wanted: std::collections::BTreeSet<&(String, String)> = wanted.iter().collect();
+        for r in rows {
+            let pair: (String, String) = (r.get(0), r.get(1));
+            if wanted.contains(&pair) {
+                let id: uuid::Uuid = r.get(2);
+                out.entry(pair)
+                    .or_default()
+                    .push(DocumentId::from_bytes(*id.as_bytes()));
+            }
+        }
+        Ok(out)
+    }
+
     fn time_counts(
         &self,
         station: &str,

@@ -178,6 +178,10 @@ pub struct ListItem {
     /// Why it is quarantined (only in `quarantined=true` lists).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub quarantine: Vec<String>,
+    /// Other households of its village at the same address (normalised): likely the same
+    /// household registered twice. Absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub possible_duplicates: Vec<DocumentId>,
 }
 
 impl ListItem {
@@ -199,6 +203,7 @@ impl ListItem {
             changed_since_approval: s.changed_since_approval,
             conflicts: s.conflicts,
             quarantine: s.quarantine.clone(),
+            possible_duplicates: Vec::new(),
         }
         .with_overdue(&s, now_ms)
     }
@@ -288,15 +293,51 @@ impl Projection {
             after: cursor,
             limit,
         })?;
+        let same = self.same_address_blocking(scope.station.as_str(), &answer.rows)?;
         Ok(HouseholdPage {
             households: answer
                 .rows
                 .into_iter()
-                .map(|r| ListItem::new(r, now_ms))
+                .map(|r| {
+                    let others = others_at(&same, &r);
+                    let mut item = ListItem::new(r, now_ms);
+                    item.possible_duplicates = others;
+                    item
+                })
                 .collect(),
             next_cursor: answer.next.map(|c| c.encode()),
             total: answer.total,
         })
+    }
+
+    /// The households sharing an address with each of `rows` (see
+    /// [`super::store::ProjectionStore::same_address`]).
+    fn same_address_blocking(
+        &self,
+        station: &str,
+        rows: &[HouseholdRow],
+    ) -> Result<super::store::SameAddress, StorageError> {
+        let mut wanted: Vec<(String, String)> = rows
+            .iter()
+            .filter(|r| !r.summary.address_key.is_empty())
+            .map(|r| (r.village.clone(), r.summary.address_key.clone()))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        self.inner.rows.same_address(station, &wanted)
+    }
+
+    /// Other households of `doc`'s village at its address (its row's key), for the detail.
+    pub fn possible_duplicates_blocking(
+        &self,
+        station: &str,
+        doc: DocumentId,
+    ) -> Result<Vec<DocumentId>, StorageError> {
+        let Some(row) = self.inner.rows.row(station, doc)? else {
+            return Ok(Vec::new());
+        };
+        let same = self.same_address_blocking(station, std::slice::from_ref(&row))?;
+        Ok(others_at(&same, &row))
     }
 
     /// Per village of `villages` (all those of the scope): households, visited in the last
@@ -460,6 +501,13 @@ impl Projection {
         }
         Ok(rows_written)
     }
+}
+
+/// The households of `same` at `row`'s village and address, `row` itself left out.
+fn others_at(same: &super::store::SameAddress, row: &HouseholdRow) -> Vec<DocumentId> {
+    same.get(&(row.village.clone(), row.summary.address_key.clone()))
+        .map(|ids| ids.iter().copied().filter(|id| *id != row.id).collect())
+        .unwrap_or_default()
 }
 
 /// One CSV record (RFC 4180): fields with commas, quotes or line breaks are quoted; a

@@ -175,6 +175,29 @@ pub trait ProjectionStore: Send + Sync + 'static {
         failed.map_or(Ok(()), Err)
     }
 
+    /// For each (village, address key) of `wanted` (keys not empty), every household of
+    /// `station` registered to that village with that key, quarantined ones included. This
+    /// default reads every row of the station; PostgreSQL asks by key.
+    fn same_address(
+        &self,
+        station: &str,
+        wanted: &[(String, String)],
+    ) -> Result<SameAddress, StorageError> {
+        let mut out = SameAddress::new();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let wanted: std::collections::BTreeSet<&(String, String)> = wanted.iter().collect();
+        self.for_each_row(Some(station), &mut |row| {
+            let pair = (row.village.clone(), row.summary.address_key.clone());
+            if !pair.1.is_empty() && wanted.contains(&pair) {
+                out.entry(pair).or_default().push(row.id);
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
     /// Per village of the station within `villages`: households visited since `since_ms`
     /// and follow-ups overdue at `now_ms`, over the households that are not quarantined.
     /// This default reads every row of the station; PostgreSQL answers from its indexes.
@@ -202,6 +225,9 @@ pub trait ProjectionStore: Send + Sync + 'static {
         Ok(out)
     }
 }
+
+/// A (village, address key) pair and the households that share it.
+pub type SameAddress = BTreeMap<(String, String), Vec<DocumentId>>;
 
 fn in_villages(villages: Option<&[String]>, village: &str) -> bool {
     villages.is_none_or(|v| v.iter().any(|x| x == village))

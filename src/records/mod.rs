@@ -24,7 +24,10 @@ pub use detail::{
     conflicts, history, household_detail, Conflict, ConflictValue, Entry, HistoryEntry,
     HouseholdDetail, Review,
 };
-pub use read::{address_label, household_scope, read_household, HouseholdView, VisitView};
+pub use read::{
+    address_key, address_label, household_scope, normalise_address, read_household, HouseholdView,
+    VisitView,
+};
 pub use schema::{
     is_entry_key, validate, FollowUpStatus, MatterKind, MatterStatus, Premises, ReviewState, Risk,
     VisitMode, VisitOutcome,

@@ -179,6 +179,57 @@ pub fn address_label<R: ReadDoc>(doc: &R) -> String {
     label.join(" ")
 }
 
+/// The address as a key for spotting one address registered twice: street and house
+/// number, normalised (see [`normalise_address`]). Empty when the record has neither.
+pub fn address_key<R: ReadDoc>(doc: &R) -> String {
+    let address = map_at(doc, &ROOT, "address");
+    let part = |k: &str| {
+        address
+            .as_ref()
+            .and_then(|a| string_at(doc, a, k))
+            .unwrap_or_default()
+    };
+    normalise_address(&format!("{} {}", part("street"), part("house_no")))
+}
+
+/// How two officers may write one address differently, made the same: full-width letters
+/// and digits as ASCII, lower case, no spaces or punctuation, no 號 or "No.", and common
+/// English street words and their abbreviations (Rd./Road, St./Street, Sec./Section,
+/// Ln./Lane, Aly./Alley, S./South...) as one form. "林森南路12號", "林森南路 １２ 號" and
+/// "林森南路 No. 12" give the same key.
+pub fn normalise_address(address: &str) -> String {
+    let half: String = address
+        .chars()
+        .map(|c| match c {
+            // Full-width ASCII (！ to ～) and the ideographic space.
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '\u{3000}' => ' ',
+            _ => c,
+        })
+        .flat_map(char::to_lowercase)
+        .collect();
+    let mut words = Vec::new();
+    for raw in half.split(|c: char| c.is_whitespace() || c == ',' || c == '.' || c == '#') {
+        let word = match raw {
+            "" | "no" | "號" => continue,
+            "rd" | "road" => "road",
+            "st" | "street" => "street",
+            "sec" | "section" => "section",
+            "ln" | "lane" => "lane",
+            "aly" | "alley" => "alley",
+            "blvd" | "boulevard" => "boulevard",
+            "ave" | "avenue" => "avenue",
+            "s" | "south" => "south",
+            "n" | "north" => "north",
+            "e" | "east" => "east",
+            "w" | "west" => "west",
+            other => other,
+        };
+        words.push(word.replace('號', ""));
+    }
+    words.concat()
+}
+
 pub fn read_household<R: ReadDoc>(doc: &R) -> Result<HouseholdView, RecordError> {
     if string_at(doc, &ROOT, "type").as_deref() != Some("household") {
         return Err(RecordError::NotAHousehold(
@@ -227,4 +278,36 @@ pub fn household_scope<R: ReadDoc>(doc: &R) -> Option<(String, String)> {
         string_at(doc, &ROOT, "station")?,
         string_at(doc, &ROOT, "village")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise_address;
+
+    #[test]
+    fn one_address_written_several_ways_has_one_key() {
+        let key = normalise_address("林森南路12號");
+        for same in [
+            "林森南路 12 號",
+            "林森南路 １２ 號",
+            "林森南路　12號",
+            "林森南路 No. 12",
+            "林森南路12",
+        ] {
+            assert_eq!(normalise_address(same), key, "{same}");
+        }
+        assert_eq!(
+            normalise_address("Linsen S. Rd. No. 12"),
+            normalise_address("linsen south road 12")
+        );
+        assert_ne!(
+            normalise_address("林森南路12號"),
+            normalise_address("林森南路14號")
+        );
+        assert_ne!(
+            normalise_address("林森南路12號"),
+            normalise_address("林森北路12號")
+        );
+        assert_eq!(normalise_address(" "), "");
+    }
 }

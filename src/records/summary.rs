@@ -87,6 +87,10 @@ pub struct HouseholdSummary {
     pub quarantine: Vec<String>,
     /// Lower-cased address, members and notes, for the text filter.
     pub search_text: String,
+    /// The normalised street and house number (`records::address_key`): households of one
+    /// village with the same key are likely one address registered twice.
+    #[serde(default)]
+    pub address_key: String,
     pub visits: Vec<VisitRow>,
 }
 
@@ -221,6 +225,7 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
         conflicts: conflicts(doc, attribution).len() as u32,
         quarantine,
         search_text,
+        address_key: super::read::address_key(doc),
         visits,
     }
 }

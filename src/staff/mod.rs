@@ -88,6 +88,10 @@ pub struct Detail {
     /// Set when the record is shown as it was at an earlier point (`?at=` or `?heads=`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub as_of: Option<AsOfView>,
+    /// Other households of its village at the same address (normalised): likely the same
+    /// household registered twice. Absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub possible_duplicates: Vec<DocumentId>,
     #[serde(flatten)]
     pub detail: HouseholdDetail,
 }
@@ -364,6 +368,9 @@ impl StaffDesk {
             .await?
             .ok_or(StaffError::NotFound(doc))???;
         let (visits_total, visits_next_offset) = page_visits(&mut detail, page);
+        let (p, at) = (self.projection.clone(), station.clone());
+        let possible_duplicates =
+            blocking(move || p.possible_duplicates_blocking(&at, doc)).await?;
         Ok(Detail {
             id: doc,
             url: doc.to_url(),
@@ -373,6 +380,7 @@ impl StaffDesk {
             visits_total,
             visits_next_offset,
             as_of,
+            possible_duplicates,
             detail,
         })
     }

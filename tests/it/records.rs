@@ -775,3 +775,74 @@ async fn a_household_is_shown_as_it_was_at_an_earlier_time_or_heads() {
     }
     server.stop().await;
 }
+
+/// Two officers register one address written two ways, offline, in one village: the staff
+/// list and the detail flag them as likely the same household; the same address in another
+/// village, or another number, is not flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_registered_twice_is_flagged_in_the_list_and_the_detail() {
+    use crate::common::world::{CAT, OTHER_VILLAGE};
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let at = |street: &str, no: &str, village: &str| {
+        let mut h = household(no);
+        h.address.street = street.into();
+        h.village = village.into();
+        h.address.village = village.into();
+        h
+    };
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
+    let cat = Device::open(&dir.path().join("cat")).await.unwrap();
+    let village = crate::common::world::VILLAGE;
+    let first = amy
+        .create_household(&at("林森南路", "12號", village))
+        .await
+        .unwrap();
+    let other_number = amy
+        .create_household(&at("林森南路", "14號", village))
+        .await
+        .unwrap();
+    let second = ben
+        .create_household(&at("林森南路 ", "１２ 號", village))
+        .await
+        .unwrap();
+    let elsewhere = cat
+        .create_household(&at("林森南路", "12號", OTHER_VILLAGE))
+        .await
+        .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    assert!(ben
+        .sync(&server.url_for(BEN).await)
+        .await
+        .unwrap()
+        .all_held());
+    assert!(cat
+        .sync(&server.url_for(CAT).await)
+        .await
+        .unwrap()
+        .all_held());
+
+    let staff = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let list = staff.get_ok("/households").await;
+    let flagged: std::collections::BTreeMap<String, Value> = list["households"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_str().unwrap().to_string(),
+                h.get("possible_duplicates").cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    assert_eq!(flagged[&first.to_string()], json!([second.to_string()]));
+    assert_eq!(flagged[&second.to_string()], json!([first.to_string()]));
+    assert_eq!(flagged[&other_number.to_string()], Value::Null);
+    assert_eq!(flagged[&elsewhere.to_string()], Value::Null);
+    let detail = staff.get_ok(&format!("/households/{second}")).await;
+    assert_eq!(detail["possible_duplicates"], json!([first.to_string()]));
+    let detail = staff.get_ok(&format!("/households/{elsewhere}")).await;
+    assert!(detail.get("possible_duplicates").is_none());
+    server.stop().await;
+}

@@ -15,6 +15,7 @@ const T = {
     visitsN: "訪視", coverage: "訪視率", raised: "受理案件", resolved: "已解決", mediated: "已調解", referred: "已轉介",
     openFollowUps: "待追蹤", satisfaction: "滿意度", security: "治安感受", vsPrevious: "較上月", suggestions: "民眾建議",
     stationTotal: "全所合計", byServerTime: "依伺服器時間", visitedMonth: "本月已訪戶",
+    duplicate: "可能重複", duplicateHint: "同村里有相同地址的住戶，可能重複登錄：",
     name: "帳號", memberName: "姓名", password: "密碼", wrongPassword: "帳號或密碼錯誤", village: "村里",
     householdsN: "戶數", visited: `近${DAYS}日已訪`, never: "從未訪視", openMatters: "未結案件",
     overdue: "逾期追蹤", quarantined: "隔離", behind: "未達目標", onTrack: "達標",
@@ -49,6 +50,7 @@ const T = {
     visitsN: "Visits", coverage: "Coverage", raised: "Matters raised", resolved: "Resolved", mediated: "Mediated", referred: "Referred",
     openFollowUps: "Open follow-ups", satisfaction: "Satisfaction", security: "Feeling safe", vsPrevious: "vs. last month", suggestions: "Residents' suggestions",
     stationTotal: "Station total", byServerTime: "by server time", visitedMonth: "Visited this month",
+    duplicate: "Possible duplicate", duplicateHint: "Another household of this village has the same address; it may be registered twice:",
     name: "Account", memberName: "Name", password: "Password", wrongPassword: "Wrong account or password", village: "Village",
     householdsN: "Households", visited: `Visited (${DAYS} d)`, never: "Never visited", openMatters: "Open matters",
     overdue: "Overdue follow-ups", quarantined: "Quarantined", behind: "Behind goal", onTrack: "On track",
@@ -269,7 +271,8 @@ async function listView(params) {
     el(
       "tr",
       { dataset: { id: h.id } },
-      el("td", {}, el("a", { href: `#/household/${encodeURIComponent(h.id)}` }, h.address_label || h.id)),
+      el("td", {}, el("a", { href: `#/household/${encodeURIComponent(h.id)}` }, h.address_label || h.id),
+        h.possible_duplicates ? el("span", { class: "badge warn duplicate", title: t("duplicateHint") }, t("duplicate")) : ""),
       el("td", {}, h.village),
       el("td", {}, fmtDate(h.last_visit_at_ms)),
       el("td", { class: "num" }, h.visit_count),
@@ -548,6 +551,10 @@ async function detailView(id, params) {
     el("p", {}, el("a", { href: "#/households" }, t("back"))),
     el("h1", {}, [a.township, a.village, a.group, a.street, a.house_no ? `No. ${a.house_no}` : ""].filter(Boolean).join(" "), " ", el("span", { class: "badge" }, d.village)),
     asOf,
+    d.possible_duplicates
+      ? el("div", { class: "banner warn", id: "duplicates" }, el("strong", {}, t("duplicateHint")), " ",
+          d.possible_duplicates.map(o => el("a", { href: `#/household/${encodeURIComponent(o)}` }, o.slice(0, 8))))
+      : "",
     d.quarantine.length ? el("div", { class: "banner warn" }, el("strong", {}, t("quarantined")), el("ul", {}, d.quarantine.map(q => el("li", {}, q)))) : "",
     d.as_of ? "" : review,
     el("div", { class: "grid" }, el("div", { class: "panel" }, el("h2", {}, t("members")), members), el("div", { class: "panel" }, el("h2", {}, t("conflictsTitle")), conflicts)),
