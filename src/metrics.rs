@@ -147,6 +147,9 @@ pub fn route_of(path: &str) -> &'static str {
             ["households", _, "follow-ups"] => "/api/v1/households/{id}/follow-ups",
             ["households", _, "follow-ups", _] => "/api/v1/households/{id}/follow-ups/{id}",
             ["households", _, "members", _] => "/api/v1/households/{id}/members/{id}",
+            ["households", _, "visits", _, "meeting"] => {
+                "/api/v1/households/{id}/visits/{id}/meeting"
+            }
             ["changes"] => "/api/v1/changes",
             ["export.csv"] => "/api/v1/export.csv",
             ["coverage"] => "/api/v1/coverage",

@@ -139,6 +139,18 @@ pub struct Suggestion {
     pub text: String,
 }
 
+/// A visit's notes staff chose for the meeting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MeetingNote {
+    pub household: String,
+    pub address_label: String,
+    /// The account that delivered the visit (else what the phone said).
+    pub officer: String,
+    /// When it happened, by the report's rule (see [`visit_time`]).
+    pub at_ms: i64,
+    pub notes: String,
+}
+
 /// One village's month (or the station's, summed).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MonthFigures {
@@ -162,6 +174,8 @@ pub struct MonthFigures {
     pub satisfaction: Score,
     pub security: Score,
     pub suggestions: Vec<Suggestion>,
+    /// Visits of the month whose notes staff chose for the meeting, in time order.
+    pub meeting_notes: Vec<MeetingNote>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -246,6 +260,19 @@ impl Builder {
                 }
                 add_score(&mut sums.satisfaction, v.satisfaction);
                 add_score(&mut sums.security, v.security_score);
+                if v.for_meeting {
+                    f.meeting_notes.push(MeetingNote {
+                        household: row.id.to_string(),
+                        address_label: row.summary.address_label.clone(),
+                        officer: v
+                            .author
+                            .as_ref()
+                            .map(|a| a.user.clone())
+                            .unwrap_or_else(|| v.officer.clone()),
+                        at_ms: t,
+                        notes: v.notes.clone(),
+                    });
+                }
             } else if pstart <= t && t < pend {
                 add_score(&mut sums.prev_satisfaction, v.satisfaction);
                 add_score(&mut sums.prev_security, v.security_score);
@@ -340,6 +367,8 @@ fn score(now: (i64, u64), before: (i64, u64)) -> Score {
 }
 
 fn finish_figures(f: &mut MonthFigures, sums: &Sums) {
+    f.meeting_notes
+        .sort_by(|a, b| (a.at_ms, &a.household).cmp(&(b.at_ms, &b.household)));
     f.coverage =
         (f.households > 0).then(|| round2(f.households_visited as f64 / f.households as f64));
     f.satisfaction = score(sums.satisfaction, sums.prev_satisfaction);
@@ -366,6 +395,7 @@ fn add_into(total: &mut MonthFigures, f: &MonthFigures) {
     total.follow_ups_open += f.follow_ups_open;
     total.follow_ups_overdue += f.follow_ups_overdue;
     total.suggestions.extend(f.suggestions.iter().cloned());
+    total.meeting_notes.extend(f.meeting_notes.iter().cloned());
 }
 
 /// Counts under this are not published: too few to hide who they are.
@@ -617,6 +647,7 @@ mod tests {
             security_score: None,
             satisfaction: None,
             notes: String::new(),
+            for_meeting: false,
         };
         let day = 86_400_000;
         let t = 1_793_462_400_000;

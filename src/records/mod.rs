@@ -25,8 +25,8 @@ pub use detail::{
     HouseholdDetail, Review,
 };
 pub use read::{
-    address_key, address_label, household_scope, normalise_address, read_household, HouseholdView,
-    VisitView,
+    address_key, address_label, household_scope, meeting_marks, normalise_address, read_household,
+    HouseholdView, VisitView,
 };
 pub use schema::{
     is_entry_key, validate, FollowUpStatus, MatterKind, MatterStatus, Premises, ReviewState, Risk,
@@ -35,8 +35,9 @@ pub use schema::{
 pub use summary::{summarise, FollowUpBrief, HouseholdSummary, MatterBrief, VisitRow};
 pub use write::{
     add_follow_up, add_matter, add_member, add_visit, create_household, edit_visit,
-    set_address_field, set_member_field, set_premises, set_review, update_follow_up, update_matter,
-    Address, FollowUpUpdate, NewFollowUp, NewHousehold, NewMatter, NewMember, NewVisit, VisitEdit,
+    mark_for_meeting, set_address_field, set_member_field, set_premises, set_review,
+    update_follow_up, update_matter, Address, FollowUpUpdate, NewFollowUp, NewHousehold, NewMatter,
+    NewMember, NewVisit, VisitEdit,
 };
 
 /// The schema version written into `schema`.

@@ -179,6 +179,29 @@ pub fn address_label<R: ReadDoc>(doc: &R) -> String {
     label.join(" ")
 }
 
+/// The visits staff marked for the police–community meeting (`review.for_meeting.<visit>`
+/// with `marked: true`), sorted.
+pub fn meeting_marks<R: ReadDoc>(doc: &R) -> Vec<String> {
+    let Some(marks) = map_at(doc, &ROOT, "review").and_then(|r| map_at(doc, &r, "for_meeting"))
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = doc
+        .keys(&marks)
+        .filter(|k| {
+            map_at(doc, &marks, k).is_some_and(|m| {
+                matches!(
+                    doc.get(&m, "marked"),
+                    Ok(Some((automerge::Value::Scalar(v), _)))
+                        if matches!(v.as_ref(), automerge::ScalarValue::Boolean(true))
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// The address as a key for spotting one address registered twice: street and house
 /// number, normalised (see [`normalise_address`]). Empty when the record has neither.
 pub fn address_key<R: ReadDoc>(doc: &R) -> String {

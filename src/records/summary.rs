@@ -32,6 +32,9 @@ pub struct VisitRow {
     pub security_score: Option<i64>,
     pub satisfaction: Option<i64>,
     pub notes: String,
+    /// Staff chose these notes for the police–community meeting (`review.for_meeting`).
+    #[serde(default)]
+    pub for_meeting: bool,
 }
 
 /// A follow-up as the lists need it.
@@ -104,6 +107,8 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
 
     let root = Fields::of(doc, &ROOT);
     let text = |f: &Fields, key: &str| f.string(doc, key).unwrap_or_default();
+    let for_meeting: std::collections::HashSet<String> =
+        super::read::meeting_marks(doc).into_iter().collect();
     let mut visits = Vec::new();
     for (id, obj) in entries_of(doc, &root, "visits") {
         let f = Fields::of(doc, &obj);
@@ -121,6 +126,7 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
             security_score: int_of(&f, "security_score"),
             satisfaction: int_of(&f, "satisfaction"),
             notes,
+            for_meeting: for_meeting.contains(&id),
             id,
         });
     }

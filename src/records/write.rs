@@ -377,6 +377,33 @@ pub fn update_follow_up<T: Transactable>(
 
 /// A station's review: the state, who and when, and for an approval the heads it approved
 /// (so a later change shows as "changed since approval"). A comment is appended, if any.
+/// Marks (or unmarks) a visit's notes "for the meeting": staff choose the notes the monthly
+/// report shows for the police–community meeting. Kept in `review.for_meeting.<visit>` as
+/// `{marked, by, at}`; the entry is updated in place, never removed (an unmark is
+/// `marked: false`), so a concurrent mark and unmark merge field by field.
+pub fn mark_for_meeting<T: Transactable>(
+    tx: &mut T,
+    visit: &str,
+    marked: bool,
+    by: &str,
+    at_ms: i64,
+) -> Result<(), RecordError> {
+    entry(tx, "visits", visit)?;
+    let review = root_map(tx, "review")?;
+    let marks = match tx.get(&review, "for_meeting")? {
+        Some((automerge::Value::Object(ObjType::Map), id)) => id,
+        _ => tx.put_object(&review, "for_meeting", ObjType::Map)?,
+    };
+    let mark = match tx.get(&marks, visit)? {
+        Some((automerge::Value::Object(ObjType::Map), id)) => id,
+        _ => tx.put_object(&marks, visit, ObjType::Map)?,
+    };
+    tx.put(&mark, "marked", marked)?;
+    tx.put(&mark, "by", by)?;
+    tx.put(&mark, "at", ScalarValue::Timestamp(at_ms))?;
+    Ok(())
+}
+
 pub fn set_review<T: Transactable>(
     tx: &mut T,
     state: ReviewState,

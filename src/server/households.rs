@@ -60,6 +60,8 @@ pub(super) fn routes(services: &Services) -> Route {
         .unify()
         .or(correct_member(services, &desk))
         .unify()
+        .or(mark_for_meeting(services, &desk))
+        .unify()
         .or(changes(services, &desk))
         .unify()
         .or(export(services, &desk))
@@ -434,6 +436,35 @@ fn correct_member(services: &Services, desk: &StaffDesk) -> Route {
                             desk.correct_member(who.principal(), doc_id(&id)?, mid, c)
                                 .await?;
                             Ok(json(&serde_json::json!({ "updated": true })))
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
+        .boxed()
+}
+
+/// `PUT /api/v1/households/{id}/visits/{visit}/meeting` with `{"for_meeting": bool}`.
+fn mark_for_meeting(services: &Services, desk: &StaffDesk) -> Route {
+    let desk = desk.clone();
+    warp::put()
+        .and(warp::path!(
+            "api" / "v1" / "households" / String / "visits" / String / "meeting"
+        ))
+        .and(write_ctx(services))
+        .then(
+            move |id: String, vid: String, who: Result<Authenticated, ApiError>, body: Bytes| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let mark: crate::staff::MeetingMark = parse(&body)?;
+                            let for_meeting = mark.for_meeting;
+                            desk.mark_for_meeting(who.principal(), doc_id(&id)?, vid, mark)
+                                .await?;
+                            Ok(json(&serde_json::json!({ "for_meeting": for_meeting })))
                         }
                         .await,
                     )

@@ -92,6 +92,9 @@ pub struct Detail {
     /// household registered twice. Absent when there are none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub possible_duplicates: Vec<DocumentId>,
+    /// Visits whose notes staff chose for the police–community meeting. Absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub for_meeting: Vec<String>,
     #[serde(flatten)]
     pub detail: HouseholdDetail,
 }
@@ -187,6 +190,13 @@ pub struct FollowUpRequest {
 pub struct MemberCorrection {
     pub field: String,
     pub value: String,
+}
+
+/// Whether a visit's notes go to the meeting.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeetingMark {
+    pub for_meeting: bool,
 }
 
 #[derive(Clone)]
@@ -349,7 +359,7 @@ impl StaffDesk {
     ) -> Result<Detail, StaffError> {
         let (station, village) = self.readable(who, doc)?;
         let changelog = self.changelog.clone();
-        let (mut detail, quarantine, as_of) = self
+        let (mut detail, quarantine, as_of, for_meeting) = self
             .hub
             .read(doc, move |content: &Automerge| {
                 let rows = changelog.provenance_blocking(doc)?;
@@ -363,6 +373,7 @@ impl StaffDesk {
                     records::household_detail(shown, &attribution),
                     records::validate(shown),
                     view,
+                    records::meeting_marks(shown),
                 )))
             })
             .await?
@@ -381,6 +392,7 @@ impl StaffDesk {
             visits_next_offset,
             as_of,
             possible_duplicates,
+            for_meeting,
             detail,
         })
     }
@@ -558,6 +570,28 @@ impl StaffDesk {
         }
         self.edit(who, doc, move |tx| {
             records::set_member_field(tx, &member, &c.field, &c.value)
+        })
+        .await
+    }
+
+    /// Marks (or unmarks) a visit's notes for the police–community meeting.
+    pub async fn mark_for_meeting(
+        &self,
+        who: &Principal,
+        doc: DocumentId,
+        visit: String,
+        mark: MeetingMark,
+    ) -> Result<(), StaffError> {
+        if !records::is_entry_key(&visit) {
+            return Err(StaffError::NoSuchEntry(format!(
+                "no visit `{}` in this household (ids are UUIDs)",
+                visit.escape_debug()
+            )));
+        }
+        let by = who.user.to_string();
+        let at = self.accounts.now().as_millis() as i64;
+        self.edit(who, doc, move |tx| {
+            records::mark_for_meeting(tx, &visit, mark.for_meeting, &by, at)
         })
         .await
     }

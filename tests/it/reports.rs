@@ -260,6 +260,52 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
     });
 
     let staff = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    // Staff choose Amy's November notes for the meeting (an officer may not), and choose
+    // her October ones and take them back.
+    let visit_id = |detail: &Value, notes: &str| -> String {
+        detail["visits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["value"]["notes"] == notes)
+            .unwrap_or_else(|| panic!("no visit {notes:?} in {detail}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let detail = staff.get_ok(&format!("/households/{one}")).await;
+    let (november, october) = (
+        visit_id(&detail, "November visit"),
+        visit_id(&detail, "October visit"),
+    );
+    for (visit, mark) in [(&november, true), (&october, true), (&october, false)] {
+        let (status, body) = staff
+            .send(
+                "PUT",
+                &format!("/households/{one}/visits/{visit}/meeting"),
+                json!({ "for_meeting": mark }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let amy_token = amy_url.split("token=").nth(1).unwrap().to_string();
+    let (status, _, _) = crate::common::http(
+        "PUT",
+        &format!(
+            "{}/api/v1/households/{one}/visits/{november}/meeting",
+            server.http
+        ),
+        Some(json!({ "for_meeting": false })),
+        &[("authorization", &format!("Bearer {amy_token}"))],
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "an officer does not choose the meeting's notes"
+    );
+    let detail = staff.get_ok(&format!("/households/{one}")).await;
+    assert_eq!(detail["for_meeting"], json!([november.clone()]));
+
     let report = staff.get_ok("/reports/monthly?month=2026-11").await;
     assert_eq!(report["month"], "2026-11");
     assert_eq!(report["utc_offset"], "+08:00");
@@ -343,6 +389,10 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
     let (linsen, dongmen) = (village(VILLAGE), village(OTHER_VILLAGE));
     assert_eq!(linsen["matters_raised"], json!({}));
     assert_eq!(linsen["matters_resolved"], 1);
+    assert_eq!(linsen["meeting_notes"].as_array().unwrap().len(), 1);
+    assert_eq!(linsen["meeting_notes"][0]["notes"], "November visit");
+    assert_eq!(linsen["meeting_notes"][0]["officer"], AMY);
+    assert_eq!(linsen["meeting_notes"][0]["household"], one.to_string());
     assert_eq!(
         dongmen["matters_raised"],
         json!({"dispute": 1, "suggestion": 1, "tip": 1})
@@ -450,6 +500,11 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
         b.eval("document.querySelector('#suggestions li').firstChild.textContent")
             .await,
         "more street lights on the lane"
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#meeting-notes li').firstChild.textContent")
+            .await,
+        "November visit"
     );
     b.emulate_print(true).await;
     let hidden = b

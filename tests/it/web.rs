@@ -259,6 +259,11 @@ async fn staff_review_records_in_a_real_browser() {
     b.wait_for("document.querySelector('#main').dataset.view === 'detail' && !document.querySelector('#as-of') && !!document.querySelector('#review')")
         .await;
 
+    // Staff choose a visit's notes for the meeting from the page.
+    b.click("#visits li button.meeting").await;
+    b.wait_for("!!document.querySelector('#visits li button.meeting.on')")
+        .await;
+
     // Without the CSRF token, and for another station's record, the API refuses.
     let refused = b
         .eval(&format!(

@@ -16,6 +16,7 @@ const T = {
     openFollowUps: "待追蹤", satisfaction: "滿意度", security: "治安感受", vsPrevious: "較上月", suggestions: "民眾建議",
     stationTotal: "全所合計", byServerTime: "依伺服器時間", visitedMonth: "本月已訪戶",
     duplicate: "可能重複", duplicateHint: "同村里有相同地址的住戶，可能重複登錄：",
+    forMeeting: "懇談會選用", chooseForMeeting: "選入懇談會", meetingNotes: "懇談會紀錄摘要",
     name: "帳號", memberName: "姓名", password: "密碼", wrongPassword: "帳號或密碼錯誤", village: "村里",
     householdsN: "戶數", visited: `近${DAYS}日已訪`, never: "從未訪視", openMatters: "未結案件",
     overdue: "逾期追蹤", quarantined: "隔離", behind: "未達目標", onTrack: "達標",
@@ -51,6 +52,7 @@ const T = {
     openFollowUps: "Open follow-ups", satisfaction: "Satisfaction", security: "Feeling safe", vsPrevious: "vs. last month", suggestions: "Residents' suggestions",
     stationTotal: "Station total", byServerTime: "by server time", visitedMonth: "Visited this month",
     duplicate: "Possible duplicate", duplicateHint: "Another household of this village has the same address; it may be registered twice:",
+    forMeeting: "For the meeting", chooseForMeeting: "Choose for the meeting", meetingNotes: "Notes for the meeting",
     name: "Account", memberName: "Name", password: "Password", wrongPassword: "Wrong account or password", village: "Village",
     householdsN: "Households", visited: `Visited (${DAYS} d)`, never: "Never visited", openMatters: "Open matters",
     overdue: "Overdue follow-ups", quarantined: "Quarantined", behind: "Behind goal", onTrack: "On track",
@@ -355,6 +357,8 @@ async function reportView(params) {
     ),
     el("h2", {}, t("suggestions")),
     el("ul", { id: "suggestions" }, r.station.suggestions.map(s => el("li", {}, s.text, el("span", { class: "meta" }, ` — ${s.address_label}`)))),
+    el("h2", {}, t("meetingNotes")),
+    el("ul", { id: "meeting-notes" }, r.station.meeting_notes.map(n => el("li", {}, n.notes, el("span", { class: "meta" }, ` — ${n.officer} · ${fmtTime(n.at_ms)} · ${n.address_label}`)))),
   );
 }
 
@@ -382,6 +386,24 @@ async function detailView(id, params) {
     el("tbody", {}, d.members.map(m => el("tr", {}, el("td", {}, m.value.name), el("td", {}, m.value.relation), el("td", {}, m.value.phone)))),
   );
 
+  // Staff choose notes for the police–community meeting (not on a past version).
+  const chosen = new Set(d.for_meeting || []);
+  const meetingToggle = x => {
+    if (d.as_of || state.me.role === "officer") return chosen.has(x.id) ? el("span", { class: "badge ok" }, t("forMeeting")) : "";
+    const on = chosen.has(x.id);
+    return el("button", {
+      class: on ? "secondary meeting on" : "secondary meeting", type: "button",
+      onclick: async () => {
+        try {
+          await api("PUT", `/households/${encodeURIComponent(d.id)}/visits/${encodeURIComponent(x.id)}/meeting`, { for_meeting: !on });
+          toast(t("saved"));
+          reload();
+        } catch (err) {
+          toast(`${t("failed")}: ${err.message}`);
+        }
+      },
+    }, on ? `✓ ${t("forMeeting")}` : t("chooseForMeeting"));
+  };
   const visits = el(
     "ol",
     { class: "timeline", id: "visits" },
@@ -396,6 +418,7 @@ async function detailView(id, params) {
           `${t("officer")}: ${who(x.created_by)} · ${t("device")}: ${x.created_by?.device || "—"} · ${t("deviceTime")}: ${fmtTime(x.value.started_at)} · ${t("serverTime")}: ${fmtTime(x.created_by?.received_at_ms)}`,
         ),
         el("div", { class: "notes" }, x.value.notes || ""),
+        meetingToggle(x),
       ),
     ),
   );
