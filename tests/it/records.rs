@@ -751,6 +751,23 @@ async fn a_household_is_shown_as_it_was_at_an_earlier_time_or_heads() {
 
     let later = staff.get_ok(&format!("/households/{id}?at={t2}")).await;
     assert_eq!(notes(&later).len(), 2);
+
+    // Staff approve an hour later: the record as it was before shows no approval.
+    clock.advance(std::time::Duration::from_secs(3600));
+    let (status, body) = staff
+        .send(
+            "POST",
+            &format!("/households/{id}/review"),
+            serde_json::json!({"state": "approved", "comment": "checked"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let now = staff.get_ok(&format!("/households/{id}")).await;
+    assert_eq!(now["review"]["state"], "approved");
+    let before = staff.get_ok(&format!("/households/{id}?at={t2}")).await;
+    assert_eq!(before["review"]["state"], "received");
+    assert_eq!(before["review"]["by"], "", "{}", before["review"]);
+    assert_eq!(before["review"]["comments"], serde_json::json!([]));
     let by_heads = staff
         .get_ok(&format!("/households/{id}?heads={}", heads.join(",")))
         .await;

@@ -506,12 +506,32 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
             .await,
         "November visit"
     );
+    // Times in the station's zone, whatever the browser's: the month, and the visit at
+    // 00:10 on 1 November.
+    assert_eq!(
+        b.eval("document.querySelector('#report-period').textContent")
+            .await,
+        "2026-11-01 00:00 – 2026-12-01 00:00 (UTC+08:00)"
+    );
+    assert!(b
+        .eval("document.querySelector('#meeting-notes li').textContent")
+        .await
+        .as_str()
+        .unwrap()
+        .contains("2026-11-01 00:10"));
     b.emulate_print(true).await;
     let hidden = b
         .eval("[getComputedStyle(document.querySelector('header#top')).display, getComputedStyle(document.querySelector('.no-print')).display]")
         .await;
     assert_eq!(hidden, json!(["none", "none"]));
     let pdf = b.print_to_pdf().await;
+    // FIELDSYNC_WRITE_SCREENSHOTS=1: the printed page as the README shows it (in Chinese).
+    if std::env::var_os("FIELDSYNC_WRITE_SCREENSHOTS").is_some() {
+        let docs = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+        b.screenshot(&docs.join("screenshots/monthly-report.png"))
+            .await;
+        std::fs::write(docs.join("monthly-report.pdf"), &pdf).unwrap();
+    }
     let text = String::from_utf8_lossy(&pdf);
     let pages = text.matches("/Type /Page").count() - text.matches("/Type /Pages").count();
     assert_eq!(pages, 1, "one page");

@@ -318,6 +318,13 @@ function thisMonth() {
   return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, "0")}`;
 }
 
+// A time at the station's offset from UTC (`+08:00`), whatever the browser's zone.
+function stationTime(ms, offset) {
+  const m = /^([+-])(\d\d):(\d\d)$/.exec(offset || "+00:00");
+  const minutes = m ? (m[1] === "-" ? -1 : 1) * (Number(m[2]) * 60 + Number(m[3])) : 0;
+  return new Date(ms + minutes * 60000).toISOString().slice(0, 16).replace("T", " ");
+}
+
 async function reportView(params) {
   const month = params.get("month") || thisMonth();
   const r = await api("GET", `/reports/monthly?month=${encodeURIComponent(month)}`);
@@ -348,7 +355,7 @@ async function reportView(params) {
       el("button", { class: "secondary", type: "button", onclick: () => window.print() }, t("print")),
       el("a", { href: `/api/v1/reports/public.csv?month=${encodeURIComponent(r.month)}`, id: "public-csv" }, t("publicCsv"))),
     el("h1", {}, t("reportTitle")(r.month), " — ", state.me.station),
-    el("p", { class: "meta" }, `UTC${r.utc_offset} · ${fmtTime(r.starts_at_ms)} – ${fmtTime(r.ends_at_ms - 1)}`),
+    el("p", { class: "meta", id: "report-period" }, `${stationTime(r.starts_at_ms, r.utc_offset)} – ${stationTime(r.ends_at_ms, r.utc_offset)} (UTC${r.utc_offset})`),
     el(
       "table",
       { id: "report-table" },
@@ -358,7 +365,7 @@ async function reportView(params) {
     el("h2", {}, t("suggestions")),
     el("ul", { id: "suggestions" }, r.station.suggestions.map(s => el("li", {}, s.text, el("span", { class: "meta" }, ` — ${s.address_label}`)))),
     el("h2", {}, t("meetingNotes")),
-    el("ul", { id: "meeting-notes" }, r.station.meeting_notes.map(n => el("li", {}, n.notes, el("span", { class: "meta" }, ` — ${n.officer} · ${fmtTime(n.at_ms)} · ${n.address_label}`)))),
+    el("ul", { id: "meeting-notes" }, r.station.meeting_notes.map(n => el("li", {}, n.notes, el("span", { class: "meta" }, ` — ${n.officer} · ${stationTime(n.at_ms, r.utc_offset)} · ${n.address_label}`)))),
   );
 }
 
