@@ -255,6 +255,11 @@ async fn staff_review_records_in_a_real_browser() {
         (&then["review"], &then["newFollowUp"], &then["buttons"]),
         (&json!(false), &json!(false), &json!(0))
     );
+    // And what that version changed from the one before (the first: the address and more).
+    let changed = b
+        .eval("document.querySelector('#changed-then').textContent")
+        .await;
+    assert!(changed.as_str().unwrap().contains("address"), "{changed}");
     b.click("#as-of a").await;
     b.wait_for("document.querySelector('#main').dataset.view === 'detail' && !document.querySelector('#as-of') && !!document.querySelector('#review')")
         .await;

@@ -16,7 +16,7 @@ const T = {
     openFollowUps: "待追蹤", satisfaction: "滿意度", security: "治安感受", vsPrevious: "較上月", suggestions: "民眾建議",
     stationTotal: "全所合計", byServerTime: "依伺服器時間", visitedMonth: "本月已訪戶",
     duplicate: "可能重複", duplicateHint: "同村里有相同地址的住戶，可能重複登錄：",
-    forMeeting: "懇談會選用", chooseForMeeting: "選入懇談會", meetingNotes: "懇談會紀錄摘要",
+    forMeeting: "懇談會選用", chooseForMeeting: "選入懇談會", meetingNotes: "懇談會紀錄摘要", changedThen: "此版本相較前一版變更的欄位",
     name: "帳號", memberName: "姓名", password: "密碼", wrongPassword: "帳號或密碼錯誤", village: "村里",
     householdsN: "戶數", visited: `近${DAYS}日已訪`, never: "從未訪視", openMatters: "未結案件",
     overdue: "逾期追蹤", quarantined: "隔離", behind: "未達目標", onTrack: "達標",
@@ -52,7 +52,7 @@ const T = {
     openFollowUps: "Open follow-ups", satisfaction: "Satisfaction", security: "Feeling safe", vsPrevious: "vs. last month", suggestions: "Residents' suggestions",
     stationTotal: "Station total", byServerTime: "by server time", visitedMonth: "Visited this month",
     duplicate: "Possible duplicate", duplicateHint: "Another household of this village has the same address; it may be registered twice:",
-    forMeeting: "For the meeting", chooseForMeeting: "Choose for the meeting", meetingNotes: "Notes for the meeting",
+    forMeeting: "For the meeting", chooseForMeeting: "Choose for the meeting", meetingNotes: "Notes for the meeting", changedThen: "Changed from the version before",
     name: "Account", memberName: "Name", password: "Password", wrongPassword: "Wrong account or password", village: "Village",
     householdsN: "Households", visited: `Visited (${DAYS} d)`, never: "Never visited", openMatters: "Open matters",
     overdue: "Overdue follow-ups", quarantined: "Quarantined", behind: "Behind goal", onTrack: "On track",
@@ -569,10 +569,16 @@ async function detailView(id, params) {
     el("tbody", {}, history.changes.map(c => el("tr", { dataset: { hash: c.hash } }, el("td", {}, fmtTime(c.author?.received_at_ms)), el("td", {}, who(c.author)), el("td", {}, c.author?.device || "—"), el("td", {}, el("code", {}, c.fields.join(", "))),
       el("td", {}, c.author?.received_at_ms ? el("a", { class: "then", href: `#/household/${encodeURIComponent(d.id)}?at=${c.author.received_at_ms}` }, t("viewThen")) : "")))),
   );
-  // Shown as it was: say so, and offer no edits (they would apply to the record as it is now).
+  // Shown as it was: say so, say what this version changed from the one before (the
+  // changes the server received at that moment), and offer no edits (they would apply to
+  // the record as it is now).
+  const changedThen = d.as_of
+    ? [...new Set(history.changes.filter(c => c.author?.received_at_ms === d.as_of.received_by_ms).flatMap(c => c.fields))]
+    : [];
   const asOf = d.as_of
     ? el("div", { class: "banner warn", id: "as-of", dataset: { changesThen: d.as_of.changes_then } }, el("strong", {}, t("asOf")(fmtTime(d.as_of.received_by_ms), d.as_of.changes_then, d.as_of.changes_now)), " ",
-        el("a", { href: `#/household/${encodeURIComponent(d.id)}` }, t("current")))
+        el("a", { href: `#/household/${encodeURIComponent(d.id)}` }, t("current")),
+        changedThen.length ? el("div", {}, `${t("changedThen")}: `, el("code", { id: "changed-then" }, changedThen.join(", "))) : "")
     : "";
 
   return el(
