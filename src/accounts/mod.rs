@@ -320,6 +320,21 @@ impl Accounts {
         Ok(out)
     }
 
+    /// Writes an entry in the audit log for an operation outside the directory (a backup:
+    /// who took everything, when, and where to).
+    pub async fn record_audit(
+        &self,
+        operator: &str,
+        action: &str,
+        detail: String,
+    ) -> Result<(), AccountsError> {
+        self.commit(
+            |_, _| Ok((Vec::new(), ())),
+            Some((operator.to_string(), action.to_string(), detail)),
+        )
+        .await
+    }
+
     // ---- authentication ----
 
     /// Authenticates a bearer secret: a device token (`fsd_…`) or a session token (`fss_…`).

@@ -245,6 +245,18 @@ impl Services {
                 let started = std::time::Instant::now();
                 tracing::info!(operator, to = %to.display(), "backup started");
                 let m = crate::backup::take(self, &to, |_| {}).await?;
+                self.accounts
+                    .record_audit(
+                        operator,
+                        "backup",
+                        format!(
+                            "to={} documents={} feed_seq={}",
+                            to.display(),
+                            m.documents,
+                            m.feed_seq
+                        ),
+                    )
+                    .await?;
                 tracing::info!(
                     operator,
                     documents = m.documents,

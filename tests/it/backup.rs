@@ -113,6 +113,14 @@ async fn a_backup_taken_while_phones_write_restores_what_was_held_and_phones_res
     .await
     .unwrap();
     assert!(ben.sync(&server.url).await.unwrap().all_held());
+    // Who took everything, when and where to, is in the audit log.
+    let audit = crate::common::admin_cli(&station.data, &["audit"], None).await;
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\tbackup\t") && l.contains("station.fsb")),
+        "{audit}"
+    );
     let (ok, out, err) = fieldsync(&["backup", "verify", archive.to_str().unwrap()]).await;
     assert!(ok && out.contains("the archive is whole"), "{err}{out}");
     server.kill().await;
