@@ -452,3 +452,110 @@ async fn a_node_without_its_database_is_not_ready_and_acknowledges_nothing() {
     a.kill().await;
     drop(cluster);
 }
+
+/// The stock JS client on node A and a Rust device on node B edit one household offline;
+/// after reconnecting both hold both visits with the same heads, and a fresh device on
+/// node C gets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_on_one_node_and_a_rust_device_on_another_merge_offline_edits() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    if !on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path().join("cluster")).await;
+    let a = node(dir.path(), "a", &cluster).await;
+    world_via_cli(&dir.path().join("a")).await;
+    let b = node(dir.path(), "b", &cluster).await;
+    let c = node(dir.path(), "c", &cluster).await;
+    let url_a = a.url_with(&a.enrol(AMY).await);
+    let ben_token = b.enrol(BEN).await;
+    let fresh_token = c.enrol(BEN).await;
+
+    let mut js = tokio::process::Command::new("node")
+        .arg(crate::common::js_dir().join("interop.mjs"))
+        .args([url_a.as_str(), "--pause"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut stdin = js.stdin.take().unwrap();
+    let mut lines = BufReader::new(js.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the JS client answers")
+            .unwrap()
+            .expect("a line from the JS client");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    // The JS client has created the household on A, and is now offline recording a visit.
+    let created = next().await;
+    let id = DocumentId::parse_url_or_id(created["url"].as_str().unwrap()).unwrap();
+
+    // Ben's phone on B fetches it, then records a visit offline too.
+    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
+    ben.set_token(&ben_token).await.unwrap();
+    ben.track(id).await.unwrap();
+    assert!(ben.sync(&b.url).await.unwrap().all_held());
+    ben.change(id, |tx| {
+        records::add_visit(tx, &visit(BEN, "Recorded offline on the Rust device.")).map(|_| ())
+    })
+    .await
+    .unwrap();
+
+    // Both come back.
+    stdin.write_all(b"go\n").await.unwrap();
+    assert!(ben.sync(&b.url).await.unwrap().all_held());
+    let merged = next().await;
+    assert_eq!(merged["visitsA"].as_array().unwrap().len(), 2, "{merged}");
+    let mut js_heads: Vec<String> = merged["headsA"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_string())
+        .collect();
+    js_heads.sort();
+    let heads_of = |hs: Vec<automerge::ChangeHash>| {
+        let mut v: Vec<String> = hs.iter().map(|h| h.to_string()).collect();
+        v.sort();
+        v
+    };
+    // Ben's phone gets the JS client's visit from B (a bounded wait: it came through A).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(ben.sync(&b.url).await.unwrap().all_held());
+        if ben.household(id).await.unwrap().visits.len() == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ben never got the JS visit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(heads_of(ben.heads(id).await.unwrap()), js_heads);
+
+    // A fresh device on C gets everything, with the same heads.
+    let fresh = Device::open(&dir.path().join("fresh")).await.unwrap();
+    fresh.set_token(&fresh_token).await.unwrap();
+    fresh.track(id).await.unwrap();
+    assert!(fresh.sync(&c.url).await.unwrap().all_held());
+    let notes: Vec<String> = fresh
+        .household(id)
+        .await
+        .unwrap()
+        .visits
+        .iter()
+        .map(|v| v.notes.clone())
+        .collect();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(heads_of(fresh.heads(id).await.unwrap()), js_heads);
+    js.wait().await.unwrap();
+    for n in [a, b, c] {
+        n.kill().await;
+    }
+    drop(cluster);
+}

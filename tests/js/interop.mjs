@@ -1,9 +1,13 @@
 // The official automerge-repo client as a fieldsync peer. Run by tests/it/js_client.rs:
 //
-//   node tests/js/interop.mjs <ws-url-with-?token=> [--capture DIR | --b-url URL]
+//   node tests/js/interop.mjs <ws-url-with-?token=> [--capture DIR | --b-url URL | --pause]
 //
 // With --b-url, client B talks to that URL instead (another fieldsync node on the same
 // database, with its own token): the edits then meet only through the nodes' database.
+// With --pause, only client A runs, beside a peer of the test's own (a Rust device on
+// another node): A creates the household, prints `{"url"}` once the server holds it, goes
+// offline and records a visit, waits for a line on stdin (the other peer has made its own
+// offline edit), comes back, and prints what it has once it holds both visits.
 // First, without a token, the same WebSocket library the stock adapter uses is refused with
 // HTTP 401 before any upgrade (reported as `noTokenStatus`); then the run goes on with the
 // token in the URL, which is how the stock client authenticates (it cannot set headers).
@@ -24,7 +28,7 @@ const [url, flag, flagValue] = process.argv.slice(2)
 const captureDir = flag === "--capture" ? flagValue : undefined
 const urlB = flag === "--b-url" ? flagValue : url
 if (!url) {
-  console.error("usage: node interop.mjs <ws-url> [--capture DIR | --b-url URL]")
+  console.error("usage: node interop.mjs <ws-url> [--capture DIR | --b-url URL | --pause]")
   process.exit(2)
 }
 const deadline = setTimeout(() => {
@@ -129,6 +133,33 @@ const handleA = repoA.create({
   review: { state: "received", approved_heads: [], comments: [] },
 })
 await whenHeld(repoA, handleA)
+
+if (flag === "--pause") {
+  console.log(JSON.stringify({ url: handleA.url }))
+  adapterA.disconnect()
+  const at = 1_790_000_000_000
+  handleA.change(d => {
+    d.visits["a0000000-0000-4000-8000-000000000001"] = {
+      officer: "js-officer-a", device: "js-officer-a-phone", started_at: new Date(at),
+      ended_at: new Date(at + 600_000), outcome: "met", mode: "in_home", people_met: ["resident"],
+      notes: "Recorded offline on the JS client.", publicity: ["anti_fraud"], security_score: 4,
+      satisfaction: 5,
+    }
+  })
+  await new Promise(resolve => process.stdin.once("data", resolve))
+  adapterA.connect(repoA.peerId, adapterA.peerMetadata)
+  const merged = await whenDoc(handleA, d => Object.keys(d.visits).length === 2)
+  await whenHeld(repoA, handleA)
+  console.log(JSON.stringify({
+    url: handleA.url,
+    headsA: Automerge.getHeads(merged),
+    visitsA: Object.keys(merged.visits).sort(),
+  }))
+  clearTimeout(deadline)
+  await repoA.shutdown()
+  await repoB.shutdown()
+  process.exit(0)
+}
 
 if (proxy) {
   // An ephemeral message, and a request for a document the server does not have.
