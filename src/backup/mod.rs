@@ -135,94 +135,145 @@ pub async fn take(
         })
         .collect();
 
+    // The file is written on a blocking thread, fed entries as they are made: the runtime
+    // never waits on the disk, and memory holds a few entries, not the archive.
     let partial = with_suffix(to, ".partial");
-    let file = private_file(&partial)?;
-    let mut w = archive::Writer::new(std::io::BufWriter::new(file))?;
-    let mut manifest = Manifest {
-        storage_id,
-        created_at_ms,
-        feed_seq,
-        ..Manifest::default()
-    };
-    let total = ids.len();
-    for (i, id) in ids.into_iter().enumerate() {
-        let at: Option<Vec<ChangeHash>> = match heads_at.get(&id) {
-            Some(heads) => Some(
-                heads
-                    .iter()
-                    .map(|h| h.parse::<ChangeHash>())
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| {
-                        BackupError::Refused(format!(
-                            "document {id}: a provenance row names unreadable heads ({e})"
-                        ))
-                    })?,
-            ),
-            // A catalog (the server's, without provenance), or a household whose rows
-            // predate recorded heads: whole. Anything else had no change up to the point.
-            None if catalogs.contains(&id) || recorded.contains(&id) => None,
-            None => continue,
-        };
-        let saved = services
-            .hub
-            .read(id, move |d| -> Result<(Vec<ChangeHash>, Vec<u8>), String> {
-                match &at {
-                    Some(heads) => {
-                        let then = d.fork_at(heads).map_err(|e| e.to_string())?;
-                        Ok((then.get_heads(), then.save()))
-                    }
-                    None => Ok((d.get_heads(), d.save())),
-                }
-            })
-            .await
-            .map_err(|e| BackupError::Refused(format!("document {id}: {e}")))?;
-        match saved {
-            Some(Ok((heads, bytes))) => {
-                w.write(&Entry::document(id, &heads, &bytes))?;
-                manifest.documents += 1;
-            }
-            Some(Err(e)) => {
-                return Err(BackupError::Refused(format!(
-                    "document {id} cannot be saved as it was at the backup's point: {e}"
-                )))
-            }
-            None => {} // gone meanwhile (never for a stored document)
+    let (tx, rx) = tokio::sync::mpsc::channel::<Entry>(64);
+    let (p, dest) = (partial.clone(), to.to_path_buf());
+    let writer = tokio::task::spawn_blocking(move || {
+        let written = write_archive(&p, &dest, rx);
+        if written.is_err() {
+            let _ = std::fs::remove_file(&p);
         }
-        progress(Progress::Documents(i + 1, total));
+        written
+    });
+    // Set when a send failed because the writer had stopped: its own error is the cause.
+    let writer_gone = std::sync::atomic::AtomicBool::new(false);
+    let stopped = || {
+        writer_gone.store(true, std::sync::atomic::Ordering::Relaxed);
+        BackupError::Refused("the archive's writer stopped".into())
+    };
+    let made = async {
+        let mut manifest = Manifest {
+            storage_id,
+            created_at_ms,
+            feed_seq,
+            ..Manifest::default()
+        };
+        let total = ids.len();
+        for (i, id) in ids.into_iter().enumerate() {
+            let at: Option<Vec<ChangeHash>> = match heads_at.get(&id) {
+                Some(heads) => Some(
+                    heads
+                        .iter()
+                        .map(|h| h.parse::<ChangeHash>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| {
+                            BackupError::Refused(format!(
+                                "document {id}: a provenance row names unreadable heads ({e})"
+                            ))
+                        })?,
+                ),
+                // A catalog (the server's, without provenance), or a household whose rows
+                // predate recorded heads: whole. Anything else had no change up to the point.
+                None if catalogs.contains(&id) || recorded.contains(&id) => None,
+                None => continue,
+            };
+            // Saved and encoded in the document's actor, off the runtime.
+            let saved = services
+                .hub
+                .read(id, move |d| -> Result<Entry, String> {
+                    match &at {
+                        Some(heads) => {
+                            let then = d.fork_at(heads).map_err(|e| e.to_string())?;
+                            Ok(Entry::document(id, &then.get_heads(), &then.save()))
+                        }
+                        None => Ok(Entry::document(id, &d.get_heads(), &d.save())),
+                    }
+                })
+                .await
+                .map_err(|e| BackupError::Refused(format!("document {id}: {e}")))?;
+            match saved {
+                Some(Ok(entry)) => {
+                    tx.send(entry).await.map_err(|_| stopped())?;
+                    manifest.documents += 1;
+                }
+                Some(Err(e)) => {
+                    return Err(BackupError::Refused(format!(
+                        "document {id} cannot be saved as it was at the backup's point: {e}"
+                    )))
+                }
+                None => {} // gone meanwhile (never for a stored document)
+            }
+            progress(Progress::Documents(i + 1, total));
+        }
+        manifest.provenance_rows = rows.len();
+        manifest.records = records.len();
+        manifest.audit_entries = audit.len();
+        manifest.actor_bindings = actors.len();
+        let rest = rows
+            .into_iter()
+            .map(Entry::Provenance)
+            .chain(records.into_iter().map(Entry::Record))
+            .chain(audit.into_iter().map(Entry::Audit))
+            .chain(actors.into_iter().map(|(actor, device)| Entry::Actor {
+                actor: hex::encode(actor),
+                device,
+            }))
+            .chain(std::iter::once(Entry::Manifest(manifest.clone())));
+        for entry in rest {
+            tx.send(entry).await.map_err(|_| stopped())?;
+        }
+        Ok::<_, BackupError>(manifest)
     }
-    for r in &rows {
-        w.write(&Entry::Provenance(r.clone()))?;
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| BackupError::Storage(StorageError::Task(e.to_string())))?;
+    // The writer removed its partial file if it failed; it fails too when the making
+    // stopped early, since no manifest reached it.
+    match (made, written) {
+        (Ok(manifest), Ok(())) => Ok(manifest),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(_), Err(e)) if writer_gone.load(std::sync::atomic::Ordering::Relaxed) => Err(e),
+        (Err(e), _) => Err(e),
     }
-    manifest.provenance_rows = rows.len();
-    for r in records {
-        w.write(&Entry::Record(r))?;
-        manifest.records += 1;
+}
+
+/// Writes the entries from `rx` into `partial`, then (when the sender finished) the
+/// checksum, makes it durable and renames it to `to`. On a blocking thread.
+fn write_archive(
+    partial: &Path,
+    to: &Path,
+    mut rx: tokio::sync::mpsc::Receiver<Entry>,
+) -> Result<(), BackupError> {
+    let file = private_file(partial)?;
+    let mut w = archive::Writer::new(std::io::BufWriter::new(file))?;
+    let mut manifest_seen = false;
+    while let Some(entry) = rx.blocking_recv() {
+        manifest_seen |= matches!(entry, Entry::Manifest(_));
+        w.write(&entry)?;
     }
-    for a in audit {
-        w.write(&Entry::Audit(a))?;
-        manifest.audit_entries += 1;
+    if !manifest_seen {
+        // The sender stopped early (it failed): no archive.
+        return Err(BackupError::Refused(
+            "the backup stopped before its end".into(),
+        ));
     }
-    for (actor, device) in actors {
-        w.write(&Entry::Actor {
-            actor: hex::encode(actor),
-            device,
-        })?;
-        manifest.actor_bindings += 1;
-    }
-    w.write(&Entry::Manifest(manifest.clone()))?;
-    let out = w.finish()?;
-    let file = out
+    let file = w
+        .finish()?
         .into_inner()
-        .map_err(|e| BackupError::File(partial.clone(), e.into_error()))?;
+        .map_err(|e| BackupError::File(partial.to_path_buf(), e.into_error()))?;
     file.sync_all()
-        .map_err(|e| BackupError::File(partial.clone(), e))?;
-    std::fs::rename(&partial, to).map_err(|e| BackupError::File(to.to_path_buf(), e))?;
+        .map_err(|e| BackupError::File(partial.to_path_buf(), e))?;
+    std::fs::rename(partial, to).map_err(|e| BackupError::File(to.to_path_buf(), e))?;
     if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
-    Ok(manifest)
+    Ok(())
 }
 
 /// Reads the whole archive at `path` and checks it: its checksum, every entry, every

@@ -539,12 +539,7 @@ impl StaffDesk {
         follow_up: String,
         update: FollowUpUpdate,
     ) -> Result<(), StaffError> {
-        if !records::is_entry_key(&follow_up) {
-            return Err(StaffError::NoSuchEntry(format!(
-                "no follow-up `{}` in this household (ids are UUIDs)",
-                follow_up.escape_debug()
-            )));
-        }
+        entry_key("follow-up", &follow_up)?;
         if let Some(owner) = &update.owner {
             self.check_owner(doc, owner)?;
         }
@@ -562,12 +557,7 @@ impl StaffDesk {
         member: String,
         c: MemberCorrection,
     ) -> Result<(), StaffError> {
-        if !records::is_entry_key(&member) {
-            return Err(StaffError::NoSuchEntry(format!(
-                "no member `{}` in this household (ids are UUIDs)",
-                member.escape_debug()
-            )));
-        }
+        entry_key("member", &member)?;
         self.edit(who, doc, move |tx| {
             records::set_member_field(tx, &member, &c.field, &c.value)
         })
@@ -582,12 +572,7 @@ impl StaffDesk {
         visit: String,
         mark: MeetingMark,
     ) -> Result<(), StaffError> {
-        if !records::is_entry_key(&visit) {
-            return Err(StaffError::NoSuchEntry(format!(
-                "no visit `{}` in this household (ids are UUIDs)",
-                visit.escape_debug()
-            )));
-        }
+        entry_key("visit", &visit)?;
         let by = who.user.to_string();
         let at = self.accounts.now().as_millis() as i64;
         self.edit(who, doc, move |tx| {
@@ -616,6 +601,19 @@ impl StaffDesk {
                 "`{owner}` is not an active officer of this household's village; choose one from `fieldsync admin user list`"
             )))
         }
+    }
+}
+
+/// An entry id from a path must be an entry key (a UUID); anything else is answered as
+/// an entry the household does not have.
+fn entry_key(what: &str, id: &str) -> Result<(), StaffError> {
+    if records::is_entry_key(id) {
+        Ok(())
+    } else {
+        Err(StaffError::NoSuchEntry(format!(
+            "no {what} `{}` in this household (ids are UUIDs)",
+            id.escape_debug()
+        )))
     }
 }
 

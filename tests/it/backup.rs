@@ -144,14 +144,15 @@ async fn a_backup_taken_while_phones_write_restores_what_was_held_and_phones_res
     assert_ne!(ids[0], ids[1], "a restored server gets a new storage id");
     let restored = ServerProcess::start(&restored_dir).await;
     let staff = StaffSession::sign_in(&restored.http(), SUE, SUE_PASSWORD).await;
-    let detail = staff
-        .get_ok(&format!("/households/{amys}"))
-        .await
-        .to_string()
-        + &staff
-            .get_ok(&format!("/households/{bens}"))
-            .await
-            .to_string();
+    // Both households' details, as text.
+    let both = async || {
+        let mut text = String::new();
+        for id in [amys, bens] {
+            text += &staff.get_ok(&format!("/households/{id}")).await.to_string();
+        }
+        text
+    };
+    let detail = both().await;
     for note in &held_before {
         assert!(
             detail.contains(note),
@@ -170,14 +171,7 @@ async fn a_backup_taken_while_phones_write_restores_what_was_held_and_phones_res
     // The phones come back: their tokens hold, and they send what the backup lacked.
     assert!(amy.sync(&restored.url).await.unwrap().all_held());
     assert!(ben.sync(&restored.url).await.unwrap().all_held());
-    let detail = staff
-        .get_ok(&format!("/households/{amys}"))
-        .await
-        .to_string()
-        + &staff
-            .get_ok(&format!("/households/{bens}"))
-            .await
-            .to_string();
+    let detail = both().await;
     for note in &written {
         assert!(detail.contains(note), "{note:?} was lost");
     }

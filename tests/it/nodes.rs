@@ -20,7 +20,7 @@ use fieldsync::storage::postgres::testing::Cluster;
 use crate::common::browser::Browser;
 use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
 use crate::common::{
-    admin_cli, household, http, on_postgres, refused_with_401, run_js_interop, visit,
+    admin_cli, household, on_postgres, refused_with_401, run_js_interop, until_readyz, visit,
     world_via_cli, RawPeer, Seen, ServerProcess, StaffSession, WAIT,
 };
 
@@ -33,6 +33,14 @@ async fn node(dir: &Path, name: &str, cluster: &Cluster) -> ServerProcess {
         Stdio::inherit(),
     )
     .await
+}
+
+/// A throwaway cluster and node `a` on it, with the test world made through its CLI.
+async fn first_node(dir: &Path) -> (Cluster, ServerProcess) {
+    let cluster = Cluster::start(dir.join("cluster")).await;
+    let a = node(dir, "a", &cluster).await;
+    world_via_cli(&dir.join("a")).await;
+    (cluster, a)
 }
 
 /// A peer that keeps its own copy of one document in sync with the server it is connected
@@ -103,9 +111,7 @@ async fn a_change_accepted_by_one_node_reaches_a_device_on_another_within_a_seco
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path().join("cluster")).await;
-    let a = node(dir.path(), "a", &cluster).await;
-    world_via_cli(&dir.path().join("a")).await;
+    let (cluster, a) = first_node(dir.path()).await;
     let amy_token = a.enrol(AMY).await;
     let b = node(dir.path(), "b", &cluster).await;
     // Enrolled through node B, after it started: node A hears of it from the database.
@@ -209,9 +215,7 @@ async fn offline_edits_made_through_two_nodes_merge_and_a_third_serves_them() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path().join("cluster")).await;
-    let a = node(dir.path(), "a", &cluster).await;
-    world_via_cli(&dir.path().join("a")).await;
+    let (cluster, a) = first_node(dir.path()).await;
     let url_a = a.url_with(&a.enrol(AMY).await);
     let b = node(dir.path(), "b", &cluster).await;
     let c = node(dir.path(), "c", &cluster).await;
@@ -260,9 +264,7 @@ async fn a_revocation_through_one_node_closes_the_devices_socket_on_another() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path().join("cluster")).await;
-    let a = node(dir.path(), "a", &cluster).await;
-    world_via_cli(&dir.path().join("a")).await;
+    let (cluster, a) = first_node(dir.path()).await;
     let known = admin_cli(&dir.path().join("a"), &["device", "list"], None).await;
     let token = a.enrol(AMY).await;
     let bystander = a.enrol(BEN).await;
@@ -314,9 +316,7 @@ async fn households_registered_at_once_through_two_nodes_are_all_in_the_catalog(
     }
     const EACH: usize = 40;
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path().join("cluster")).await;
-    let a = node(dir.path(), "a", &cluster).await;
-    world_via_cli(&dir.path().join("a")).await;
+    let (cluster, a) = first_node(dir.path()).await;
     let b = node(dir.path(), "b", &cluster).await;
     let mut phones = Vec::new();
     for (user, server) in [(AMY, &a), (BEN, &b)] {
@@ -376,46 +376,19 @@ async fn a_node_without_its_database_is_not_ready_and_acknowledges_nothing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path().join("cluster")).await;
-    let a = node(dir.path(), "a", &cluster).await;
-    world_via_cli(&dir.path().join("a")).await;
+    let (mut cluster, a) = first_node(dir.path()).await;
     let amy = Device::open(&dir.path().join("amy")).await.unwrap();
     amy.set_token(&a.enrol(AMY).await).await.unwrap();
     let id = amy.create_household(&household("7")).await.unwrap();
     assert!(amy.sync(&a.url).await.unwrap().all_held());
-    let readyz = format!("{}/readyz", a.http());
-    let ready = |body: serde_json::Value| body == serde_json::json!({"status": "ready"});
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body, _) = http("GET", &readyz, None, &[]).await;
-        if status == 200 {
-            assert!(ready(body));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never ready: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ready = serde_json::json!({"status": "ready"});
+    assert_eq!(until_readyz(&a.http(), 200).await, ready);
 
     tokio::task::block_in_place(|| cluster.stop());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body, _) = http("GET", &readyz, None, &[]).await;
-        if status == 503 {
-            assert_eq!(
-                body,
-                serde_json::json!({"status": "not ready", "failing": ["database"]})
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still ready: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_eq!(
+        until_readyz(&a.http(), 503).await,
+        serde_json::json!({"status": "not ready", "failing": ["database"]})
+    );
     amy.change(id, |tx| {
         records::add_visit(tx, &visit(AMY, "while the database was down")).map(|_| ())
     })
@@ -430,18 +403,7 @@ async fn a_node_without_its_database_is_not_ready_and_acknowledges_nothing() {
     }
 
     tokio::task::block_in_place(|| cluster.start_again());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body, _) = http("GET", &readyz, None, &[]).await;
-        if status == 200 && ready(body.clone()) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not ready again: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_eq!(until_readyz(&a.http(), 200).await, ready);
     assert!(amy.sync(&a.url).await.unwrap().all_held());
     let on_a = StaffSession::sign_in(&a.http(), SUE, SUE_PASSWORD).await;
     let detail = on_a.get_ok(&format!("/households/{id}")).await;
@@ -463,9 +425,7 @@ async fn the_js_client_on_one_node_and_a_rust_device_on_another_merge_offline_ed
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(dir.path().join("cluster")).await;
-    let a = node(dir.path(), "a", &cluster).await;
-    world_via_cli(&dir.path().join("a")).await;
+    let (cluster, a) = first_node(dir.path()).await;
     let b = node(dir.path(), "b", &cluster).await;
     let c = node(dir.path(), "c", &cluster).await;
     let url_a = a.url_with(&a.enrol(AMY).await);

@@ -61,7 +61,7 @@ fn the_systemd_unit_is_accepted_by_systemd_and_keeps_its_hardening() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_when_the_embedded_stores_flushes_hang() {
     use crate::common::world::AMY;
-    use crate::common::{household, http, on_postgres, world_via_cli, ServerProcess, WAIT};
+    use crate::common::{household, http, on_postgres, until_readyz, world_via_cli, ServerProcess};
     if on_postgres() {
         return; // the embedded store's flusher; the PostgreSQL side is in nodes.rs
     }
@@ -91,22 +91,10 @@ async fn readiness_turns_when_the_embedded_stores_flushes_hang() {
     phone.create_household(&household("1")).await.unwrap();
     let url = server.url.clone();
     let syncing = tokio::spawn(async move { phone.sync(&url).await.map(|r| r.all_held()) });
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body, _) = http("GET", &readyz, None, &[]).await;
-        if status == 503 {
-            assert_eq!(
-                body,
-                serde_json::json!({"status": "not ready", "failing": ["store"]})
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still ready: {body}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    assert_eq!(
+        until_readyz(&server.http(), 503).await,
+        serde_json::json!({"status": "not ready", "failing": ["store"]})
+    );
     assert!(
         !syncing.is_finished() || !matches!(syncing.await, Ok(Ok(true))),
         "a change was acknowledged while no flush completed"

@@ -786,6 +786,23 @@ pub async fn run_js_interop(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("bad JSON from node ({e}): {line}"))
 }
 
+/// Polls `http_base/readyz` (a bounded wait) until it answers `status`; returns the body.
+pub async fn until_readyz(http_base: &str, status: u16) -> serde_json::Value {
+    let url = format!("{http_base}/readyz");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (got, body, _) = http("GET", &url, None, &[]).await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status}: {got} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A signed-in staff browser session: the cookie and the CSRF token it echoes.
 pub struct StaffSession {
     pub http: String,
