@@ -175,10 +175,17 @@ fn record(
     };
     // Only the address is read: the visits and their notes are not needed for a label.
     let label = crate::records::address_label(doc);
+    // A merge mark reaches the catalog when the server writes it (a device's changes are
+    // never a merge).
+    let merged_into = if device.is_none() {
+        crate::records::merge::merge_mark_written_in(doc, &event.hashes)
+    } else {
+        None
+    };
     let label_hash = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&station, &village, &label).hash(&mut h);
+        (&station, &village, &label, merged_into).hash(&mut h);
         h.finish()
     };
     let household = event.doc;
@@ -193,7 +200,7 @@ fn record(
             if d.get_heads().is_empty() {
                 crate::records::create_catalog(d, &station, &village).map_err(|e| e.to_string())?;
             }
-            crate::records::upsert_catalog_entry(d, household, &label, at)
+            crate::records::upsert_catalog_entry(d, household, &label, merged_into, at)
                 .map_err(|e| e.to_string())?;
             // Known only once the entry is in the catalog (durable with the catalog's flush).
             lock(&log.catalog_labels).insert(household, label_hash);

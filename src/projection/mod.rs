@@ -28,7 +28,7 @@ use crate::records::VisitRow;
 use crate::records::{summarise, Attribution, HouseholdSummary};
 use crate::storage::documents::DocumentStore;
 use crate::storage::{StorageError, Store};
-pub use query::{Coverage, Cursor, Filter, HouseholdPage, CSV_HEADER};
+pub use query::{Coverage, Cursor, Filter, HouseholdPage, MergedFilter, CSV_HEADER};
 pub use store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, SledProjection, TimeCounts};
 
 /// The projection row of one household (its visits are stored beside it).
@@ -48,14 +48,30 @@ impl HouseholdRow {
     pub fn quarantined(&self) -> bool {
         !self.summary.quarantine.is_empty()
     }
+
+    /// Merged into another household by staff: it leaves the lists and counts.
+    pub fn merged(&self) -> bool {
+        self.summary.merged_into.is_some()
+    }
+
+    /// In the normal lists, counts and reports: neither quarantined nor merged away.
+    pub fn listed(&self) -> bool {
+        !self.quarantined() && !self.merged()
+    }
 }
 
-/// Counters of one village, over its households that conform (quarantined ones are only
-/// counted as such).
+/// Counters of one village, over its listed households (quarantined and merged ones are
+/// only counted as such).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VillageCounts {
     pub households: i64,
     pub quarantined: i64,
+    /// Households merged into another.
+    #[serde(default)]
+    pub merged: i64,
+    /// Merged households that changed after their merge (a late offline visit).
+    #[serde(default)]
+    pub changed_after_merge: i64,
     pub visits: i64,
     /// Households with at least one visit.
     pub visited: i64,
@@ -67,6 +83,11 @@ pub struct VillageCounts {
 
 impl VillageCounts {
     pub(crate) fn add(&mut self, row: &HouseholdRow, sign: i64) {
+        if row.merged() {
+            self.merged += sign;
+            self.changed_after_merge += sign * i64::from(!row.summary.after_merge.is_empty());
+            return;
+        }
         if row.quarantined() {
             self.quarantined += sign;
             return;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
+use super::query::MergedFilter;
 use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
 use crate::records::VisitRow;
@@ -84,18 +85,20 @@ impl PgProjection {
         };
         let counts_sql = format!(
             "SELECT station, village,
-                 count(*) FILTER (WHERE NOT quarantined),
-                 count(*) FILTER (WHERE quarantined),
-                 coalesce(sum(visit_count) FILTER (WHERE NOT quarantined), 0)::bigint,
-                 count(*) FILTER (WHERE NOT quarantined AND visit_count > 0),
-                 coalesce(sum(follow_ups_todo) FILTER (WHERE NOT quarantined), 0)::bigint,
-                 count(*) FILTER (WHERE NOT quarantined AND has_conflicts)
+                 count(*) FILTER (WHERE {LISTED}),
+                 count(*) FILTER (WHERE quarantined AND NOT merged),
+                 coalesce(sum(visit_count) FILTER (WHERE {LISTED}), 0)::bigint,
+                 count(*) FILTER (WHERE {LISTED} AND visit_count > 0),
+                 coalesce(sum(follow_ups_todo) FILTER (WHERE {LISTED}), 0)::bigint,
+                 count(*) FILTER (WHERE {LISTED} AND has_conflicts),
+                 count(*) FILTER (WHERE merged),
+                 count(*) FILTER (WHERE merged AND changed_after_merge)
              FROM households {filter} GROUP BY station, village"
         );
         let matters_filter = if c.clauses.is_empty() {
-            "WHERE NOT quarantined".to_string()
+            format!("WHERE {LISTED}")
         } else {
-            format!("WHERE NOT quarantined AND {}", c.sql())
+            format!("WHERE {LISTED} AND {}", c.sql())
         };
         let matters_sql = format!(
             "SELECT station, village, m.key, sum(m.value::bigint)::bigint
@@ -116,6 +119,8 @@ impl PgProjection {
                             open_matters: BTreeMap::new(),
                             follow_ups_todo: r.get(6),
                             households_with_conflicts: r.get(7),
+                            merged: r.get(8),
+                            changed_after_merge: r.get(9),
                         },
                     );
                 }
@@ -144,6 +149,9 @@ impl PgProjection {
         })
     }
 }
+
+/// The rows in the normal lists and counts (`HouseholdRow::listed`).
+const LISTED: &str = "NOT quarantined AND NOT merged";
 
 /// Parameters of a query built at run time.
 type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>;
@@ -184,8 +192,14 @@ impl Conditions {
 
     /// What [`Filter::matches`] selects, as SQL on the indexed columns.
     fn filter(&mut self, f: &Filter, now_ms: i64) {
-        let p = self.param(f.quarantined.unwrap_or(false));
-        self.and(format!("quarantined = {p}"));
+        match f.merged {
+            None => {
+                let p = self.param(f.quarantined.unwrap_or(false));
+                self.and(format!("NOT merged AND quarantined = {p}"));
+            }
+            Some(MergedFilter::All) => self.and("merged".into()),
+            Some(MergedFilter::AfterMerge) => self.and("merged AND changed_after_merge".into()),
+        }
         if let Some(v) = &f.village {
             let p = self.param(v.clone());
             self.and(format!("village = {p}"));
@@ -532,7 +546,7 @@ impl ProjectionStore for PgProjection {
                 client
                     .query(
                         "SELECT village, row->>'address_key', id FROM households
-                         WHERE station = $1 AND row->>'address_key' = ANY($2)",
+                         WHERE station = $1 AND row->>'address_key' = ANY($2) AND NOT merged",
                         &[&station, &keys],
                     )
                     .await
@@ -552,6 +566,30 @@ impl ProjectionStore for PgProjection {
         Ok(out)
     }
 
+    fn merged_into(
+        &self,
+        station: &str,
+        survivor: DocumentId,
+    ) -> Result<Vec<HouseholdRow>, StorageError> {
+        let (station, survivor) = (station.to_string(), survivor.to_string());
+        self.store.with_client(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT row FROM households
+                         WHERE station = $1 AND merged AND row->'merged_into'->>'into' = $2
+                         ORDER BY id",
+                        &[&station, &survivor],
+                    )
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|r| json(r.get(0), "household row"))
+                    .collect()
+            })
+        })
+    }
+
     fn time_counts(
         &self,
         station: &str,
@@ -561,14 +599,14 @@ impl ProjectionStore for PgProjection {
     ) -> Result<BTreeMap<String, TimeCounts>, StorageError> {
         let mut visited = Conditions::scope(station, villages);
         let since = visited.param(since_ms);
-        visited.and(format!("NOT quarantined AND last_visit_at_ms >= {since}"));
+        visited.and(format!("{LISTED} AND last_visit_at_ms >= {since}"));
         let visited_sql = format!(
             "SELECT village, count(*) FROM households WHERE {} GROUP BY village",
             visited.sql()
         );
         let mut overdue = Conditions::scope(station, villages);
         let now = overdue.param(now_ms);
-        overdue.and(format!("NOT quarantined AND first_due_ms < {now}"));
+        overdue.and(format!("{LISTED} AND first_due_ms < {now}"));
         let overdue_sql = format!(
             "SELECT village, sum((SELECT count(*) FROM jsonb_array_elements(row->'follow_ups') f
                  WHERE f->>'status' = 'todo' AND (f->>'due_ms')::bigint < {now}))::bigint

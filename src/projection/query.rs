@@ -37,6 +37,20 @@ pub struct Filter {
     pub conflicts: Option<bool>,
     /// `true`: list only quarantined households (they are never in the normal lists).
     pub quarantined: Option<bool>,
+    /// `true`: list only households merged into another (never in the normal lists);
+    /// `after_merge`: only those that changed after their merge.
+    pub merged: Option<MergedFilter>,
+}
+
+/// Which merged households a list shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergedFilter {
+    /// Every household merged into another.
+    #[serde(rename = "true")]
+    All,
+    /// Those that changed after their merge.
+    AfterMerge,
 }
 
 impl Filter {
@@ -63,8 +77,16 @@ impl Filter {
 
     pub fn matches(&self, row: &HouseholdRow, now_ms: i64) -> bool {
         let s = &row.summary;
-        if row.quarantined() != self.quarantined.unwrap_or(false) {
-            return false;
+        match self.merged {
+            None if row.merged() => return false,
+            None => {
+                if row.quarantined() != self.quarantined.unwrap_or(false) {
+                    return false;
+                }
+            }
+            Some(_) if !row.merged() => return false,
+            Some(MergedFilter::AfterMerge) if s.after_merge.is_empty() => return false,
+            Some(_) => {}
         }
         if self.village.as_ref().is_some_and(|v| *v != row.village) {
             return false;
@@ -182,6 +204,12 @@ pub struct ListItem {
     /// household registered twice. Absent when there are none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub possible_duplicates: Vec<DocumentId>,
+    /// The household it was merged into (only in `merged=` lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<crate::records::merge::MergeMark>,
+    /// What changed on it after its merge (only in `merged=` lists).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after_merge: Vec<String>,
 }
 
 impl ListItem {
@@ -204,6 +232,8 @@ impl ListItem {
             conflicts: s.conflicts,
             quarantine: s.quarantine.clone(),
             possible_duplicates: Vec::new(),
+            merged_into: s.merged_into.clone(),
+            after_merge: s.after_merge.clone(),
         }
         .with_overdue(&s, now_ms)
     }
@@ -236,6 +266,9 @@ pub struct Coverage {
     pub follow_ups_overdue: i64,
     pub quarantined: i64,
     pub visits: i64,
+    /// Households merged into another, and those of them that changed after the merge.
+    pub merged: i64,
+    pub changed_after_merge: i64,
 }
 
 /// The export's columns, in order.
@@ -333,11 +366,29 @@ impl Projection {
         station: &str,
         doc: DocumentId,
     ) -> Result<Vec<DocumentId>, StorageError> {
-        let Some(row) = self.inner.rows.row(station, doc)? else {
+        let Some(row) = self.inner.rows.row(station, doc)?.filter(|r| !r.merged()) else {
             return Ok(Vec::new());
         };
         let same = self.same_address_blocking(station, std::slice::from_ref(&row))?;
         Ok(others_at(&same, &row))
+    }
+
+    /// The row of one household of `station`, if it has one.
+    pub fn row_blocking(
+        &self,
+        station: &str,
+        doc: DocumentId,
+    ) -> Result<Option<HouseholdRow>, StorageError> {
+        self.inner.rows.row(station, doc)
+    }
+
+    /// The households of `station` merged into `survivor`, for its detail.
+    pub fn merged_into_blocking(
+        &self,
+        station: &str,
+        survivor: DocumentId,
+    ) -> Result<Vec<HouseholdRow>, StorageError> {
+        self.inner.rows.merged_into(station, survivor)
     }
 
     /// Per village of `villages` (all those of the scope): households, visited in the last
@@ -367,6 +418,8 @@ impl Projection {
                     follow_ups_overdue: 0,
                     quarantined: c.quarantined,
                     visits: c.visits,
+                    merged: c.merged,
+                    changed_after_merge: c.changed_after_merge,
                 },
             );
         }

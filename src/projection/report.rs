@@ -229,7 +229,8 @@ impl Builder {
     }
 
     pub fn add(&mut self, row: &HouseholdRow, visits: &[VisitRow]) {
-        if row.quarantined() {
+        // Merged households' entries are counted in their survivor.
+        if !row.listed() {
             return;
         }
         let Some((f, sums)) = self.villages.get_mut(&row.village) else {

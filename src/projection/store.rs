@@ -176,7 +176,8 @@ pub trait ProjectionStore: Send + Sync + 'static {
     }
 
     /// For each (village, address key) of `wanted` (keys not empty), every household of
-    /// `station` registered to that village with that key, quarantined ones included. This
+    /// `station` registered to that village with that key, quarantined ones included and
+    /// merged ones left out. This
     /// default reads every row of the station; PostgreSQL asks by key.
     fn same_address(
         &self,
@@ -189,9 +190,29 @@ pub trait ProjectionStore: Send + Sync + 'static {
         }
         let wanted: std::collections::BTreeSet<&(String, String)> = wanted.iter().collect();
         self.for_each_row(Some(station), &mut |row| {
+            if row.merged() {
+                return true;
+            }
             let pair = (row.village.clone(), row.summary.address_key.clone());
             if !pair.1.is_empty() && wanted.contains(&pair) {
                 out.entry(pair).or_default().push(row.id);
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// The households of `station` merged into `survivor`. This default reads every row
+    /// of the station; PostgreSQL asks by the survivor.
+    fn merged_into(
+        &self,
+        station: &str,
+        survivor: DocumentId,
+    ) -> Result<Vec<HouseholdRow>, StorageError> {
+        let mut out = Vec::new();
+        self.for_each_row(Some(station), &mut |row| {
+            if row.summary.merged_into.as_ref().is_some_and(|m| m.into == survivor) {
+                out.push(row);
             }
             true
         })?;
@@ -210,7 +231,7 @@ pub trait ProjectionStore: Send + Sync + 'static {
     ) -> Result<BTreeMap<String, TimeCounts>, StorageError> {
         let mut out: BTreeMap<String, TimeCounts> = BTreeMap::new();
         self.for_each_row(Some(station), &mut |row| {
-            if row.quarantined() || !in_villages(villages, &row.village) {
+            if !row.listed() || !in_villages(villages, &row.village) {
                 return true;
             }
             let visited = row.summary.last_visit_at_ms.is_some_and(|t| t >= since_ms);
@@ -700,6 +721,18 @@ pub(crate) mod tests {
                 } else {
                     vec![]
                 };
+                // Two households merged into another, one of them changed since.
+                if i == 4 || i == 7 {
+                    s.merged_into = Some(crate::records::merge::MergeMark {
+                        into: DocumentId::random(),
+                        by: "lin".into(),
+                        at_ms: 900,
+                        heads: vec![],
+                    });
+                    if i == 7 {
+                        s.after_merge = vec!["visits.x".into()];
+                    }
+                }
                 s.search_text = format!(
                     "no. {i} lane 50%_off \\ {}",
                     ["林森", "noise", "dog"][i as usize % 3]
@@ -804,6 +837,15 @@ pub(crate) mod tests {
                 ..f()
             },
             Filter {
+                merged: Some(super::super::MergedFilter::All),
+                ..f()
+            },
+            Filter {
+                merged: Some(super::super::MergedFilter::AfterMerge),
+                village: Some("east".into()),
+                ..f()
+            },
+            Filter {
                 village: Some("east".into()),
                 officer: Some("amy".into()),
                 overdue: Some(true),
@@ -862,7 +904,7 @@ pub(crate) mod tests {
             let mut expected: BTreeMap<String, TimeCounts> = BTreeMap::new();
             for r in rows
                 .iter()
-                .filter(|r| r.station == "north" && !r.quarantined())
+                .filter(|r| r.station == "north" && r.listed())
             {
                 if villages.is_some_and(|v| !v.contains(&r.village)) {
                     continue;
@@ -882,6 +924,19 @@ pub(crate) mod tests {
                 "{villages:?}"
             );
         }
+
+        // A survivor finds the households merged into it, and no others.
+        for merged in rows.iter().filter(|r| r.merged()) {
+            let into = merged.summary.merged_into.as_ref().unwrap().into;
+            let found: Vec<DocumentId> = s
+                .merged_into("north", into)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect();
+            assert_eq!(found, vec![merged.id]);
+        }
+        assert!(s.merged_into("north", rows[0].id).unwrap().is_empty());
         s.clear().unwrap();
     }
 

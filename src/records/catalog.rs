@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! type: "catalog", schema: 1, station, village,
-//! households: { <document id>: { url: "automerge:<id>", address_label, updated_at (ms) } }
+//! households: { <document id>: { url: "automerge:<id>", address_label, updated_at (ms),
+//!                                 merged_into?: "automerge:<survivor id>" } }
 //! ```
+//!
+//! `merged_into` is set when staff merged the household into another (the survivor): a
+//! device shows the survivor instead, and records new visits there.
 //!
 //! `updated_at` is when the entry was written: the household's registration, or the last
 //! change of its address label. Visits do not touch the catalog (every catalog change reaches
@@ -25,6 +29,9 @@ pub struct CatalogEntry {
     pub url: String,
     pub address_label: String,
     pub updated_at_ms: i64,
+    /// The survivor's URL, when staff merged this household into another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -52,13 +59,15 @@ pub fn create_catalog(
     Ok(())
 }
 
-/// Adds one household's entry, or relabels it; `updated_at` is written with it. Returns
-/// whether anything changed: an entry whose label is current is left alone (no Automerge
-/// change at all, and its `updated_at` stays).
+/// Adds one household's entry, or relabels it, or (with `merged_into`) points it to the
+/// survivor it was merged into; `updated_at` is written with it. Returns whether anything
+/// changed: an entry that is current is left alone (no Automerge change at all, and its
+/// `updated_at` stays). `None` leaves an entry's `merged_into` as it is.
 pub fn upsert_catalog_entry(
     doc: &mut Automerge,
     household: DocumentId,
     address_label: &str,
+    merged_into: Option<DocumentId>,
     updated_at: Timestamp,
 ) -> Result<bool, RecordError> {
     let households = map_at(doc, &ROOT, "households").ok_or_else(|| RecordError::Invalid {
@@ -68,8 +77,11 @@ pub fn upsert_catalog_entry(
     let key = household.to_string();
     let updated = i64::try_from(updated_at.as_millis()).unwrap_or(i64::MAX);
     let existing = map_at(doc, &households, &key);
+    let merged_url = merged_into.map(|m| m.to_url());
     if let Some(entry) = &existing {
-        if string_at(doc, entry, "address_label").as_deref() == Some(address_label) {
+        if string_at(doc, entry, "address_label").as_deref() == Some(address_label)
+            && (merged_url.is_none() || string_at(doc, entry, "merged_into") == merged_url)
+        {
             return Ok(false);
         }
     }
@@ -83,6 +95,9 @@ pub fn upsert_catalog_entry(
         }
     };
     tx.put(&entry, "address_label", address_label)?;
+    if let Some(url) = &merged_url {
+        tx.put(&entry, "merged_into", url.as_str())?;
+    }
     tx.put(&entry, "updated_at", ScalarValue::Timestamp(updated))?;
     tx.commit();
     Ok(true)
@@ -111,6 +126,7 @@ pub fn read_catalog<R: ReadDoc>(doc: &R) -> Result<CatalogView, RecordError> {
                 id,
                 url: string_at(doc, &entry, "url").unwrap_or_else(|| id.to_url()),
                 address_label: string_at(doc, &entry, "address_label").unwrap_or_default(),
+                merged_into: string_at(doc, &entry, "merged_into"),
                 updated_at_ms,
             });
         }
@@ -133,11 +149,11 @@ mod tests {
         create_catalog(&mut doc, "north", "東村").unwrap();
         let h = DocumentId::random();
         let t = Timestamp::from_millis(1_000);
-        assert!(upsert_catalog_entry(&mut doc, h, "East Rd No. 1", t).unwrap());
+        assert!(upsert_catalog_entry(&mut doc, h, "East Rd No. 1", None, t).unwrap());
         let heads = doc.get_heads();
-        assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1", t).unwrap());
+        assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1", None, t).unwrap());
         assert!(
-            !upsert_catalog_entry(&mut doc, h, "East Rd No. 1", Timestamp::from_millis(2_000))
+            !upsert_catalog_entry(&mut doc, h, "East Rd No. 1", None, Timestamp::from_millis(2_000))
                 .unwrap(),
             "a later change with the same label is not a catalog change"
         );
@@ -149,6 +165,7 @@ mod tests {
             &mut doc,
             h,
             "East Rd No. 1-1",
+            None,
             Timestamp::from_millis(3_000)
         )
         .unwrap());
@@ -158,5 +175,15 @@ mod tests {
         assert_eq!(view.households[0].url, h.to_url());
         assert_eq!(view.households[0].address_label, "East Rd No. 1-1");
         assert_eq!(view.households[0].updated_at_ms, 3_000);
+        assert_eq!(view.households[0].merged_into, None);
+
+        // A merge points the entry to the survivor; later label checks keep the pointer.
+        let survivor = DocumentId::random();
+        let t = Timestamp::from_millis(4_000);
+        assert!(upsert_catalog_entry(&mut doc, h, "East Rd No. 1-1", Some(survivor), t).unwrap());
+        assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1-1", Some(survivor), t).unwrap());
+        assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1-1", None, t).unwrap());
+        let view = read_catalog(&doc).unwrap();
+        assert_eq!(view.households[0].merged_into, Some(survivor.to_url()));
     }
 }

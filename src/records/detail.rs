@@ -10,6 +10,7 @@ use automerge::{Automerge, ChangeHash, ObjId, ObjType, Prop, ReadDoc, ScalarValu
 use serde_json::{json, Map as JsonMap, Value as Json};
 
 use super::attribution::{Attribution, Author};
+use super::merge::{field_author, origin_of};
 use super::read::{map_at, string_at};
 use super::schema::scalar_int;
 use super::summary::{entries, int_at};
@@ -39,6 +40,19 @@ pub struct Entry {
     /// Fields whose current value someone other than the creator set (or the creator in a
     /// later change): who set it.
     pub set_by: BTreeMap<String, Author>,
+    /// Set when a merge copied the entry from another household: `created_by` and
+    /// `set_by` are then who wrote it there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged: Option<MergedEntry>,
+}
+
+/// Where a copied entry came from.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct MergedEntry {
+    /// The household it was first recorded in (`automerge:` URL).
+    pub from: String,
+    /// The staff member whose merge copied it.
+    pub by: Option<Author>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -91,22 +105,43 @@ pub fn household_detail(doc: &Automerge, attribution: &Attribution) -> Household
         let mut out: Vec<Entry> = entries(doc, key)
             .into_iter()
             .map(|(id, obj)| {
+                let origin = origin_of(doc, attribution, &obj);
                 let created_in = attribution.change_of(&obj);
                 let mut set_by = BTreeMap::new();
                 for field in doc.keys(&obj) {
+                    if field == "merged_from" {
+                        continue;
+                    }
                     if let Some((_, vid)) = doc.get(&obj, field.as_str()).ok().flatten() {
-                        if attribution.change_of(&vid) == created_in {
-                            continue;
-                        }
-                        if let Some(a) = attribution.author_of(&vid) {
-                            set_by.insert(field, a.clone());
+                        let author = match &origin {
+                            // A copy's fields were all written by the merge; who set them
+                            // first is in its origin.
+                            Some(o) if attribution.change_of(&vid) == created_in => {
+                                o.set.get(&field).cloned()
+                            }
+                            _ if attribution.change_of(&vid) == created_in => None,
+                            _ => field_author(attribution, &obj, None, &field, &vid),
+                        };
+                        if let Some(a) = author {
+                            set_by.insert(field, a);
                         }
                     }
                 }
+                let mut value = to_json(doc, &obj, ObjType::Map);
+                if let (Some(_), Json::Object(m)) = (&origin, &mut value) {
+                    m.remove("merged_from");
+                }
                 Entry {
-                    value: to_json(doc, &obj, ObjType::Map),
-                    created_by: attribution.author_of(&obj).cloned(),
+                    value,
+                    created_by: match &origin {
+                        Some(o) => o.author.clone(),
+                        None => attribution.author_of(&obj).cloned(),
+                    },
                     set_by,
+                    merged: origin.map(|o| MergedEntry {
+                        from: o.household.to_url(),
+                        by: attribution.author_of(&obj).cloned(),
+                    }),
                     id,
                 }
             })
@@ -202,7 +237,7 @@ pub(crate) fn changed_since(doc: &Automerge, heads: &[ChangeHash]) -> Option<Vec
 }
 
 /// Dotted paths of everything that differs between `before` and `after`.
-fn touched(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHash]) -> Vec<String> {
+pub(crate) fn touched(doc: &Automerge, before: &[ChangeHash], after: &[ChangeHash]) -> Vec<String> {
     let mut out = BTreeSet::new();
     for patch in doc.diff(before, after) {
         let mut path: Vec<String> = patch.path.iter().map(|(_, p)| prop_str(p)).collect();

@@ -2,7 +2,7 @@
 //! typed writes (`write`: households, members, visits, matters, follow-ups, reviews), typed
 //! reads that keep concurrent values (`read`), the per-household summary the projection
 //! stores (`summary`), the staff detail with conflicts, authors and history (`detail`), and
-//! who wrote what (`attribution`). `proto-docs/data-model.md` is the contract; this module is
+//! who wrote what (`attribution`), and merging one address registered twice (`merge`). `proto-docs/data-model.md` is the contract; this module is
 //! its Rust face, used by the server, the device library and the examples.
 //!
 //! Rules it enforces: every nested container is created in the creating change (never
@@ -12,6 +12,7 @@
 mod attribution;
 pub mod catalog;
 mod detail;
+pub mod merge;
 mod read;
 pub mod samples;
 pub mod schema;
@@ -22,7 +23,7 @@ pub use attribution::{Attribution, Author};
 pub use catalog::{create_catalog, read_catalog, upsert_catalog_entry, CatalogEntry, CatalogView};
 pub use detail::{
     conflicts, history, household_detail, Conflict, ConflictValue, Entry, HistoryEntry,
-    HouseholdDetail, Review,
+    HouseholdDetail, MergedEntry, Review,
 };
 pub use read::{
     address_key, address_label, household_scope, meeting_marks, normalise_address, read_household,

@@ -11,6 +11,7 @@ use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 use super::attribution::{Attribution, Author};
 use super::detail::{changed_since, conflicts, review_of};
+use super::merge::{changed_after_merge, field_author, merge_mark, origin_of, MergeMark};
 use super::read::{string_at, strings_at, Fields};
 use super::schema::{scalar_int, validate, FollowUpStatus, MatterStatus};
 
@@ -94,6 +95,14 @@ pub struct HouseholdSummary {
     /// village with the same key are likely one address registered twice.
     #[serde(default)]
     pub address_key: String,
+    /// Set when staff merged this household into another (the survivor): it leaves the
+    /// lists and counts, and stays stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<MergeMark>,
+    /// What changed on it after it was merged (dotted paths): an officer's late offline
+    /// visit, to be copied by running the merge again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_merge: Vec<String>,
     pub visits: Vec<VisitRow>,
 }
 
@@ -114,9 +123,14 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
         let f = Fields::of(doc, &obj);
         let notes = text(&f, "notes");
         search.push(notes.clone());
+        // A visit copied in a merge counts as its officer's, when the server received it.
+        let author = match origin_of(doc, attribution, &obj) {
+            Some(o) => o.author,
+            None => attribution.author_of(&obj).cloned(),
+        };
         visits.push(VisitRow {
             officer: text(&f, "officer"),
-            author: attribution.author_of(&obj).cloned(),
+            author,
             started_at_ms: int_of(&f, "started_at"),
             ended_at_ms: int_of(&f, "ended_at"),
             outcome: text(&f, "outcome"),
@@ -169,7 +183,15 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
             text(&f, "description")
         };
         search.push(description.clone());
-        let received = |id: &automerge::ObjId| attribution.author_of(id).map(|a| a.received_at_ms);
+        let origin = origin_of(doc, attribution, &obj);
+        let raised_at_ms = match &origin {
+            Some(o) => o.author.as_ref().map(|a| a.received_at_ms),
+            None => attribution.author_of(&obj).map(|a| a.received_at_ms),
+        };
+        let status_set_at_ms = f.get("status").and_then(|(_, value)| {
+            field_author(attribution, &obj, origin.as_ref(), "status", value)
+                .map(|a| a.received_at_ms)
+        });
         matters.push(MatterBrief {
             id,
             kind,
@@ -177,8 +199,8 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
             open,
             description,
             confidential,
-            raised_at_ms: received(&obj),
-            status_set_at_ms: f.get("status").and_then(|(_, at)| received(at)),
+            raised_at_ms,
+            status_set_at_ms,
             status,
         });
     }
@@ -217,7 +239,15 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
         search_text.truncate(cut);
     }
 
+    let merged_into = merge_mark(doc, attribution);
+    let after_merge = merged_into
+        .as_ref()
+        .map(|m| changed_after_merge(doc, m))
+        .unwrap_or_default();
+
     HouseholdSummary {
+        merged_into,
+        after_merge,
         address_label,
         premises: strings_at(doc, &ROOT, "premises"),
         visit_count: visits.len() as u32,

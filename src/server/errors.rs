@@ -107,6 +107,7 @@ impl From<StaffError> for ApiError {
             }
             StaffError::Forbidden(m) => ApiError::forbidden(m),
             StaffError::Invalid(m) => ApiError::bad_request(m),
+            StaffError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StaffError::Storage(inner) => {
                 tracing::error!(error = %inner, "storage failure while answering a request");
                 ApiError::unavailable()

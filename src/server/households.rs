@@ -26,7 +26,7 @@ const MAX_BODY_BYTES: u64 = 64 * 1024;
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 /// The filter parameters (besides these, `token` may carry a device token).
-const FILTER_PARAMS: [&str; 11] = [
+const FILTER_PARAMS: [&str; 12] = [
     "village",
     "officer",
     "matter_kind",
@@ -38,6 +38,7 @@ const FILTER_PARAMS: [&str; 11] = [
     "q",
     "conflicts",
     "quarantined",
+    "merged",
 ];
 
 pub(super) fn routes(services: &Services) -> Route {
@@ -61,6 +62,8 @@ pub(super) fn routes(services: &Services) -> Route {
         .or(correct_member(services, &desk))
         .unify()
         .or(mark_for_meeting(services, &desk))
+        .unify()
+        .or(merge(services, &desk))
         .unify()
         .or(changes(services, &desk))
         .unify()
@@ -465,6 +468,39 @@ fn mark_for_meeting(services: &Services, desk: &StaffDesk) -> Route {
                             desk.mark_for_meeting(who.principal(), doc_id(&id)?, vid, mark)
                                 .await?;
                             Ok(json(&serde_json::json!({ "for_meeting": for_meeting })))
+                        }
+                        .await,
+                    )
+                }
+            },
+        )
+        .boxed()
+}
+
+/// `POST /api/v1/households/{survivor}/merge` with `{"retire": "<household id>"}`: copies
+/// the retired household into the survivor and marks it merged (see `records::merge`).
+fn merge(services: &Services, desk: &StaffDesk) -> Route {
+    let desk = desk.clone();
+    warp::post()
+        .and(warp::path!("api" / "v1" / "households" / String / "merge"))
+        .and(write_ctx(services))
+        .then(
+            move |id: String, who: Result<Authenticated, ApiError>, body: Bytes| {
+                let desk = desk.clone();
+                async move {
+                    respond(
+                        async {
+                            let who = who?;
+                            let req: crate::staff::MergeRequest = parse(&body)?;
+                            let survivor = doc_id(&id)?;
+                            let retire = DocumentId::parse_url_or_id(&req.retire).map_err(|_| {
+                                ApiError::bad_request(format!(
+                                    "`retire`: `{}` is not a household id (an automerge document id or URL)",
+                                    req.retire.escape_debug()
+                                ))
+                            })?;
+                            let outcome = desk.merge(who.principal(), survivor, retire).await?;
+                            Ok(json(&outcome))
                         }
                         .await,
                     )

@@ -20,6 +20,7 @@ use crate::changelog::{ChangeLog, FeedPage};
 use crate::hub::{Hub, HubError};
 use crate::ids::DocumentId;
 use crate::projection::{Coverage, Cursor, Filter, HouseholdPage, Projection};
+use crate::records::merge::{MergeCopied, MergeMark};
 use crate::records::{
     self, FollowUpUpdate, HistoryEntry, HouseholdDetail, RecordError, ReviewState,
 };
@@ -36,6 +37,9 @@ pub enum StaffError {
     Forbidden(&'static str),
     #[error("{0}")]
     Invalid(String),
+    /// The request clashes with the records' state (a household merged elsewhere).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the edit could not be made now: {0}")]
@@ -95,8 +99,49 @@ pub struct Detail {
     /// Visits whose notes staff chose for the police–community meeting. Absent when none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub for_meeting: Vec<String>,
+    /// Set when staff merged this household into another: it is kept, but left the lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<MergeMark>,
+    /// What changed on this (merged) household after the merge: an officer's late offline
+    /// visit. Merging again copies new entries into the survivor.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after_merge: Vec<String>,
+    /// The households merged into this one. Absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<MergedHousehold>,
     #[serde(flatten)]
     pub detail: HouseholdDetail,
+}
+
+/// A household merged into the one shown.
+#[derive(Debug, serde::Serialize)]
+pub struct MergedHousehold {
+    pub id: DocumentId,
+    pub url: String,
+    pub address_label: String,
+    pub merged_by: String,
+    pub merged_at_ms: i64,
+    /// What changed on it after the merge (dotted paths); empty when nothing did.
+    pub after_merge: Vec<String>,
+}
+
+/// A merge request: the household to retire into the one named in the path.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeRequest {
+    pub retire: String,
+}
+
+/// What a merge did.
+#[derive(Debug, serde::Serialize)]
+pub struct MergeOutcome {
+    pub survivor: DocumentId,
+    pub retired: DocumentId,
+    /// Whether the retired household had been merged into this survivor before (this run
+    /// copied only what arrived since).
+    pub merged_before: bool,
+    #[serde(flatten)]
+    pub copied: MergeCopied,
 }
 
 /// Which earlier point of a household to show.
@@ -359,7 +404,7 @@ impl StaffDesk {
     ) -> Result<Detail, StaffError> {
         let (station, village) = self.readable(who, doc)?;
         let changelog = self.changelog.clone();
-        let (mut detail, quarantine, as_of, for_meeting) = self
+        let (mut detail, quarantine, as_of, for_meeting, merged_into, after_merge) = self
             .hub
             .read(doc, move |content: &Automerge| {
                 let rows = changelog.provenance_blocking(doc)?;
@@ -369,19 +414,43 @@ impl StaffDesk {
                     Err(e) => return Ok(Err(e)),
                 };
                 let shown = then.as_ref().unwrap_or(content);
+                let mark = records::merge::merge_mark(shown, &attribution);
+                let after = mark
+                    .as_ref()
+                    .map(|m| records::merge::changed_after_merge(shown, m))
+                    .unwrap_or_default();
                 Ok::<_, StorageError>(Ok((
                     records::household_detail(shown, &attribution),
                     records::validate(shown),
                     view,
                     records::meeting_marks(shown),
+                    mark,
+                    after,
                 )))
             })
             .await?
             .ok_or(StaffError::NotFound(doc))???;
         let (visits_total, visits_next_offset) = page_visits(&mut detail, page);
         let (p, at) = (self.projection.clone(), station.clone());
-        let possible_duplicates =
-            blocking(move || p.possible_duplicates_blocking(&at, doc)).await?;
+        let (possible_duplicates, merged_from) = blocking(move || {
+            let merged_from = p
+                .merged_into_blocking(&at, doc)?
+                .into_iter()
+                .map(|row| {
+                    let mark = row.summary.merged_into.clone();
+                    MergedHousehold {
+                        url: row.id.to_url(),
+                        id: row.id,
+                        address_label: row.summary.address_label,
+                        merged_by: mark.as_ref().map(|m| m.by.clone()).unwrap_or_default(),
+                        merged_at_ms: mark.map(|m| m.at_ms).unwrap_or_default(),
+                        after_merge: row.summary.after_merge,
+                    }
+                })
+                .collect::<Vec<_>>();
+            Ok::<_, StorageError>((p.possible_duplicates_blocking(&at, doc)?, merged_from))
+        })
+        .await?;
         Ok(Detail {
             id: doc,
             url: doc.to_url(),
@@ -393,6 +462,9 @@ impl StaffDesk {
             as_of,
             possible_duplicates,
             for_meeting,
+            merged_into,
+            after_merge,
+            merged_from,
             detail,
         })
     }
@@ -579,6 +651,86 @@ impl StaffDesk {
             records::mark_for_meeting(tx, &visit, mark.for_meeting, &by, at)
         })
         .await
+    }
+
+    /// Merges `retire` into `survivor` (`records::merge`): copies every member, visit,
+    /// matter, follow-up, review comment and meeting mark the survivor does not have, then
+    /// marks the retired household merged at the point its copy was taken. Running it
+    /// again copies only what arrived since. Both must be households of one village that
+    /// the caller may edit.
+    pub async fn merge(
+        &self,
+        who: &Principal,
+        survivor: DocumentId,
+        retire: DocumentId,
+    ) -> Result<MergeOutcome, StaffError> {
+        if retire == survivor {
+            return Err(StaffError::Invalid(
+                "a household cannot be merged into itself; `retire` names the other one".into(),
+            ));
+        }
+        self.editable(who, survivor)?;
+        let (station, village) = self.readable(who, survivor)?;
+        self.editable(who, retire)?;
+        let (_, retired_village) = self.readable(who, retire)?;
+        if retired_village != village {
+            return Err(StaffError::Invalid(format!(
+                "only households of one village can be merged: this one is in {village}, {retire} in {retired_village}"
+            )));
+        }
+        let (p, at) = (self.projection.clone(), station.clone());
+        let survivor_row = blocking(move || p.row_blocking(&at, survivor)).await?;
+        if let Some(mark) = survivor_row.and_then(|r| r.summary.merged_into) {
+            return Err(StaffError::Conflict(format!(
+                "this household was itself merged into {}; merge into that one",
+                mark.into
+            )));
+        }
+
+        let changelog = self.changelog.clone();
+        let source = self
+            .hub
+            .read(retire, move |content: &Automerge| {
+                let rows = changelog.provenance_blocking(retire)?;
+                let attribution = crate::projection::attribution(content, &rows);
+                Ok::<_, StorageError>(records::merge::merge_source(content, &attribution, retire))
+            })
+            .await?
+            .ok_or(StaffError::NotFound(retire))??;
+        if let Some(previous) = source.previous.as_ref().filter(|m| m.into != survivor) {
+            return Err(StaffError::Conflict(format!(
+                "{retire} was merged into {} by {}; open that household",
+                previous.into, previous.by
+            )));
+        }
+        let merged_before = source.previous.is_some();
+        let heads = source.heads.clone();
+
+        let copied: Arc<Mutex<MergeCopied>> = Arc::default();
+        let out = copied.clone();
+        self.edit(who, survivor, move |tx| {
+            *out.lock().unwrap_or_else(|p| p.into_inner()) =
+                records::merge::copy_into_survivor(tx, &source)?;
+            Ok(())
+        })
+        .await?;
+        // Marked after the copy is stored: a failure in between leaves a survivor with
+        // the copies and an unmarked household, and running the merge again finishes it.
+        let by = who.user.to_string();
+        let at = self.accounts.now().as_millis() as i64;
+        self.edit(who, retire, move |tx| {
+            records::merge::mark_merged(tx, survivor, &by, at, &heads)
+        })
+        .await?;
+        let copied = std::mem::take(&mut *copied.lock().unwrap_or_else(|p| p.into_inner()));
+        tracing::info!(%survivor, retired = %retire, user = %who.user, copied = ?copied.copied,
+            comments = copied.comments, already_there = copied.already_there, "households merged");
+        Ok(MergeOutcome {
+            survivor,
+            retired: retire,
+            merged_before,
+            copied,
+        })
     }
 
     /// A follow-up's owner must be an officer of the household's village.

@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -128,6 +128,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX households_follow_ups ON households
          USING gin ((row->'follow_ups') jsonb_path_ops);
      CREATE INDEX households_officers ON households USING gin ((row->'officers') jsonb_path_ops);",
+    // 7: households merged into another (`records::merge`) leave the lists and counts; the
+    // survivor finds them by its id.
+    "ALTER TABLE households
+         ADD COLUMN merged boolean NOT NULL
+             GENERATED ALWAYS AS ((row->'merged_into') IS NOT NULL) STORED,
+         ADD COLUMN changed_after_merge boolean NOT NULL
+             GENERATED ALWAYS AS (coalesce(jsonb_array_length(row->'after_merge'), 0) > 0) STORED;
+     CREATE INDEX households_by_survivor ON households (station, (row->'merged_into'->>'into'))
+         WHERE merged;",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).
