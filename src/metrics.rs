@@ -144,6 +144,7 @@ pub fn route_of(path: &str) -> &'static str {
             ["households", _] => "/api/v1/households/{id}",
             ["households", _, "history"] => "/api/v1/households/{id}/history",
             ["households", _, "review"] => "/api/v1/households/{id}/review",
+            ["households", _, "merge"] => "/api/v1/households/{id}/merge",
             ["households", _, "follow-ups"] => "/api/v1/households/{id}/follow-ups",
             ["households", _, "follow-ups", _] => "/api/v1/households/{id}/follow-ups/{id}",
             ["households", _, "members", _] => "/api/v1/households/{id}/members/{id}",

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
 use super::query::MergedFilter;
+use super::store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
 use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
 use crate::records::VisitRow;

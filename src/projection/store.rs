@@ -211,7 +211,12 @@ pub trait ProjectionStore: Send + Sync + 'static {
     ) -> Result<Vec<HouseholdRow>, StorageError> {
         let mut out = Vec::new();
         self.for_each_row(Some(station), &mut |row| {
-            if row.summary.merged_into.as_ref().is_some_and(|m| m.into == survivor) {
+            if row
+                .summary
+                .merged_into
+                .as_ref()
+                .is_some_and(|m| m.into == survivor)
+            {
                 out.push(row);
             }
             true
@@ -902,10 +907,7 @@ pub(crate) mod tests {
         let since = 900;
         for villages in [None, Some(&west[..])] {
             let mut expected: BTreeMap<String, TimeCounts> = BTreeMap::new();
-            for r in rows
-                .iter()
-                .filter(|r| r.station == "north" && r.listed())
-            {
+            for r in rows.iter().filter(|r| r.station == "north" && r.listed()) {
                 if villages.is_some_and(|v| !v.contains(&r.village)) {
                     continue;
                 }

@@ -153,8 +153,14 @@ mod tests {
         let heads = doc.get_heads();
         assert!(!upsert_catalog_entry(&mut doc, h, "East Rd No. 1", None, t).unwrap());
         assert!(
-            !upsert_catalog_entry(&mut doc, h, "East Rd No. 1", None, Timestamp::from_millis(2_000))
-                .unwrap(),
+            !upsert_catalog_entry(
+                &mut doc,
+                h,
+                "East Rd No. 1",
+                None,
+                Timestamp::from_millis(2_000)
+            )
+            .unwrap(),
             "a later change with the same label is not a catalog change"
         );
         assert_eq!(doc.get_heads(), heads, "no empty changes");

@@ -103,7 +103,9 @@ pub struct MergeCopied {
 
 /// Whether the value or object `id` was written by the server on behalf of a staff account.
 fn server_made(attribution: &Attribution, id: &ObjId) -> bool {
-    attribution.author_of(id).is_some_and(|a| a.device.is_none())
+    attribution
+        .author_of(id)
+        .is_some_and(|a| a.device.is_none())
 }
 
 /// The household's merge mark, if the server wrote it.
@@ -193,7 +195,8 @@ pub fn changed_after_merge(doc: &Automerge, mark: &MergeMark) -> Vec<String> {
 pub fn origin_of(doc: &Automerge, attribution: &Attribution, obj: &ObjId) -> Option<Origin> {
     let from = map_at(doc, obj, "merged_from")?;
     // The entry and its `merged_from` were made in one change, by the server.
-    if !server_made(attribution, &from) || attribution.change_of(&from) != attribution.change_of(obj)
+    if !server_made(attribution, &from)
+        || attribution.change_of(&from) != attribution.change_of(obj)
     {
         return None;
     }
@@ -235,11 +238,9 @@ pub fn field_author(
     value: &ObjId,
 ) -> Option<Author> {
     match origin {
-        Some(o) if attribution.change_of(value) == attribution.change_of(obj) => o
-            .set
-            .get(field)
-            .cloned()
-            .or_else(|| o.author.clone()),
+        Some(o) if attribution.change_of(value) == attribution.change_of(obj) => {
+            o.set.get(field).cloned().or_else(|| o.author.clone())
+        }
         _ => attribution.author_of(value).cloned(),
     }
 }
@@ -492,7 +493,9 @@ pub fn copy_into_survivor<T: Transactable>(
                 let pick = |f: &[(String, Node)], k: &str| {
                     f.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())
                 };
-                ["by", "at", "text"].iter().all(|k| pick(a, k) == pick(b, k))
+                ["by", "at", "text"]
+                    .iter()
+                    .all(|k| pick(a, k) == pick(b, k))
             };
             let existing: Vec<Vec<(String, Node)>> = match tx.get(&review, "comments")? {
                 Some((Value::Object(ObjType::List), _)) => (0..tx.length(&list))
@@ -741,7 +744,10 @@ mod tests {
         attribute(&doc, &mut authors, "mallory", 5);
         let attribution = Attribution::new(&doc, authors);
         let detail = household_detail(&doc, &attribution);
-        assert_eq!(detail.visits[0].created_by.as_ref().unwrap().user, "mallory");
+        assert_eq!(
+            detail.visits[0].created_by.as_ref().unwrap().user,
+            "mallory"
+        );
         assert!(detail.visits[0].merged.is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! quarantine, filters, paging, history, the change feed, coverage and the CSV export.
 
 use fieldsync::client::Device;
+use fieldsync::ids::DocumentId;
 use fieldsync::records::{self, FollowUpStatus, MatterKind, Premises, Risk};
 use serde_json::{json, Value};
 
@@ -861,5 +862,240 @@ async fn one_address_registered_twice_is_flagged_in_the_list_and_the_detail() {
     assert_eq!(detail["possible_duplicates"], json!([first.to_string()]));
     let detail = staff.get_ok(&format!("/households/{elsewhere}")).await;
     assert!(detail.get("possible_duplicates").is_none());
+    server.stop().await;
+}
+
+/// The merge: two officers register "林森南路12號" and "林森南路 12 號" offline in
+/// one village. Staff merge them: every visit, member and matter of both is in the survivor
+/// with its first author; the retired household leaves the lists and its catalog entry
+/// points to the survivor; an officer's offline visit to it that arrives after the merge is
+/// kept, staff are told, and merging again copies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_merge_one_address_registered_twice_and_a_late_visit_is_not_lost() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let at = |street: &str, no: &str| {
+        let mut h = household(no);
+        h.address.street = street.into();
+        h
+    };
+    let member = |name: &str| records::NewMember {
+        name: name.into(),
+        relation: "head".into(),
+        birth_year: Some(1960),
+        phone: String::new(),
+    };
+    let ben_url = server.url_for(BEN).await;
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
+    let survivor = amy.create_household(&at("林森南路", "12號")).await.unwrap();
+    let m = member("王小明");
+    amy.change(survivor, move |tx| {
+        records::add_member(tx, &m)?;
+        visit_with_complaint(tx, AMY, "王先生說夜間機車競速")
+    })
+    .await
+    .unwrap();
+    let retired = ben
+        .create_household(&at("林森南路 ", "１２ 號"))
+        .await
+        .unwrap();
+    let m = member("王太太");
+    ben.change(retired, move |tx| {
+        records::add_member(tx, &m)?;
+        visit_with_complaint(tx, BEN, "王太太也抱怨噪音")
+    })
+    .await
+    .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    // ben's next visit stays on his phone (offline) until after the merge.
+    let late = ben
+        .change(retired, |tx| {
+            records::add_visit(tx, &visit(BEN, "晚到的走訪紀錄"))
+        })
+        .await
+        .unwrap();
+
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let detail = sue.get_ok(&format!("/households/{survivor}")).await;
+    assert_eq!(detail["possible_duplicates"], json!([retired.to_string()]));
+
+    // Refused: into itself, an unknown id, and by an officer.
+    let merge_path = format!("/households/{survivor}/merge");
+    for (body, status, why) in [
+        (json!({"retire": survivor.to_string()}), 400, "itself"),
+        (json!({"retire": "nope"}), 400, "not a household id"),
+        (
+            json!({"retire": DocumentId::random().to_string()}),
+            404,
+            "no household",
+        ),
+        (json!({"other": 1}), 400, "unknown field"),
+    ] {
+        let (got, answer) = sue.send("POST", &merge_path, body.clone()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{body}: {message}");
+    }
+    let amy_bearer = format!("Bearer {}", server.enrol(AMY).await);
+    let (status, _, _) = http(
+        "POST",
+        &format!("{}/api/v1{merge_path}", server.http),
+        Some(json!({"retire": retired.to_string()})),
+        &[("authorization", &amy_bearer)],
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    let (status, outcome) = sue
+        .send("POST", &merge_path, json!({"retire": retired.to_string()}))
+        .await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["merged_before"], json!(false));
+    assert_eq!(
+        outcome["copied"],
+        json!({"members": 1, "visits": 1, "matters": 1, "follow_ups": 0})
+    );
+
+    // Every visit, member and matter of both, each with its first author.
+    let d = sue.get_ok(&format!("/households/{survivor}")).await;
+    let authors = |key: &str| -> Vec<(String, Option<String>)> {
+        let mut out: Vec<(String, Option<String>)> = d[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["created_by"]["user"].as_str().unwrap().to_string(),
+                    e["merged"]["from"].as_str().map(str::to_string),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let both = vec![
+        (AMY.to_string(), None),
+        (BEN.to_string(), Some(retired.to_url())),
+    ];
+    assert_eq!(authors("visits"), both);
+    assert_eq!(authors("members"), both);
+    assert_eq!(authors("matters"), both);
+    let copied = d["visits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["created_by"]["user"] == BEN)
+        .unwrap();
+    assert_eq!(copied["value"]["notes"], "王太太也抱怨噪音");
+    assert_eq!(copied["merged"]["by"]["user"], SUE);
+    assert!(copied["created_by"]["device"].as_str().is_some());
+    assert!(d.get("possible_duplicates").is_none());
+    assert_eq!(d["merged_from"][0]["id"], retired.to_string());
+    assert_eq!(d["merged_from"][0]["after_merge"], json!([]));
+
+    // The retired household leaves the lists and counts, and stays readable.
+    let list = sue.get_ok("/households").await;
+    let listed: Vec<&str> = list["households"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec![survivor.to_string()]);
+    let merged = sue.get_ok("/households?merged=true").await;
+    assert_eq!(merged["households"][0]["id"], retired.to_string());
+    assert_eq!(
+        merged["households"][0]["merged_into"]["into"],
+        survivor.to_string()
+    );
+    let r = sue.get_ok(&format!("/households/{retired}")).await;
+    assert_eq!(r["merged_into"]["into"], survivor.to_string());
+    assert_eq!(r["merged_into"]["by"], SUE);
+
+    // A new phone of ben's finds the survivor through the retired entry of its catalog.
+    let fresh = Device::open(&dir.path().join("ben-new")).await.unwrap();
+    let code = server.enrolment_code(BEN).await;
+    let answer = fresh
+        .enroll(&server.http, &code, "ben's new phone")
+        .await
+        .unwrap();
+    let catalog =
+        DocumentId::parse_url_or_id(answer["villages"][0]["catalog_url"].as_str().unwrap())
+            .unwrap();
+    assert!(fresh.sync(&server.sync_base).await.unwrap().all_held());
+    let entries = fresh.catalog(catalog).await.unwrap().households;
+    let entry = entries.iter().find(|e| e.id == retired).unwrap();
+    assert_eq!(entry.merged_into, Some(survivor.to_url()));
+    assert_eq!(
+        entries
+            .iter()
+            .find(|e| e.id == survivor)
+            .unwrap()
+            .merged_into,
+        None
+    );
+
+    // ben's offline visit arrives after the merge: kept on the retired household, and staff
+    // are told on the survivor, in the counts and in a list.
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    let path = format!("visits.{late}");
+    let r = sue.get_ok(&format!("/households/{retired}")).await;
+    assert_eq!(r["after_merge"], json!([path]));
+    assert!(r["visits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["id"] == late.as_str()));
+    let d = sue.get_ok(&format!("/households/{survivor}")).await;
+    assert_eq!(d["merged_from"][0]["after_merge"], json!([path]));
+    let coverage = sue.get_ok("/coverage").await;
+    let village = coverage
+        .as_array()
+        .or_else(|| coverage["villages"].as_array())
+        .unwrap()
+        .iter()
+        .find(|v| v["village"] == crate::common::world::VILLAGE)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            village["merged"].as_i64(),
+            village["changed_after_merge"].as_i64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(village["households"].as_i64(), Some(1));
+    let told = sue.get_ok("/households?merged=after_merge").await;
+    assert_eq!(told["households"][0]["after_merge"], json!([path]));
+
+    // Merging again copies the late visit, and nothing twice.
+    let (status, outcome) = sue
+        .send("POST", &merge_path, json!({"retire": retired.to_string()}))
+        .await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["merged_before"], json!(true));
+    assert_eq!(outcome["copied"]["visits"], json!(1));
+    assert_eq!(outcome["already_there"], json!(3));
+    let d = sue.get_ok(&format!("/households/{survivor}")).await;
+    assert_eq!(d["visits"].as_array().unwrap().len(), 3);
+    assert_eq!(d["merged_from"][0]["after_merge"], json!([]));
+    assert!(
+        sue.get_ok("/households?merged=after_merge").await["households"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // The survivor cannot be merged into the household it absorbed.
+    let (status, answer) = sue
+        .send(
+            "POST",
+            &format!("/households/{retired}/merge"),
+            json!({"retire": survivor.to_string()}),
+        )
+        .await;
+    assert_eq!(status, 409, "{answer}");
     server.stop().await;
 }
