@@ -555,6 +555,36 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
         "not A4: {media}"
     );
 
+    // The public summary as a page (警務公開): the same published figures, and none of
+    // the personal text.
+    b.emulate_print(false).await;
+    b.click("#public-page").await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'public'")
+        .await;
+    let shown = b
+        .eval(
+            r#"[...document.querySelectorAll('#public-table tbody tr')].map(r => [r.dataset.village,
+                r.querySelector('[data-col=households]').textContent,
+                r.querySelector('[data-col=visits]').textContent])"#,
+        )
+        .await;
+    assert_eq!(
+        shown,
+        json!([
+            [OTHER_VILLAGE, "<3", "<3"],
+            [VILLAGE, "<3", "<3"],
+            ["全所合計", "4", "3"]
+        ])
+    );
+    let page_text = b.eval("document.querySelector('#main').textContent").await;
+    let page_text = page_text.as_str().unwrap();
+    for p in &personal {
+        assert!(
+            !page_text.contains(p.as_str()),
+            "{p:?} is on the public page"
+        );
+    }
+
     // One village only; bad requests say why.
     let only = staff
         .get_ok(&format!(

@@ -299,3 +299,99 @@ async fn staff_review_records_in_a_real_browser() {
     );
     server.stop().await;
 }
+
+/// Staff merge one address registered twice on the page: the duplicate banner offers the
+/// merge, asks once more, and the survivor then shows both officers' visits (the copied one
+/// says where from); the retired household says where it went; a late offline visit to it
+/// shows on the dashboard, and the survivor's page copies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_merge_a_duplicate_household_on_the_page() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let amy = Device::open(&dir.path().join("amy")).await.unwrap();
+    let ben = Device::open(&dir.path().join("ben")).await.unwrap();
+    let ben_url = server.url_for(BEN).await;
+    let survivor = amy.create_household(&household("12號")).await.unwrap();
+    amy.change(survivor, |tx| {
+        visit_with_complaint(tx, AMY, "amy heard about scooters")
+    })
+    .await
+    .unwrap();
+    let retired = ben.create_household(&household(" １２ 號")).await.unwrap();
+    ben.change(retired, |tx| {
+        visit_with_complaint(tx, BEN, "ben heard it too")
+    })
+    .await
+    .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{}/", server.http)).await;
+    b.wait_for("document.querySelector('#signin')").await;
+    b.fill("#signin input[name=name]", SUE).await;
+    b.fill("#signin input[name=password]", SUE_PASSWORD).await;
+    b.click("#signin button[type=submit]").await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
+        .await;
+    b.goto(&format!("{}/#/household/{survivor}", server.http))
+        .await;
+    b.wait_for("document.querySelector('#duplicates button.merge')")
+        .await;
+    // The first click asks; the second merges.
+    b.click("#duplicates button.merge").await;
+    b.wait_for("document.querySelector('#duplicates button.merge.confirm')")
+        .await;
+    assert_eq!(
+        b.eval("document.querySelectorAll('#visits li').length")
+            .await,
+        1,
+        "nothing merged on the first click"
+    );
+    b.click("#duplicates button.merge").await;
+    b.wait_for("document.querySelectorAll('#visits li').length === 2 && document.querySelector('#merged-from')")
+        .await;
+    let officers = b
+        .eval("[...document.querySelectorAll('#visits li')].map(li => li.dataset.officer).sort()")
+        .await;
+    assert_eq!(officers, json!([AMY, BEN]));
+    let copied = b
+        .eval("document.querySelector('#visits li[data-officer=ben] .copied').textContent")
+        .await;
+    assert!(
+        copied.as_str().unwrap().contains(&retired.to_string()[..8]),
+        "{copied}"
+    );
+    assert!(b.eval("!document.querySelector('#duplicates')").await == true);
+
+    // The retired household, opened from the survivor, says where it went.
+    b.click("#merged-from li a").await;
+    b.wait_for(&format!(
+        "document.querySelector('#merged-into') && document.querySelector('#merged-into').dataset.into === '{survivor}'"
+    ))
+    .await;
+
+    // ben's late offline visit: the dashboard points to it, the survivor's page copies it.
+    ben.change(retired, |tx| {
+        records::add_visit(tx, &crate::common::visit(BEN, "late"))
+    })
+    .await
+    .unwrap();
+    assert!(ben.sync(&ben_url).await.unwrap().all_held());
+    b.goto(&format!("{}/#/", server.http)).await;
+    b.wait_for("document.querySelector('#main').dataset.view === 'dashboard' && document.querySelector('#coverage a.late')")
+        .await;
+    b.click("#coverage a.late").await;
+    b.wait_for(&format!(
+        "document.querySelector('#main').dataset.view === 'list' && document.querySelector('#households tr[data-id=\"{retired}\"]')"
+    ))
+    .await;
+    b.goto(&format!("{}/#/household/{survivor}", server.http))
+        .await;
+    b.wait_for("document.querySelector('#merged-from li[data-late=\"1\"] button.merge')")
+        .await;
+    b.click("#merged-from button.merge").await;
+    b.wait_for("document.querySelectorAll('#visits li').length === 3 && document.querySelector('#merged-from li[data-late=\"0\"]')")
+        .await;
+    server.stop().await;
+}

@@ -16,6 +16,10 @@ const T = {
     openFollowUps: "待追蹤", satisfaction: "滿意度", security: "治安感受", vsPrevious: "較上月", suggestions: "民眾建議",
     stationTotal: "全所合計", byServerTime: "依伺服器時間", visitedMonth: "本月已訪戶",
     duplicate: "可能重複", duplicateHint: "同村里有相同地址的住戶，可能重複登錄：",
+    mergeHere: "合併至此戶", mergeConfirm: "確認合併？（另一戶的成員、訪視、案件將複製到此戶，原戶保留但不再列出）",
+    mergedInto: "此戶已合併至", mergedFrom: "已併入此戶的住戶", afterMerge: "合併後才收到的資料", mergeAgain: "複製合併後的資料",
+    copiedFrom: "併自", merged: "已合併", lateAfterMerge: "合併後有新資料", publicSummary: "警務公開摘要",
+    publicNote: n => `不含姓名、地址、電話、紀錄內容及機密案件；少於 ${n} 的數字以「<${n}」表示。`, outcomes: "訪視結果", modes: "訪視方式",
     forMeeting: "懇談會選用", chooseForMeeting: "選入懇談會", meetingNotes: "懇談會紀錄摘要", changedThen: "此版本相較前一版變更的欄位",
     name: "帳號", memberName: "姓名", password: "密碼", wrongPassword: "帳號或密碼錯誤", village: "村里",
     householdsN: "戶數", visited: `近${DAYS}日已訪`, never: "從未訪視", openMatters: "未結案件",
@@ -52,6 +56,10 @@ const T = {
     openFollowUps: "Open follow-ups", satisfaction: "Satisfaction", security: "Feeling safe", vsPrevious: "vs. last month", suggestions: "Residents' suggestions",
     stationTotal: "Station total", byServerTime: "by server time", visitedMonth: "Visited this month",
     duplicate: "Possible duplicate", duplicateHint: "Another household of this village has the same address; it may be registered twice:",
+    mergeHere: "Merge into this household", mergeConfirm: "Merge? (the other household's members, visits and matters are copied here; it is kept but no longer listed)",
+    mergedInto: "This household was merged into", mergedFrom: "Households merged into this one", afterMerge: "Arrived after the merge", mergeAgain: "Copy what arrived after the merge",
+    copiedFrom: "copied from", merged: "Merged", lateAfterMerge: "Changed after merge", publicSummary: "Public summary",
+    publicNote: n => `No names, addresses, phone numbers, notes or confidential matters; counts under ${n} are shown as "<${n}".`, outcomes: "Visit outcomes", modes: "Visit modes",
     forMeeting: "For the meeting", chooseForMeeting: "Choose for the meeting", meetingNotes: "Notes for the meeting", changedThen: "Changed from the version before",
     name: "Account", memberName: "Name", password: "Password", wrongPassword: "Wrong account or password", village: "Village",
     householdsN: "Households", visited: `Visited (${DAYS} d)`, never: "Never visited", openMatters: "Open matters",
@@ -220,6 +228,8 @@ async function dashboardView() {
       el("td", { dataset: { col: "matters" } }, v.open_matters_total ? kinds : "0"),
       el("td", { class: "num", dataset: { col: "overdue" } }, v.follow_ups_overdue),
       el("td", { class: "num" }, v.quarantined),
+      el("td", { class: "num", dataset: { col: "merged" } }, v.merged,
+        v.changed_after_merge ? el("a", { class: "badge warn late", href: `#/households?merged=after_merge&village=${encodeURIComponent(v.village)}` }, `${t("lateAfterMerge")} ${v.changed_after_merge}`) : ""),
       el("td", {}, el("span", { class: behind ? "badge warn" : "badge ok" }, behind ? t("behind") : t("onTrack"))),
     );
   });
@@ -231,7 +241,7 @@ async function dashboardView() {
     el(
       "table",
       { id: "coverage" },
-      el("thead", {}, el("tr", {}, [t("village"), t("householdsN"), t("visited"), t("never"), t("openMatters"), t("overdue"), t("quarantined"), ""].map(h => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, [t("village"), t("householdsN"), t("visited"), t("never"), t("openMatters"), t("overdue"), t("quarantined"), t("merged"), ""].map(h => el("th", {}, h)))),
       el("tbody", {}, rows),
     ),
   );
@@ -239,7 +249,7 @@ async function dashboardView() {
 
 // ---- household list ---------------------------------------------------------------------
 
-const FILTERS = ["village", "q", "matter_kind", "matter_status", "follow_up_status", "overdue", "review", "cursor"];
+const FILTERS = ["village", "q", "matter_kind", "matter_status", "follow_up_status", "overdue", "review", "merged", "cursor"];
 
 function select(name, values, current) {
   return el("select", { name }, el("option", { value: "" }, t("all")), values.map(v => el("option", { value: v, selected: v === current }, t(v))));
@@ -259,6 +269,9 @@ async function listView(params) {
     el("label", {}, t("followUpStatus"), select("follow_up_status", ["todo", "done", "cancelled"], params.get("follow_up_status"))),
     el("label", {}, t("review"), select("review", ["received", "has_issues", "approved", "rejected", "changed_since_approval"], params.get("review"))),
     el("label", {}, t("overdueOnly"), el("input", { type: "checkbox", name: "overdue", value: "true", checked: params.get("overdue") === "true" })),
+    el("label", {}, t("merged"), el("select", { name: "merged" }, el("option", { value: "" }, "—"),
+      el("option", { value: "true", selected: params.get("merged") === "true" }, t("merged")),
+      el("option", { value: "after_merge", selected: params.get("merged") === "after_merge" }, t("lateAfterMerge")))),
     el("button", { class: "primary", type: "submit" }, t("filter")),
   );
   form.addEventListener("submit", e => {
@@ -274,7 +287,9 @@ async function listView(params) {
       "tr",
       { dataset: { id: h.id } },
       el("td", {}, el("a", { href: `#/household/${encodeURIComponent(h.id)}` }, h.address_label || h.id),
-        h.possible_duplicates ? el("span", { class: "badge warn duplicate", title: t("duplicateHint") }, t("duplicate")) : ""),
+        h.possible_duplicates ? el("span", { class: "badge warn duplicate", title: t("duplicateHint") }, t("duplicate")) : "",
+        h.merged_into ? el("span", { class: "badge merged" }, t("merged")) : "",
+        h.after_merge ? el("span", { class: "badge warn late" }, `${t("lateAfterMerge")} ${h.after_merge.length}`) : ""),
       el("td", {}, h.village),
       el("td", {}, fmtDate(h.last_visit_at_ms)),
       el("td", { class: "num" }, h.visit_count),
@@ -353,6 +368,7 @@ async function reportView(params) {
     el("div", { class: "no-print filters" },
       el("label", {}, t("month"), picker),
       el("button", { class: "secondary", type: "button", onclick: () => window.print() }, t("print")),
+      el("a", { href: `#/public?month=${encodeURIComponent(r.month)}`, id: "public-page" }, t("publicSummary")), " ",
       el("a", { href: `/api/v1/reports/public.csv?month=${encodeURIComponent(r.month)}`, id: "public-csv" }, t("publicCsv"))),
     el("h1", {}, t("reportTitle")(r.month), " — ", state.me.station),
     el("p", { class: "meta", id: "report-period" }, `${stationTime(r.starts_at_ms, r.utc_offset)} – ${stationTime(r.ends_at_ms, r.utc_offset)} (UTC${r.utc_offset})`),
@@ -366,6 +382,53 @@ async function reportView(params) {
     el("ul", { id: "suggestions" }, r.station.suggestions.map(s => el("li", {}, s.text, el("span", { class: "meta" }, ` — ${s.address_label}`)))),
     el("h2", {}, t("meetingNotes")),
     el("ul", { id: "meeting-notes" }, r.station.meeting_notes.map(n => el("li", {}, n.notes, el("span", { class: "meta" }, ` — ${n.officer} · ${stationTime(n.at_ms, r.utc_offset)} · ${n.address_label}`)))),
+  );
+}
+
+// ---- public summary (警務公開) ------------------------------------------------------------
+
+// The month's figures as the station may publish them: the API already left out every name,
+// address, phone, note and confidential matter and suppressed small counts; this page only
+// lays them out to print or to save as a page.
+async function publicView(params) {
+  const month = params.get("month") || thisMonth();
+  const p = await api("GET", `/reports/public?month=${encodeURIComponent(month)}`);
+  const kinds = m => Object.entries(m).map(([k, n]) => `${t(k)} ${n}`).join("、") || "0";
+  const avg = a => (a == null ? "—" : String(a));
+  const row = (name, f, cls) => el(
+    "tr",
+    { class: cls || "", dataset: { village: name } },
+    el("td", {}, name),
+    el("td", { class: "num", dataset: { col: "households" } }, f.households),
+    el("td", { class: "num", dataset: { col: "visited" } }, f.households_visited, f.coverage_percent == null ? "" : ` (${f.coverage_percent}%)`),
+    el("td", { class: "num", dataset: { col: "visits" } }, f.visits),
+    el("td", {}, kinds(f.visits_by_outcome)),
+    el("td", {}, kinds(f.matters_raised)),
+    el("td", { class: "num" }, f.matters_resolved),
+    el("td", { class: "num" }, f.matters_mediated),
+    el("td", { class: "num" }, f.matters_referred),
+    el("td", { class: "num" }, f.suggestions),
+    el("td", { class: "num" }, avg(f.satisfaction_average)),
+    el("td", { class: "num" }, avg(f.security_average)),
+  );
+  const picker = el("input", { type: "month", name: "month", value: month });
+  picker.addEventListener("change", () => { location.hash = `#/public?month=${encodeURIComponent(picker.value)}`; });
+  return el(
+    "section",
+    { id: "public", dataset: { month: p.month } },
+    el("div", { class: "no-print filters" },
+      el("label", {}, t("month"), picker),
+      el("button", { class: "secondary", type: "button", onclick: () => window.print() }, t("print")),
+      el("a", { href: `/api/v1/reports/public.csv?month=${encodeURIComponent(p.month)}` }, "CSV"), " ",
+      el("a", { href: `/api/v1/reports/public?month=${encodeURIComponent(p.month)}` }, "JSON")),
+    el("h1", {}, `${t("publicSummary")} ${p.month} — ${state.me.station}`),
+    el("p", { class: "meta" }, t("publicNote")(p.suppressed_below), ` (UTC${p.utc_offset})`),
+    el(
+      "table",
+      { id: "public-table" },
+      el("thead", {}, el("tr", {}, [t("village"), t("householdsN"), t("visitedMonth"), t("visitsN"), t("outcomes"), t("raised"), t("resolved"), t("mediated"), t("referred"), t("suggestions"), t("satisfaction"), t("security")].map(h => el("th", {}, h)))),
+      el("tbody", {}, p.villages.map(v => row(v.village, v)), row(t("stationTotal"), p.station, "total")),
+    ),
   );
 }
 
@@ -385,6 +448,27 @@ async function detailView(id, params) {
   const v = d.value;
   const a = v.address || {};
   const reload = () => render();
+  const mayEdit = !d.as_of && state.me.role !== "officer" && !d.merged_into;
+  // Merging is asked twice (the first click turns the button into the question): no
+  // modal dialog, and nothing happens on a stray click.
+  const mergeButton = (retire, label, again) => {
+    const b = el("button", { class: "secondary merge", type: "button", dataset: { retire } }, label);
+    b.addEventListener("click", async () => {
+      if (!again && !b.classList.contains("confirm")) {
+        b.classList.add("confirm");
+        b.textContent = t("mergeConfirm");
+        return;
+      }
+      try {
+        await api("POST", `/households/${encodeURIComponent(d.id)}/merge`, { retire });
+        toast(t("saved"));
+        reload();
+      } catch (err) {
+        toast(`${t("failed")}: ${err.message}`);
+      }
+    });
+    return b;
+  };
 
   const members = el(
     "table",
@@ -423,6 +507,7 @@ async function detailView(id, params) {
           "div",
           { class: "meta" },
           `${t("officer")}: ${who(x.created_by)} · ${t("device")}: ${x.created_by?.device || "—"} · ${t("deviceTime")}: ${fmtTime(x.value.started_at)} · ${t("serverTime")}: ${fmtTime(x.created_by?.received_at_ms)}`,
+          x.merged ? el("span", { class: "copied" }, ` · ${t("copiedFrom")} `, el("a", { href: `#/household/${encodeURIComponent(x.merged.from.replace(/^automerge:/, ""))}` }, x.merged.from.replace(/^automerge:/, "").slice(0, 8)), ` (${who(x.merged.by)})`) : "",
         ),
         el("div", { class: "notes" }, x.value.notes || ""),
         meetingToggle(x),
@@ -589,7 +674,19 @@ async function detailView(id, params) {
     asOf,
     d.possible_duplicates
       ? el("div", { class: "banner warn", id: "duplicates" }, el("strong", {}, t("duplicateHint")), " ",
-          d.possible_duplicates.map(o => el("a", { href: `#/household/${encodeURIComponent(o)}` }, o.slice(0, 8))))
+          d.possible_duplicates.map(o => el("span", { class: "duplicate", dataset: { id: o } }, el("a", { href: `#/household/${encodeURIComponent(o)}` }, o.slice(0, 8)), " ", mayEdit ? mergeButton(o, t("mergeHere")) : "", " ")))
+      : "",
+    d.merged_into
+      ? el("div", { class: "banner warn", id: "merged-into", dataset: { into: d.merged_into.into } }, el("strong", {}, t("mergedInto"), " "),
+          el("a", { href: `#/household/${encodeURIComponent(d.merged_into.into)}` }, d.merged_into.into.slice(0, 8)),
+          ` · ${d.merged_into.by} · ${fmtTime(d.merged_into.at_ms)}`,
+          d.after_merge?.length ? el("div", { id: "after-merge" }, `${t("afterMerge")}: `, el("code", {}, d.after_merge.map(p => fieldLabel(p, d)).join(", "))) : "")
+      : "",
+    d.merged_from
+      ? el("div", { class: "panel", id: "merged-from" }, el("h2", {}, t("mergedFrom")),
+          el("ul", {}, d.merged_from.map(m => el("li", { dataset: { id: m.id, late: m.after_merge.length } },
+            el("a", { href: `#/household/${encodeURIComponent(m.id)}` }, m.address_label || m.id), ` · ${m.merged_by} · ${fmtTime(m.merged_at_ms)}`,
+            m.after_merge.length ? el("div", { class: "banner warn" }, `${t("afterMerge")}: `, el("code", {}, m.after_merge.join(", ")), " ", mayEdit ? mergeButton(m.id, t("mergeAgain"), true) : "") : ""))))
       : "",
     d.quarantine.length ? el("div", { class: "banner warn" }, el("strong", {}, t("quarantined")), el("ul", {}, d.quarantine.map(q => el("li", {}, q)))) : "",
     d.as_of ? "" : review,
@@ -628,7 +725,7 @@ function header() {
     nav.append(
       el("a", { href: "#/", class: route === "#/" || route === "" ? "active" : "" }, t("dashboard")),
       el("a", { href: "#/households", class: route.startsWith("#/household") ? "active" : "" }, t("households")),
-      el("a", { href: "#/report", class: route.startsWith("#/report") ? "active" : "" }, t("report")),
+      el("a", { href: "#/report", class: route.startsWith("#/report") || route.startsWith("#/public") ? "active" : "" }, t("report")),
     );
   }
 }
@@ -651,6 +748,9 @@ async function render() {
     if (route.startsWith("/household/")) {
       name = "detail";
       view = await detailView(decodeURIComponent(route.slice("/household/".length)), params);
+    } else if (route.startsWith("/public")) {
+      name = "public";
+      view = await publicView(params);
     } else if (route.startsWith("/report")) {
       name = "report";
       view = await reportView(params);
