@@ -193,7 +193,17 @@ pub fn changed_after_merge(doc: &Automerge, mark: &MergeMark) -> Vec<String> {
 
 /// Where the entry `obj` came from, if it is a copy the server made in a merge.
 pub fn origin_of(doc: &Automerge, attribution: &Attribution, obj: &ObjId) -> Option<Origin> {
-    let from = map_at(doc, obj, "merged_from")?;
+    origin_in(doc, attribution, obj, &map_at(doc, obj, "merged_from")?)
+}
+
+/// [`origin_of`] for a caller that has read the entry's `merged_from` map (`from`) already.
+pub fn origin_in(
+    doc: &Automerge,
+    attribution: &Attribution,
+    obj: &ObjId,
+    from: &ObjId,
+) -> Option<Origin> {
+    let from = from.clone();
     // The entry and its `merged_from` were made in one change, by the server.
     if !server_made(attribution, &from)
         || attribution.change_of(&from) != attribution.change_of(obj)

@@ -11,7 +11,7 @@ use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 use super::attribution::{Attribution, Author};
 use super::detail::{changed_since, conflicts, review_of};
-use super::merge::{changed_after_merge, field_author, merge_mark, origin_of, MergeMark};
+use super::merge::{changed_after_merge, field_author, merge_mark, origin_in, MergeMark};
 use super::read::{string_at, strings_at, Fields};
 use super::schema::{scalar_int, validate, FollowUpStatus, MatterStatus};
 
@@ -124,7 +124,10 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
         let notes = text(&f, "notes");
         search.push(notes.clone());
         // A visit copied in a merge counts as its officer's, when the server received it.
-        let author = match origin_of(doc, attribution, &obj) {
+        let author = match f
+            .map("merged_from")
+            .and_then(|from| origin_in(doc, attribution, &obj, &from))
+        {
             Some(o) => o.author,
             None => attribution.author_of(&obj).cloned(),
         };
@@ -183,7 +186,9 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
             text(&f, "description")
         };
         search.push(description.clone());
-        let origin = origin_of(doc, attribution, &obj);
+        let origin = f
+            .map("merged_from")
+            .and_then(|from| origin_in(doc, attribution, &obj, &from));
         let raised_at_ms = match &origin {
             Some(o) => o.author.as_ref().map(|a| a.received_at_ms),
             None => attribution.author_of(&obj).map(|a| a.received_at_ms),
