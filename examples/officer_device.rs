@@ -124,7 +124,14 @@ async fn main() -> anyhow::Result<()> {
                 any = true;
                 println!("village {} ({}):", catalog.village, catalog.station);
                 for h in catalog.households {
-                    println!("  {}  {}", h.url, h.address_label);
+                    match &h.merged_into {
+                        // Staff merged it into another household: record visits there.
+                        Some(survivor) => println!(
+                            "  {}  {}  (merged into {survivor}: visit that one)",
+                            h.url, h.address_label
+                        ),
+                        None => println!("  {}  {}", h.url, h.address_label),
+                    }
                 }
             }
             if !any {
