@@ -714,7 +714,6 @@ impl Authorizer for Accounts {
     }
 
     fn admit(&self, who: &Principal, doc: DocumentId, content: &Automerge) -> Result<(), String> {
-        let claim = crate::records::household_scope(content);
         let _w = lock(&self.inner.write);
         // Registered meanwhile (another node, seen since access was decided): the stored
         // registration decides.
@@ -727,6 +726,9 @@ impl Authorizer for Accounts {
                 Err("the document is registered to a village this device may not write".into())
             };
         }
+        // Only a household new to the directory is read for its claim (every change of a
+        // registered one passes here).
+        let claim = crate::records::household_scope(content);
         let household = read(&self.inner.dir).admit_household(
             who,
             doc,

@@ -720,6 +720,67 @@ mod tests {
         hub.shutdown().await;
     }
 
+    /// A peer's change is stored as the peer sent it (not encoded again), and the stored
+    /// chunks load into the same document, with a server edit made after it too.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_peers_change_is_stored_as_sent_and_reloads_with_a_server_edit() {
+        let (hub, _dir) = hub_holding_pushes_for(HubConfig::default().push_hold);
+        let doc = DocumentId::random();
+        let mut phone = Device::new("phone");
+        // A history longer than one change (a peer sends the whole document instead when
+        // that is shorter, and that is encoded again).
+        for i in 0..50 {
+            phone.note(&format!("the gate is broken ({i})"));
+        }
+        phone.sync(&hub, doc).await;
+        phone.note("the gate is fixed");
+        let with_change = phone.doc.generate_sync_message(&mut phone.state).unwrap();
+        let sent: Vec<u8> = with_change.changes.iter().flatten().copied().collect();
+        phone.hand_over(&hub, doc, with_change).await;
+        phone.handled().await;
+        let edited = hub
+            .change_as(
+                doc,
+                Principal::local("staff"),
+                Box::new(|d: &mut Automerge| {
+                    d.transact::<_, _, automerge::AutomergeError>(|tx| {
+                        tx.put(automerge::ROOT, "checked", true)
+                    })
+                    .map(|_| ())
+                    .map_err(|e| e.error.to_string())
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(edited, Some(true));
+        hub.shutdown().await;
+        let stored = hub.inner.store.load(doc).unwrap();
+        assert!(
+            stored.chunks.iter().any(|(_, bytes)| *bytes == sent),
+            "the phone's change is one chunk, byte for byte: sent {} bytes, stored {:?}",
+            sent.len(),
+            stored
+                .chunks
+                .iter()
+                .map(|(k, b)| (k.kind, b.len()))
+                .collect::<Vec<_>>()
+        );
+        let reloaded = stored.hydrate().unwrap();
+        assert_eq!(
+            automerge::ReadDoc::get(&reloaded, automerge::ROOT, "note")
+                .unwrap()
+                .unwrap()
+                .0
+                .as_str(),
+            Some("the gate is fixed")
+        );
+        assert!(
+            automerge::ReadDoc::get(&reloaded, automerge::ROOT, "checked")
+                .unwrap()
+                .is_some()
+        );
+    }
+
     /// A simulated device for the tests below: its link, what the server queued for it, its
     /// copy of the document and its sync state.
     struct Device {

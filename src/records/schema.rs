@@ -106,13 +106,28 @@ pub fn validate<R: ReadDoc>(doc: &R) -> Vec<String> {
     v.reasons
 }
 
+/// A field's dotted path, formatted only when a reason names it (a conforming document,
+/// the common case, formats none).
+#[derive(Clone, Copy)]
+struct P<'a>(&'a str, &'a str);
+
+impl std::fmt::Display for P<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str(self.1)
+        } else {
+            write!(f, "{}.{}", self.0, self.1)
+        }
+    }
+}
+
 struct Validator<'a, R> {
     doc: &'a R,
     reasons: Vec<String>,
 }
 
 impl<R: ReadDoc> Validator<'_, R> {
-    fn fail(&mut self, path: &str, why: impl std::fmt::Display) {
+    fn fail(&mut self, path: impl std::fmt::Display, why: impl std::fmt::Display) {
         if self.reasons.len() < 50 {
             self.reasons.push(format!("{path}: {why}"));
         }
@@ -130,12 +145,12 @@ impl<R: ReadDoc> Validator<'_, R> {
             _ => self.fail("schema", format!("must be {SCHEMA_VERSION}")),
         }
         for key in ["station", "village"] {
-            self.required_string(&root, key, key);
+            self.required_string(&root, key, P("", key));
         }
         self.enum_field(
             &root,
             "premises",
-            "premises",
+            P("", "premises"),
             Premises::parse,
             Premises::choices,
         );
@@ -145,82 +160,76 @@ impl<R: ReadDoc> Validator<'_, R> {
                 for k in [
                     "township", "village", "group", "street", "house_no", "landmark",
                 ] {
-                    self.optional_string(&a, k, &format!("address.{k}"));
+                    self.optional_string(&a, k, P("address", k));
                 }
             }
             None => self.fail("address", "must be a map"),
         }
         self.entries(&root, "members", |v, path, m| {
-            v.required_string(m, "name", &format!("{path}.name"));
+            v.required_string(m, "name", P(path, "name"));
             for k in ["relation", "phone"] {
-                v.optional_string(m, k, &format!("{path}.{k}"));
+                v.optional_string(m, k, P(path, k));
             }
         });
         self.entries(&root, "visits", |v, path, m| {
-            v.required_string(m, "officer", &format!("{path}.officer"));
-            v.timestamp(m, "started_at", &format!("{path}.started_at"), true);
-            v.timestamp(m, "ended_at", &format!("{path}.ended_at"), false);
+            v.required_string(m, "officer", P(path, "officer"));
+            v.timestamp(m, "started_at", P(path, "started_at"), true);
+            v.timestamp(m, "ended_at", P(path, "ended_at"), false);
             v.enum_field(
                 m,
                 "outcome",
-                &format!("{path}.outcome"),
+                P(path, "outcome"),
                 VisitOutcome::parse,
                 VisitOutcome::choices,
             );
             v.enum_field(
                 m,
                 "mode",
-                &format!("{path}.mode"),
+                P(path, "mode"),
                 VisitMode::parse,
                 VisitMode::choices,
             );
-            v.optional_string(m, "notes", &format!("{path}.notes"));
+            v.optional_string(m, "notes", P(path, "notes"));
             for k in ["security_score", "satisfaction"] {
-                v.score(m, k, &format!("{path}.{k}"));
+                v.score(m, k, P(path, k));
             }
         });
         self.entries(&root, "matters", |v, path, m| {
             v.enum_field(
                 m,
                 "kind",
-                &format!("{path}.kind"),
+                P(path, "kind"),
                 MatterKind::parse,
                 MatterKind::choices,
             );
             v.enum_field(
                 m,
                 "status",
-                &format!("{path}.status"),
+                P(path, "status"),
                 MatterStatus::parse,
                 MatterStatus::choices,
             );
             if m.get("risk").is_some() {
-                v.enum_field(
-                    m,
-                    "risk",
-                    &format!("{path}.risk"),
-                    Risk::parse,
-                    Risk::choices,
-                );
+                v.enum_field(m, "risk", P(path, "risk"), Risk::parse, Risk::choices);
             }
-            v.optional_string(m, "description", &format!("{path}.description"));
+            v.optional_string(m, "description", P(path, "description"));
         });
         self.entries(&root, "follow_ups", |v, path, m| {
-            v.required_string(m, "task", &format!("{path}.task"));
+            v.required_string(m, "task", P(path, "task"));
             v.enum_field(
                 m,
                 "status",
-                &format!("{path}.status"),
+                P(path, "status"),
                 FollowUpStatus::parse,
                 FollowUpStatus::choices,
             );
-            v.timestamp(m, "due", &format!("{path}.due"), false);
+            v.timestamp(m, "due", P(path, "due"), false);
         });
         match root.map("review") {
             Some(r) => self.enum_field(
                 &Fields::of(doc, &r),
                 "state",
-                "review.state",
+                P("review", "state"),
                 ReviewState::parse,
                 ReviewState::choices,
             ),
@@ -239,7 +248,7 @@ impl<R: ReadDoc> Validator<'_, R> {
             if !is_entry_key(id) {
                 // Keys end up in URLs and paths (the staff page, the API): anything but a
                 // UUID could point somewhere else. Shown escaped, never used.
-                self.fail(&format!("{key}.{id:?}"), "entry keys must be UUIDs");
+                self.fail(format!("{key}.{id:?}"), "entry keys must be UUIDs");
                 continue;
             }
             let path = format!("{key}.{id}");
@@ -264,7 +273,7 @@ impl<R: ReadDoc> Validator<'_, R> {
             .collect()
     }
 
-    fn required_string(&mut self, obj: &Fields, key: &str, path: &str) {
+    fn required_string(&mut self, obj: &Fields, key: &str, path: P<'_>) {
         let values = self.strings(obj, key);
         if values.is_empty() {
             self.fail(path, "is missing");
@@ -278,8 +287,14 @@ impl<R: ReadDoc> Validator<'_, R> {
         }
     }
 
-    fn optional_string(&mut self, obj: &Fields, key: &str, path: &str) {
-        if self.strings(obj, key).iter().any(Option::is_none) {
+    fn optional_string(&mut self, obj: &Fields, key: &str, path: P<'_>) {
+        // Only the kind of each value: reading a note's whole text to learn it is text cost
+        // more than the rest of the check.
+        let is_string = |v: &Value| {
+            matches!(v, Value::Object(ObjType::Text))
+                || matches!(v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Str(_)))
+        };
+        if obj.all(key).iter().any(|(v, _)| !is_string(v)) {
             self.fail(path, "must be a string");
         }
     }
@@ -288,7 +303,7 @@ impl<R: ReadDoc> Validator<'_, R> {
         &mut self,
         obj: &Fields,
         key: &str,
-        path: &str,
+        path: P<'_>,
         parse: fn(&str) -> Option<T>,
         choices: fn() -> String,
     ) {
@@ -305,7 +320,7 @@ impl<R: ReadDoc> Validator<'_, R> {
         }
     }
 
-    fn timestamp(&mut self, obj: &Fields, key: &str, path: &str, required: bool) {
+    fn timestamp(&mut self, obj: &Fields, key: &str, path: P<'_>, required: bool) {
         let values = obj.all(key);
         if values.is_empty() && required {
             self.fail(path, "is missing; a timestamp (ms since the epoch)");
@@ -318,7 +333,7 @@ impl<R: ReadDoc> Validator<'_, R> {
         }
     }
 
-    fn score(&mut self, obj: &Fields, key: &str, path: &str) {
+    fn score(&mut self, obj: &Fields, key: &str, path: P<'_>) {
         for (v, _) in obj.all(key) {
             match v {
                 Value::Scalar(s) if matches!(scalar_int(s), Some(1..=5)) => {}
