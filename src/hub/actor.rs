@@ -151,8 +151,9 @@ struct Applied {
     /// The change chunks, as peers sent them, of the messages that changed the document:
     /// stored as they are instead of encoding the batch's changes again (`save_after` cost
     /// about a sixth of accepting a change). Not used when something else changed the
-    /// document in this batch (`received_incomplete`: a local edit, or a peer's whole
-    /// document sent for one the server had): the batch is then encoded from the document.
+    /// document in this batch (`received_incomplete`: a local edit, a peer's whole
+    /// document sent for one the server had, or changes that waited in the queue for
+    /// their dependencies): the batch is then encoded from the document.
     received: Option<Vec<u8>>,
     /// Something changed the document that `received` does not hold.
     received_incomplete: bool,
@@ -333,12 +334,26 @@ impl DocActor {
     ) -> Result<Box<DocState>, StorageError> {
         let taken_up = std::time::Instant::now();
         let hub = self.hub.clone();
-        let (mut state, mut applied) = blocking(move || {
+        let (state, applied) = blocking(move || {
             let mut state = state;
             let applied = state.apply(&hub, batch)?;
-            Ok((state, applied))
+            if !applied.changed && applied.derived.is_empty() {
+                // Nothing to make durable (a peer's "I have these heads", a request): answered
+                // on this thread, without handing the document back and forth again.
+                let state = state.finish(&hub, applied, taken_up)?;
+                return Ok((state, None));
+            }
+            Ok((state, Some(applied)))
         })
         .await?;
+        let Some(mut applied) = applied else {
+            self.hub.set_cost(
+                self.id,
+                self.generation,
+                state.cost(self.hub.config.cache_budget_bytes),
+            );
+            return Ok(state);
+        };
 
         // Derived documents (the village catalog) are brought up to date before the sender
         // hears that its changes are held, so "held" implies "discoverable". They go first:
@@ -368,68 +383,8 @@ impl DocActor {
             // provenance and registration rows, written in `apply`) until they are on disk.
             self.hub.store.durable().await?;
         }
-        let accepted: usize = applied.accepted.iter().map(|(_, h)| h.len()).sum();
-        if accepted > 0 {
-            crate::metrics::CHANGES_ACCEPTED.inc_by(accepted as u64);
-            crate::metrics::ACK_SECONDS.observe(taken_up.elapsed().as_secs_f64());
-        }
-        for (done, result) in applied.local_done.drain(..) {
-            let _ = done.send(result);
-        }
-
-        for link in &applied.unavailable {
-            self.hub.unsubscribe(self.id, link.conn);
-            link.send(Outbound::Message(Message::DocUnavailable(DocMessage {
-                sender_id: self.hub.server_peer_id.clone(),
-                target_id: link.peer_id.clone(),
-                document_id: self.id,
-                data: Vec::new(),
-            })));
-        }
-        for (link, code, reason) in &applied.failed {
-            self.hub.unsubscribe(self.id, link.conn);
-            link.send(Outbound::Fail {
-                code: *code,
-                message: reason.clone(),
-            });
-        }
-
-        let responders: HashSet<ConnId> = applied.responders.iter().copied().collect();
-        let targets: Vec<PeerLink> = if applied.changed || applied.refreshed {
-            self.hub.subscribers(self.id)
-        } else {
-            self.hub
-                .subscribers(self.id)
-                .into_iter()
-                .filter(|l| responders.contains(&l.conn))
-                .collect()
-        };
-        let hold = Some((Instant::now(), self.hub.config.push_hold));
-        let store = self.hub.store.clone();
         let hub = self.hub.clone();
-        let compact_after = self.hub.config.compact_after_chunks;
-        let changed = applied.changed;
-        let refreshed = applied.refreshed;
-        let settled = std::mem::take(&mut applied.settled);
-        let state = blocking(move || {
-            if changed {
-                // Flushed above: the projection is as durable as the chunk.
-                store.settle(state.id)?;
-            }
-            let push_at = state.answer(&hub, targets, &responders, hold);
-            // A batch that changed nothing answered only its senders: peers held back
-            // earlier are still owed their message.
-            state.push_at = match (changed || refreshed, state.push_at) {
-                (false, Some(earlier)) => Some(push_at.map_or(earlier, |p| p.min(earlier))),
-                _ => push_at,
-            };
-            if state.incrementals >= compact_after {
-                state.compact(store.as_ref())?;
-            }
-            Ok(state)
-        })
-        .await?;
-        drop(settled); // answers are queued: these requests are no longer in flight
+        let state = blocking(move || state.finish(&hub, applied, taken_up)).await?;
         self.hub.set_cost(
             self.id,
             self.generation,
@@ -453,6 +408,69 @@ impl DocActor {
 }
 
 impl DocState {
+    /// After a batch is applied and what it changed is durable: tells the local edits and
+    /// the refused peers, answers the senders and pushes to the other subscribers, and
+    /// compacts when it is time. Runs on a blocking thread.
+    fn finish(
+        mut self: Box<Self>,
+        hub: &HubInner,
+        mut applied: Applied,
+        taken_up: std::time::Instant,
+    ) -> Result<Box<Self>, StorageError> {
+        let accepted: usize = applied.accepted.iter().map(|(_, h)| h.len()).sum();
+        if accepted > 0 {
+            crate::metrics::CHANGES_ACCEPTED.inc_by(accepted as u64);
+            crate::metrics::ACK_SECONDS.observe(taken_up.elapsed().as_secs_f64());
+        }
+        for (done, result) in applied.local_done.drain(..) {
+            let _ = done.send(result);
+        }
+        for link in &applied.unavailable {
+            hub.unsubscribe(self.id, link.conn);
+            link.send(Outbound::Message(Message::DocUnavailable(DocMessage {
+                sender_id: hub.server_peer_id.clone(),
+                target_id: link.peer_id.clone(),
+                document_id: self.id,
+                data: Vec::new(),
+            })));
+        }
+        for (link, code, reason) in &applied.failed {
+            hub.unsubscribe(self.id, link.conn);
+            link.send(Outbound::Fail {
+                code: *code,
+                message: reason.clone(),
+            });
+        }
+
+        let responders: HashSet<ConnId> = applied.responders.iter().copied().collect();
+        let targets: Vec<PeerLink> = if applied.changed || applied.refreshed {
+            hub.subscribers(self.id)
+        } else {
+            hub.subscribers(self.id)
+                .into_iter()
+                .filter(|l| responders.contains(&l.conn))
+                .collect()
+        };
+        let hold = Some((Instant::now(), hub.config.push_hold));
+        let store = hub.store.as_ref();
+        if applied.changed {
+            // Made durable before this: the projection is as durable as the chunk.
+            store.settle(self.id)?;
+        }
+        let push_at = self.answer(hub, targets, &responders, hold);
+        // A batch that changed nothing answered only its senders: peers held back earlier
+        // are still owed their message.
+        self.push_at = match (applied.changed || applied.refreshed, self.push_at) {
+            (false, Some(earlier)) => Some(push_at.map_or(earlier, |p| p.min(earlier))),
+            _ => push_at,
+        };
+        if self.incrementals >= hub.config.compact_after_chunks {
+            self.compact(store)?;
+        }
+        drop(applied.settled); // answers are queued: these requests are no longer in flight
+        Ok(self)
+    }
+
     /// Applies one batch of commands and writes what it changed, as one unit of the store
     /// (one transaction on PostgreSQL): a failure leaves nothing of it stored, and the
     /// caller then unloads the document, whose memory may hold what was not stored.
@@ -522,6 +540,13 @@ impl DocState {
         let store: &dyn DocumentStore = hub.store.as_ref();
         let mut out = Applied::default();
         let heads_at_start = self.doc.get_heads();
+        // Changes that arrived before their dependencies wait in the document's queue, and
+        // their message was not stored (it changed nothing). Once this batch brings what
+        // they wait for they are applied too, and are in no message of this batch: then
+        // the batch is encoded from the document.
+        if !automerge::ReadDoc::get_missing_deps(&self.doc, &[]).is_empty() {
+            out.received_incomplete = true;
+        }
         for cmd in batch {
             match cmd {
                 Cmd::Leave { conn } => {

@@ -781,6 +781,40 @@ mod tests {
         );
     }
 
+    /// A change that arrives before the change it depends on waits in the document's queue
+    /// (its message changed nothing, so nothing was stored); when the missing change
+    /// arrives both are applied, and both must be stored, not only the message in hand.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_change_that_waited_for_its_dependency_is_stored_with_it() {
+        let (hub, _dir) = hub_holding_pushes_for(HubConfig::default().push_hold);
+        let doc = DocumentId::random();
+        let mut phone = Device::new("phone");
+        for i in 0..50 {
+            phone.note(&format!("the gate is broken ({i})"));
+        }
+        phone.sync(&hub, doc).await;
+        phone.note("first");
+        let first = phone.doc.get_last_local_change().unwrap();
+        phone.note("second");
+        let second = phone.doc.get_last_local_change().unwrap();
+        let carrying = |change: &automerge::Change| sync::Message {
+            heads: phone.doc.get_heads(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: vec![change.raw_bytes().to_vec()].into(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        };
+        let (late, early) = (carrying(&second), carrying(&first));
+        phone.hand_over(&hub, doc, late).await;
+        phone.handled().await;
+        phone.hand_over(&hub, doc, early).await;
+        phone.handled().await;
+        hub.shutdown().await;
+        let reloaded = hub.inner.store.load(doc).unwrap().hydrate().unwrap();
+        assert_eq!(reloaded.get_heads(), phone.doc.get_heads());
+    }
+
     /// A simulated device for the tests below: its link, what the server queued for it, its
     /// copy of the document and its sync state.
     struct Device {
