@@ -8,6 +8,10 @@
 //! new until it does or `push_hold` passes, so a document many devices edit costs one
 //! message per round trip per device.
 //!
+//! The new changes are stored as the peers sent them when the batch's messages hold all of
+//! them (otherwise encoded from the document). A batch that changed nothing is answered on
+//! the thread that applied it: there is nothing to wait for.
+//!
 //! Automerge and sled work runs in `spawn_blocking`; the actor's state moves into the
 //! blocking closure and back, so no lock is held across an `.await`.
 
@@ -601,7 +605,7 @@ impl DocState {
                 _ => self.doc.save_after(&heads_at_start),
             };
             // The chunk carries an "unsettled" mark until the projection written below is
-            // durable too (cleared after the flush, in `process`).
+            // durable too (cleared after the flush, in `finish`).
             let key = store.put_change(self.id, &chunk)?;
             self.chunks.push(key);
             self.incrementals += 1;
