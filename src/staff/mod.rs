@@ -251,6 +251,7 @@ pub struct StaffDesk {
     changelog: ChangeLog,
     projection: Projection,
     exports: std::sync::Arc<tokio::sync::Semaphore>,
+    merges: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StaffDesk {
@@ -261,6 +262,7 @@ impl StaffDesk {
             changelog,
             projection,
             exports: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_EXPORTS)),
+            merges: std::sync::Arc::default(),
         }
     }
 
@@ -672,12 +674,15 @@ impl StaffDesk {
         self.editable(who, survivor)?;
         let (station, village) = self.readable(who, survivor)?;
         self.editable(who, retire)?;
-        let (_, retired_village) = self.readable(who, retire)?;
-        if retired_village != village {
+        let (retired_station, retired_village) = self.readable(who, retire)?;
+        if (&retired_station, &retired_village) != (&station, &village) {
             return Err(StaffError::Invalid(format!(
                 "only households of one village can be merged: this one is in {village}, {retire} in {retired_village}"
             )));
         }
+        // One merge at a time on this server: two at once could each copy a household and
+        // mark it merged into a different survivor.
+        let _one_at_a_time = self.merges.lock().await;
         let (p, at) = (self.projection.clone(), station.clone());
         let survivor_row = blocking(move || p.row_blocking(&at, survivor)).await?;
         if let Some(mark) = survivor_row.and_then(|r| r.summary.merged_into) {
