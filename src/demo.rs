@@ -283,6 +283,30 @@ pub async fn fill(
     })
     .await?;
 
+    // lin, offline, does not find No. 12 on his phone and registers it again, written his
+    // way: the staff page flags the two as one address, to merge.
+    let again = lin
+        .household(VILLAGES[0], "林森南路 ", "１２ 號", Premises::Home)
+        .await?;
+    lin.edit(again, move |tx| {
+        records::add_visit(
+            tx,
+            &NewVisit {
+                outcome: VisitOutcome::NobodyHome,
+                mode: VisitMode::Doorstep,
+                people_met: Vec::new(),
+                ..visit(
+                    "lin",
+                    now - 3 * day,
+                    "住戶不在，留下聯絡卡。(Nobody home; left a contact card.)",
+                    None,
+                )
+            },
+        )
+        .map(|_| ())
+    })
+    .await?;
+
     let neighbours = lin
         .household(VILLAGES[0], "林森南路", "14", Premises::Home)
         .await?;

@@ -100,6 +100,9 @@ async fn the_demo_shows_a_populated_station_with_the_printed_password() {
         phones,
         json!([["0911-999-999", "wang"], ["0922-222-333", "lin"]])
     );
+    // lin registered the same address again offline: the page offers to merge the two.
+    b.wait_for("document.querySelector('#duplicates button.merge')")
+        .await;
     child.kill().await.unwrap();
 
     // Run again on the same directory: the same demo is served, with the same password.
