@@ -726,13 +726,7 @@ mod tests {
     async fn a_peers_change_is_stored_as_sent_and_reloads_with_a_server_edit() {
         let (hub, _dir) = hub_holding_pushes_for(HubConfig::default().push_hold);
         let doc = DocumentId::random();
-        let mut phone = Device::new("phone");
-        // A history longer than one change (a peer sends the whole document instead when
-        // that is shorter, and that is encoded again).
-        for i in 0..50 {
-            phone.note(&format!("the gate is broken ({i})"));
-        }
-        phone.sync(&hub, doc).await;
+        let mut phone = Device::with_history(&hub, doc).await;
         phone.note("the gate is fixed");
         let with_change = phone.doc.generate_sync_message(&mut phone.state).unwrap();
         let sent: Vec<u8> = with_change.changes.iter().flatten().copied().collect();
@@ -788,11 +782,7 @@ mod tests {
     async fn a_change_that_waited_for_its_dependency_is_stored_with_it() {
         let (hub, _dir) = hub_holding_pushes_for(HubConfig::default().push_hold);
         let doc = DocumentId::random();
-        let mut phone = Device::new("phone");
-        for i in 0..50 {
-            phone.note(&format!("the gate is broken ({i})"));
-        }
-        phone.sync(&hub, doc).await;
+        let mut phone = Device::with_history(&hub, doc).await;
         phone.note("first");
         let first = phone.doc.get_last_local_change().unwrap();
         phone.note("second");
@@ -845,6 +835,17 @@ mod tests {
                 doc: Automerge::new(),
                 state: sync::State::new(),
             }
+        }
+
+        /// A phone that wrote 50 notes to `doc` and synced them: a history longer than one
+        /// change (a peer sends its whole document instead of changes when that is shorter).
+        async fn with_history(hub: &Hub, doc: DocumentId) -> Self {
+            let mut phone = Device::new("phone");
+            for i in 0..50 {
+                phone.note(&format!("the gate is broken ({i})"));
+            }
+            phone.sync(hub, doc).await;
+            phone
         }
 
         fn note(&mut self, text: &str) {

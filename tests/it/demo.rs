@@ -57,13 +57,7 @@ async fn the_demo_shows_a_populated_station_with_the_printed_password() {
     let (mut child, page, password) = start_demo(&data).await;
 
     let mut b = Browser::launch().await;
-    b.goto(&format!("{page}/")).await;
-    b.wait_for("document.querySelector('#signin')").await;
-    b.fill("#signin input[name=name]", "demo-staff").await;
-    b.fill("#signin input[name=password]", &password).await;
-    b.click("#signin button[type=submit]").await;
-    b.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
-        .await;
+    b.sign_in(&page, "demo-staff", &password).await;
     let villages = b
         .eval(
             r#"[...document.querySelectorAll('#coverage tbody tr')].map(r => [r.dataset.village,

@@ -171,14 +171,7 @@ async fn a_change_accepted_by_one_node_reaches_a_device_on_another_within_a_seco
     let mut seen = Vec::new();
     for n in [&a, &b] {
         let mut page = Browser::launch().await;
-        page.goto(&format!("{}/", n.http())).await;
-        page.wait_for("document.querySelector('#signin')").await;
-        page.fill("#signin input[name=name]", SUE).await;
-        page.fill("#signin input[name=password]", SUE_PASSWORD)
-            .await;
-        page.click("#signin button[type=submit]").await;
-        page.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
-            .await;
+        page.sign_in(&n.http(), SUE, SUE_PASSWORD).await;
         let coverage = page
             .eval(
                 r#"[...document.querySelectorAll('#coverage tbody tr')].map(r => [r.dataset.village,

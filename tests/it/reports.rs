@@ -470,13 +470,7 @@ async fn the_monthly_report_equals_the_ledger_of_what_was_written() {
     // The report's page: the same figures, and it prints on one A4 page without the
     // navigation or controls.
     let mut b = Browser::launch().await;
-    b.goto(&format!("{}/", server.http)).await;
-    b.wait_for("document.querySelector('#signin')").await;
-    b.fill("#signin input[name=name]", SUE).await;
-    b.fill("#signin input[name=password]", SUE_PASSWORD).await;
-    b.click("#signin button[type=submit]").await;
-    b.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
-        .await;
+    b.sign_in(&server.http, SUE, SUE_PASSWORD).await;
     b.goto(&format!("{}/#/report?month=2026-11", server.http))
         .await;
     b.wait_for("document.querySelector('#main').dataset.view === 'report'")

@@ -327,13 +327,7 @@ async fn staff_merge_a_duplicate_household_on_the_page() {
     assert!(ben.sync(&ben_url).await.unwrap().all_held());
 
     let mut b = Browser::launch().await;
-    b.goto(&format!("{}/", server.http)).await;
-    b.wait_for("document.querySelector('#signin')").await;
-    b.fill("#signin input[name=name]", SUE).await;
-    b.fill("#signin input[name=password]", SUE_PASSWORD).await;
-    b.click("#signin button[type=submit]").await;
-    b.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
-        .await;
+    b.sign_in(&server.http, SUE, SUE_PASSWORD).await;
     b.goto(&format!("{}/#/household/{survivor}", server.http))
         .await;
     b.wait_for("document.querySelector('#duplicates button.merge')")

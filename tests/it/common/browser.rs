@@ -208,6 +208,17 @@ impl Browser {
             .await;
     }
 
+    /// Opens the staff page at `base` and signs in as `user`, until the dashboard shows.
+    pub async fn sign_in(&mut self, base: &str, user: &str, password: &str) {
+        self.goto(&format!("{base}/")).await;
+        self.wait_for("document.querySelector('#signin')").await;
+        self.fill("#signin input[name=name]", user).await;
+        self.fill("#signin input[name=password]", password).await;
+        self.click("#signin button[type=submit]").await;
+        self.wait_for("document.querySelector('#main').dataset.view === 'dashboard'")
+            .await;
+    }
+
     /// Sets a form field's value as typing would (and fires `input`/`change`).
     pub async fn fill(&mut self, selector: &str, value: &str) {
         self.eval(&format!(
