@@ -1079,4 +1079,49 @@ mod tests {
         assert_eq!(ben.doc.get_heads(), amy.doc.get_heads());
         hub.shutdown().await;
     }
+
+    /// An answer waits too while the device's socket is behind: his change is held and
+    /// stored at once, and the answer that confirms it comes once the socket has written
+    /// what was queued before it, so answers to hundreds of phones asking at once cannot
+    /// pile up in memory beyond the outbound bounds.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_waits_while_the_devices_socket_is_behind() {
+        let (hub, _dir) = hub_holding_pushes_for(std::time::Duration::from_millis(100));
+        let doc = DocumentId::random();
+        let (_amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
+
+        let backlog = Outbound::Message(Message::Sync(DocMessage {
+            sender_id: PeerId::new("server").unwrap(),
+            target_id: ben.link.peer_id.clone(),
+            document_id: DocumentId::random(),
+            data: vec![0; HubConfig::default().push_backlog_bytes],
+        }));
+        ben.link.send(backlog);
+        ben.note("the dog barks at night");
+        let m = ben.doc.generate_sync_message(&mut ben.state).unwrap();
+        ben.hand_over(&hub, doc, m).await;
+        ben.handled().await;
+        let waiting = ben.outbox.try_recv().expect("the backlog is queued");
+        assert!(
+            ben.outbox.try_recv().is_err(),
+            "ben was answered while his socket was behind"
+        );
+        let held = hub
+            .read(doc, |d| d.get_heads())
+            .await
+            .expect("the document reads")
+            .expect("the document exists");
+        assert_eq!(held, ben.doc.get_heads(), "ben's change is held meanwhile");
+
+        ben.sent.written(&waiting);
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), ben.outbox.recv())
+            .await
+            .expect("ben is answered once his socket caught up");
+        let Some(Outbound::Message(Message::Sync(m))) = answer else {
+            panic!("expected a sync message, got {answer:?}");
+        };
+        let m = sync::Message::decode(&m.data).unwrap();
+        assert_eq!(m.heads, ben.doc.get_heads(), "the answer confirms his change");
+        hub.shutdown().await;
+    }
 }
