@@ -353,9 +353,19 @@ pub struct ServeArgs {
     /// every change at once.
     #[arg(long, env = "FIELDSYNC_PUSH_HOLD_MS", default_value_t = 1000)]
     pub push_hold_ms: u64,
-    /// Bytes waiting to be written to a device's socket beyond which the server pushes it
-    /// nothing new (it catches up once they are written); bounds memory when many devices
-    /// watch busy households.
+    /// Milliseconds between two pushes of one document to one device, per device the
+    /// document has (5: two devices sharing a household get pushes 10 ms apart, 200 devices
+    /// a second apart, each push carrying what arrived meanwhile); bounds the CPU that a
+    /// household or catalog many devices edit at once costs. 0: no spacing.
+    #[arg(
+        long,
+        env = "FIELDSYNC_PUSH_SPACING_MS_PER_DEVICE",
+        default_value_t = 5
+    )]
+    pub push_spacing_ms_per_device: u64,
+    /// Bytes waiting to be written to a device's socket beyond which the server sends it
+    /// nothing new, pushes or answers (it catches up once they are written); bounds memory
+    /// when many devices watch busy households.
     #[arg(long, env = "FIELDSYNC_PUSH_BACKLOG_BYTES", default_value_t = 256 * 1024)]
     pub push_backlog_bytes: usize,
     /// Bytes waiting for all devices' sockets together beyond which pushes wait and no
@@ -427,6 +437,7 @@ impl ServeArgs {
         config.hub.failpoint = self.failpoint;
         config.hub.idle_unload_after = Duration::from_secs(self.idle_unload_secs);
         config.hub.push_hold = Duration::from_millis(self.push_hold_ms);
+        config.hub.push_spacing_per_peer = Duration::from_millis(self.push_spacing_ms_per_device);
         config.hub.push_backlog_bytes = self.push_backlog_bytes;
         config.outbound_budget_bytes = self.outbound_budget_bytes;
         if let Some(n) = self.max_concurrent_password_checks {

@@ -81,6 +81,9 @@ struct PeerState {
     /// yet. Until it does (or `HubConfig::push_hold` passes) it is sent nothing new: its
     /// answer gets everything that arrived meanwhile in one message.
     awaiting_since: Option<Instant>,
+    /// When this peer was last sent a message about this document: pushes are spaced
+    /// (`HubConfig::push_spacing_per_peer`).
+    last_sent: Option<Instant>,
 }
 
 /// Everything the actor owns; moved into blocking closures and back, boxed: an `Automerge`
@@ -113,6 +116,9 @@ pub(super) fn memory_estimate(ops: u64) -> usize {
 
 /// How soon a push held back by a peer's socket backlog is tried again.
 const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Pushes to one peer are spaced at most this far apart, however many peers a document has.
+const MAX_PUSH_SPACING: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A peer's sync state (heads, the last have-filter, hashes sent this session).
 const PEER_STATE_BYTES: usize = 1024;
@@ -830,6 +836,11 @@ impl DocState {
         let store: &dyn DocumentStore = hub.store.as_ref();
         let server = &hub.server_peer_id;
         let mut push_at: Option<Instant> = None;
+        let spacing = hub
+            .config
+            .push_spacing_per_peer
+            .saturating_mul(u32::try_from(targets.len()).unwrap_or(u32::MAX))
+            .min(MAX_PUSH_SPACING);
         for link in targets {
             let id = self.id;
             if !matches!(
@@ -843,15 +854,17 @@ impl DocState {
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
             if let Some((now, hold)) = hold {
-                // A push (nobody asked) is held while the peer owes an answer to the last one.
+                // A push (nobody asked) is held while the peer owes an answer to the last one,
+                // and until the spacing since its last message has passed.
                 // Any message, an answer too, waits while the peer's socket is behind or all
                 // sockets together are over the outbound budget: generated later, it holds
                 // everything new at once, and what waits in memory for sockets stays within
                 // the budget however many peers asked at once (200 phones asking for ten
                 // households each of them edits: 66 MB of answers before, measured).
-                let owed = match peer.awaiting_since.map(|since| since + hold) {
-                    Some(due) if now < due && !responders.contains(&link.conn) => Some(due),
-                    _ => None,
+                let owed = if responders.contains(&link.conn) {
+                    None
+                } else {
+                    push_due(now, peer.awaiting_since, peer.last_sent, hold, spacing)
                 };
                 let due = owed.or_else(|| {
                     (link.queued_bytes() >= hub.config.push_backlog_bytes
@@ -876,6 +889,7 @@ impl DocState {
                     (true, Some((now, _))) => Some(now),
                     _ => None,
                 };
+                peer.last_sent = hold.map(|(now, _)| now);
                 peer.link.send(Outbound::Message(Message::Sync(DocMessage {
                     sender_id: server.clone(),
                     target_id: peer.link.peer_id.clone(),
@@ -898,6 +912,21 @@ impl DocState {
         self.stored_bytes = snapshot.len();
         Ok(())
     }
+}
+
+/// When a push to a peer may go, if not `now`: once the peer has answered the last message
+/// that called for an answer (sent at `awaiting_since`) or `hold` has passed since, and
+/// `spacing` has passed since the last message it was sent (`last_sent`).
+fn push_due(
+    now: Instant,
+    awaiting_since: Option<Instant>,
+    last_sent: Option<Instant>,
+    hold: std::time::Duration,
+    spacing: std::time::Duration,
+) -> Option<Instant> {
+    let answer_due = awaiting_since.map(|since| since + hold);
+    let spaced_due = last_sent.map(|sent| sent + spacing);
+    answer_due.max(spaced_due).filter(|due| now < *due)
 }
 
 /// Completes at `at`; never if `None`.
@@ -990,6 +1019,7 @@ fn peer_state<'a>(
             persisted: state.shared_heads.clone(),
             state,
             awaiting_since: None,
+            last_sent: None,
         }
     })
 }
@@ -1006,5 +1036,51 @@ fn persist_sync_state(store: &dyn DocumentStore, doc: DocumentId, peer: &mut Pee
     match store.put_sync_state(doc, storage_id, &peer.state.encode()) {
         Ok(()) => peer.persisted = peer.state.shared_heads.clone(),
         Err(e) => tracing::warn!(doc = %doc, error = %e, "could not persist a sync state"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_due;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const HOLD: Duration = Duration::from_secs(1);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A household 200 phones share (5 ms per phone: pushes a second apart): a phone that
+    /// answered at once still waits out the second since its last push; one that never
+    /// answers gets the next push when the hold passes.
+    #[test]
+    fn pushes_wait_for_the_answer_and_the_spacing_whichever_is_later() {
+        let t0 = Instant::now();
+        let spacing = ms(5) * 200;
+        // Pushed at t0, answered at once (no longer awaited): spaced until t0 + 1 s.
+        assert_eq!(
+            push_due(t0 + ms(20), None, Some(t0), HOLD, spacing),
+            Some(t0 + spacing)
+        );
+        assert_eq!(push_due(t0 + spacing, None, Some(t0), HOLD, spacing), None);
+        // Pushed at t0 and not answered, with a longer hold: the hold decides.
+        assert_eq!(
+            push_due(t0 + ms(20), Some(t0), Some(t0), ms(3000), spacing),
+            Some(t0 + ms(3000))
+        );
+        // Two phones share a household: 10 ms apart, unless the answer is still owed.
+        let spacing = ms(5) * 2;
+        assert_eq!(push_due(t0 + ms(11), None, Some(t0), HOLD, spacing), None);
+        assert_eq!(
+            push_due(t0 + ms(11), Some(t0), Some(t0), HOLD, spacing),
+            Some(t0 + HOLD)
+        );
+        // Never sent anything: nothing to wait for; no spacing: only the answer counts.
+        assert_eq!(push_due(t0, None, None, HOLD, spacing), None);
+        assert_eq!(
+            push_due(t0 + ms(1), None, Some(t0), HOLD, Duration::ZERO),
+            None
+        );
     }
 }
