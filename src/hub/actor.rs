@@ -148,6 +148,12 @@ struct Applied {
     refreshed: bool,
     /// Peers to answer even if nothing changed.
     responders: Vec<ConnId>,
+    /// The responders whose message brought changes or asked for some: answered at once
+    /// (the answer acknowledges the changes). The others only told the server what they
+    /// have, and their answer is spaced like a push (`push_due`): in a household many
+    /// devices edit, answering such messages at once is a loop of one message per round
+    /// trip per device that spacing pushes alone does not slow.
+    urgent: Vec<ConnId>,
     unavailable: Vec<PeerLink>,
     failed: Vec<(PeerLink, CloseCode, String)>,
     /// Who delivered which new changes (peers, and accounts the server edited for).
@@ -453,6 +459,7 @@ impl DocState {
         }
 
         let responders: HashSet<ConnId> = applied.responders.iter().copied().collect();
+        let urgent: HashSet<ConnId> = applied.urgent.iter().copied().collect();
         let targets: Vec<PeerLink> = if applied.changed || applied.refreshed {
             hub.subscribers(self.id)
         } else {
@@ -467,7 +474,7 @@ impl DocState {
             // Made durable before this: the projection is as durable as the chunk.
             store.settle(self.id)?;
         }
-        let push_at = self.answer(hub, targets, &responders, hold);
+        let push_at = self.answer(hub, targets, &urgent, hold);
         // A batch that changed nothing answered only its senders: peers held back earlier
         // are still owed their message.
         self.push_at = match (applied.changed || applied.refreshed, self.push_at) {
@@ -713,6 +720,7 @@ impl DocState {
         peer.state.set_read_only(!may_create);
         let before = doc.get_heads();
         let changes_in = message.changes.len();
+        let asks = !message.need.is_empty();
         if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
             self.peers.remove(&conn);
             out.failed.push((
@@ -761,6 +769,9 @@ impl DocState {
         // before any change arrives, so an empty document still gets an answer.
         self.exists = !after.is_empty();
         out.responders.push(conn);
+        if changes_in > 0 || asks {
+            out.urgent.push(conn);
+        }
     }
 
     /// Whether the changes of `message` fit the per-change and per-document limits. The text
@@ -819,8 +830,10 @@ impl DocState {
         Ok(whole_doc_ops > 0 || whole_doc_bytes > 0)
     }
 
-    /// Generates and queues a sync message for each target that needs one. `responders` sent
-    /// a message in this batch and are always answered. With `hold` (now, how long), a peer
+    /// Generates and queues a sync message for each target that needs one. `urgent` sent
+    /// changes or asked for some in this batch and are answered now (unless their socket is
+    /// behind); everyone else is sent a message only as `push_due` allows. With `hold` (now,
+    /// how long), a peer
     /// that has not answered a message sent less than that long ago is passed over: it gets
     /// everything new in the answer to its answer, so a document many devices edit at once
     /// costs one message per round trip per device, not one per change per device.
@@ -830,7 +843,7 @@ impl DocState {
         &mut self,
         hub: &HubInner,
         targets: Vec<PeerLink>,
-        responders: &HashSet<ConnId>,
+        urgent: &HashSet<ConnId>,
         hold: Option<(Instant, std::time::Duration)>,
     ) -> Option<Instant> {
         let store: &dyn DocumentStore = hub.store.as_ref();
@@ -841,6 +854,7 @@ impl DocState {
             .push_spacing_per_peer
             .saturating_mul(u32::try_from(targets.len()).unwrap_or(u32::MAX))
             .min(MAX_PUSH_SPACING);
+        let heads = self.doc.get_heads();
         for link in targets {
             let id = self.id;
             if !matches!(
@@ -853,6 +867,9 @@ impl DocState {
             }
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
+            if has_nothing_to_say(&peer.state, &heads) {
+                continue;
+            }
             if let Some((now, hold)) = hold {
                 // A push (nobody asked) is held while the peer owes an answer to the last one,
                 // and until the spacing since its last message has passed.
@@ -861,7 +878,7 @@ impl DocState {
                 // everything new at once, and what waits in memory for sockets stays within
                 // the budget however many peers asked at once (200 phones asking for ten
                 // households each of them edits: 66 MB of answers before, measured).
-                let owed = if responders.contains(&link.conn) {
+                let owed = if urgent.contains(&link.conn) {
                     None
                 } else {
                     push_due(now, peer.awaiting_since, peer.last_sent, hold, spacing)
@@ -912,6 +929,16 @@ impl DocState {
         self.stored_bytes = snapshot.len();
         Ok(())
     }
+}
+
+/// Whether Automerge would generate no message for this peer, known without asking it
+/// (which costs a walk of the document's change graph): the peer was already told our
+/// heads and has them, or was told them and has not answered yet. A document 200 phones
+/// share asked this of all 200 each time one of them was due a push.
+fn has_nothing_to_say(state: &sync::State, heads: &[ChangeHash]) -> bool {
+    state.have_responded
+        && state.last_sent_heads == heads
+        && (state.in_flight || state.their_heads.as_deref() == Some(heads))
 }
 
 /// When a push to a peer may go, if not `now`: once the peer has answered the last message

@@ -55,9 +55,10 @@ impl KillSwitch {
     }
 }
 
-/// Bytes queued for all connections' sockets together, with a soft limit. Nothing is
-/// refused over it: pushes wait and connections stop reading new messages (which would
-/// queue answers) until the sockets have taken enough to fall below it.
+/// Bytes queued for all connections' sockets together (a message counts until its socket
+/// has taken it), with a soft limit. Nothing is refused over it: pushes and answers wait
+/// (the document's actor generates them once there is room) and connections stop reading
+/// new messages until the sockets have taken enough to fall below it.
 #[derive(Debug)]
 pub struct OutboundBudget {
     queued: AtomicUsize,
@@ -149,6 +150,13 @@ impl Outbox {
         self.refund(weight(out));
     }
 
+    /// The connection finished writing a message that weighed `bytes` ([`Outbound::weight`]):
+    /// a message counts until its socket has taken it, not only while it is queued (200
+    /// sockets each writing a household's whole history held 20–50 MB outside the budget).
+    pub fn written_bytes(&self, bytes: usize) {
+        self.refund(bytes);
+    }
+
     /// Counts `bytes` as queued; returns what was queued before.
     fn charge(&self, bytes: usize) -> usize {
         self.budget.charge(bytes);
@@ -158,6 +166,13 @@ impl Outbox {
     fn refund(&self, bytes: usize) {
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.budget.refund(bytes);
+    }
+}
+
+impl Outbound {
+    /// What this message counts against the outbound bounds while it waits for its socket.
+    pub fn weight(&self) -> usize {
+        weight(self)
     }
 }
 

@@ -1089,6 +1089,49 @@ mod tests {
         hub.shutdown().await;
     }
 
+    /// With pushes spaced (here 30 s per device, so nothing times out by accident): a
+    /// device that sends a change is answered at once, the answer acknowledging it; a
+    /// device that only says what it has is answered no sooner than a push, and the other
+    /// device is pushed the change when the spacing allows, or when the document leaves
+    /// memory (here, at shutdown): spacing delays messages, it never loses one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_change_is_answered_at_once_and_pushes_are_spaced() {
+        let (hub, _dir) = test_hub(HubConfig {
+            push_spacing_per_peer: std::time::Duration::from_secs(30),
+            ..HubConfig::default()
+        });
+        let doc = DocumentId::random();
+        let (mut amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
+
+        amy.note("visit 1");
+        let m = amy.doc.generate_sync_message(&mut amy.state).unwrap();
+        amy.hand_over(&hub, doc, m).await;
+        amy.handled().await;
+        let answers = amy.inbox();
+        assert!(
+            answers.iter().any(|m| m.heads == amy.doc.get_heads()),
+            "amy's change is acknowledged at once: {answers:?}"
+        );
+        assert!(ben.inbox().is_empty(), "ben's push waits for the spacing");
+
+        // Amy only tells what she has now: no answer within the spacing.
+        amy.receive(answers);
+        if let Some(m) = amy.doc.generate_sync_message(&mut amy.state) {
+            amy.hand_over(&hub, doc, m).await;
+            amy.handled().await;
+            assert!(amy.inbox().is_empty(), "an answer to heads alone is spaced");
+        }
+
+        hub.shutdown().await;
+        let pushed = ben.inbox();
+        ben.receive(pushed);
+        assert_eq!(
+            ben.doc.get_heads(),
+            amy.doc.get_heads(),
+            "ben gets visit 1 when the document leaves memory"
+        );
+    }
+
     /// An answer waits too while the device's socket is behind: his change is held and
     /// stored at once, and the answer that confirms it comes once the socket has written
     /// what was queued before it, so answers to hundreds of phones asking at once cannot

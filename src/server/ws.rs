@@ -161,6 +161,8 @@ impl Connection {
         let mut paused = false;
         // Since when reading is paused: that time does not count as the peer's silence.
         let mut deaf_since: Option<Timestamp> = None;
+        // The weight of the message taken from the outbox and being written.
+        let mut writing = 0;
         loop {
             let in_flight = self.link.as_ref().map_or(0, PeerLink::requests_in_flight);
             let room = self.outbox.capacity();
@@ -209,9 +211,8 @@ impl Connection {
                 _ = settled(self.link.as_ref()) => Vec::new(),
                 _ = self.outbox.budget().room(), if over_budget => Vec::new(),
                 out = self.outbox_rx.recv() => {
-                    if let Some(o) = &out {
-                        self.outbox.written(o);
-                    }
+                    // Counted until the socket has taken it (below), not just while queued.
+                    writing = out.as_ref().map_or(0, Outbound::weight);
                     match out {
                         Some(Outbound::Message(m)) => vec![Effect::Send(m)],
                         Some(Outbound::Fail { code, message }) => session.fail(code, message),
@@ -241,6 +242,7 @@ impl Connection {
                 }
             }
             session.not_listening(busy_from, Timestamp::now());
+            self.outbox.written_bytes(std::mem::take(&mut writing));
             if matches!(stop, Stop::Done) {
                 // Linger briefly so the peer can read our error and close frame: dropping a
                 // socket with unread input (the rest of an oversized frame) sends a TCP reset,
