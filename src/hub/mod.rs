@@ -899,6 +899,18 @@ mod tests {
             }
         }
 
+        /// Puts something big in front of this device's socket (another document's message,
+        /// `push_backlog_bytes` of it), as if the socket were behind; the test takes it from
+        /// `outbox` and marks it written when the socket should catch up.
+        fn fall_behind(&self) {
+            self.link.send(Outbound::Message(Message::Sync(DocMessage {
+                sender_id: PeerId::new("server").unwrap(),
+                target_id: self.link.peer_id.clone(),
+                document_id: DocumentId::random(),
+                data: vec![0; HubConfig::default().push_backlog_bytes],
+            })));
+        }
+
         /// Hands one message to the hub (it is queued for the document, not yet handled).
         async fn hand_over(&self, hub: &Hub, doc: DocumentId, m: sync::Message) {
             let in_flight = self.link.request_started();
@@ -1062,14 +1074,7 @@ mod tests {
         let doc = DocumentId::random();
         let (mut amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
 
-        // Something big waits for ben's socket (another document's message).
-        let backlog = Outbound::Message(Message::Sync(DocMessage {
-            sender_id: PeerId::new("server").unwrap(),
-            target_id: ben.link.peer_id.clone(),
-            document_id: DocumentId::random(),
-            data: vec![0; HubConfig::default().push_backlog_bytes],
-        }));
-        ben.link.send(backlog);
+        ben.fall_behind();
         amy.note("visit 1");
         amy.sync(&hub, doc).await;
         let waiting = ben.outbox.try_recv().expect("the backlog is queued");
@@ -1146,13 +1151,7 @@ mod tests {
         let doc = DocumentId::random();
         let (_amy, mut ben) = amy_registers_and_ben_fetches(&hub, doc).await;
 
-        let backlog = Outbound::Message(Message::Sync(DocMessage {
-            sender_id: PeerId::new("server").unwrap(),
-            target_id: ben.link.peer_id.clone(),
-            document_id: DocumentId::random(),
-            data: vec![0; HubConfig::default().push_backlog_bytes],
-        }));
-        ben.link.send(backlog);
+        ben.fall_behind();
         ben.note("the dog barks at night");
         let m = ben.doc.generate_sync_message(&mut ben.state).unwrap();
         ben.hand_over(&hub, doc, m).await;
