@@ -53,6 +53,19 @@ pub static CHANGES_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Household re-projections that read the household's whole provenance history: its first
+/// projection, a rebuild, or a change whose summary asked about an author its row had not
+/// kept. A steady climb with the accepted changes means the kept authors stopped helping.
+pub static PROJECTION_HISTORY_READS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "fieldsync_projection_history_reads_total",
+            "Household re-projections that read the household's whole provenance history",
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Accepted batches that left their household quarantined (kept and stored, but out of the
 /// staff lists until someone fixes it).
 pub static QUARANTINED_UPDATES: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -112,6 +125,7 @@ pub fn init() {
     LazyLock::force(&CHANGES_ACCEPTED);
     LazyLock::force(&CHANGES_REFUSED);
     LazyLock::force(&QUARANTINED_UPDATES);
+    LazyLock::force(&PROJECTION_HISTORY_READS);
     LazyLock::force(&ACK_SECONDS);
     LazyLock::force(&HTTP_REQUESTS);
     LazyLock::force(&HTTP_SECONDS);

@@ -51,11 +51,21 @@ pub struct ProvenanceRow {
 impl ProvenanceRow {
     /// The author as the record views name it.
     pub fn author(&self) -> crate::records::Author {
-        crate::records::Author {
-            user: self.user.to_string(),
-            device: self.device.as_ref().map(|d| d.to_string()),
-            received_at_ms: self.received_at.as_millis() as i64,
-        }
+        author(&self.user, self.device.as_ref(), self.received_at)
+    }
+}
+
+/// The author of the changes `user` delivered from `device` at `received_at`, as their
+/// provenance rows name it.
+pub fn author(
+    user: &UserName,
+    device: Option<&DeviceId>,
+    received_at: Timestamp,
+) -> crate::records::Author {
+    crate::records::Author {
+        user: user.to_string(),
+        device: device.map(|d| d.to_string()),
+        received_at_ms: received_at.as_millis() as i64,
     }
 }
 

@@ -645,8 +645,13 @@ impl DocState {
             if hub.config.failpoint == Some(super::Failpoint::StallBeforeProjection) {
                 stall_before_projection(store, self.id);
             }
+            let batch = super::ChangedBatch {
+                received_at,
+                heads_before: &heads_at_start,
+                delivered: &out.accepted,
+            };
             for observer in &hub.observers {
-                observer.document_changed(self.id, &self.doc, received_at)?;
+                observer.document_changed(self.id, &self.doc, &batch)?;
             }
         }
         Ok(out)

@@ -165,10 +165,22 @@ pub trait ChangeObserver: Send + Sync + 'static {
         &self,
         _doc: DocumentId,
         _content: &Automerge,
-        _received_at: Timestamp,
+        _batch: &ChangedBatch<'_>,
     ) -> Result<(), crate::storage::StorageError> {
         Ok(())
     }
+}
+
+/// One batch that changed a document, as [`ChangeObserver::document_changed`] sees it.
+#[derive(Debug)]
+pub struct ChangedBatch<'a> {
+    /// Server receive time of the batch (the time of each of its [`AcceptedChanges`]).
+    pub received_at: Timestamp,
+    /// The document's heads before the batch: the batch's changes are the ones since.
+    pub heads_before: &'a [ChangeHash],
+    /// Who delivered which of them (each of these had an [`AcceptedChanges`]); the others
+    /// are edits the server made on nobody's behalf (catalog entries).
+    pub delivered: &'a [(crate::auth::Principal, Vec<ChangeHash>)],
 }
 
 /// Why a server-side edit did not happen.

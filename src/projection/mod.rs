@@ -16,16 +16,16 @@ pub mod report;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use automerge::{Automerge, ChangeHash};
 
 use crate::accounts::Accounts;
 use crate::changelog::{ChangeLog, ProvenanceRow};
-use crate::hub::ChangeObserver;
-use crate::ids::{DocumentId, Timestamp};
-use crate::records::VisitRow;
-use crate::records::{summarise, Attribution, HouseholdSummary};
+use crate::hub::{ChangeObserver, ChangedBatch};
+use crate::ids::DocumentId;
+use crate::records::{summarise, Attribution, Author, Cited, HouseholdSummary, VisitRow};
 use crate::storage::documents::DocumentStore;
 use crate::storage::{StorageError, Store};
 pub use query::{Coverage, Cursor, Filter, HouseholdPage, MergedFilter, CSV_HEADER};
@@ -128,6 +128,15 @@ struct Inner {
     changelog: ChangeLog,
     /// Serialises read-modify-write of rows and counters across document actors.
     write: Mutex<()>,
+    /// Re-projections that read a household's provenance history ([`Projection::history_reads`]).
+    history_reads: AtomicU64,
+}
+
+/// A household's row as computed, and the authors its summary cites (kept beside it, so
+/// the next change needs only its own authors).
+struct Built {
+    row: HouseholdRow,
+    cited: Vec<Cited>,
 }
 
 impl Projection {
@@ -155,66 +164,150 @@ impl Projection {
                 accounts,
                 changelog,
                 write: Mutex::new(()),
+                history_reads: AtomicU64::new(0),
             }),
         }
     }
 
-    /// The row of a household computed from its document and provenance rows.
+    /// The station and village `doc` is registered to (`None`: not a household, e.g. a
+    /// catalog).
+    fn registration(&self, doc: DocumentId) -> Option<(String, String)> {
+        self.inner.accounts.with_directory(|d| {
+            d.household(doc)
+                .map(|h| (h.station.to_string(), h.village.to_string()))
+        })
+    }
+
+    /// The row of a household computed from its document and its whole provenance history
+    /// (a rebuild, and the first projection of a household).
     fn build_row(
         &self,
         doc: DocumentId,
         content: &Automerge,
-    ) -> Result<Option<HouseholdRow>, StorageError> {
-        let registration = self.inner.accounts.with_directory(|d| {
-            d.household(doc)
-                .map(|h| (h.station.to_string(), h.village.to_string()))
-        });
-        let Some((station, village)) = registration else {
-            return Ok(None); // catalogs, refused uploads
-        };
+        (station, village): (String, String),
+    ) -> Result<Built, StorageError> {
         let rows = self.inner.changelog.provenance_blocking(doc)?;
+        self.inner.history_reads.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::PROJECTION_HISTORY_READS.inc();
         let attribution = attribution(content, &rows);
         let updated_at_ms = rows
             .iter()
             .map(|r| r.received_at.as_millis() as i64)
             .max()
             .unwrap_or_default();
-        Ok(Some(HouseholdRow {
-            id: doc,
-            station,
-            village,
-            updated_at_ms,
-            summary: summarise(content, &attribution),
+        let summary = summarise(content, &attribution);
+        Ok(Built {
+            row: HouseholdRow {
+                id: doc,
+                station,
+                village,
+                updated_at_ms,
+                summary,
+            },
+            cited: attribution.cited(),
+        })
+    }
+
+    /// The row of a household after `batch`, from the authors its previous row cites and
+    /// the authors of the batch's own changes, without reading its provenance history: the
+    /// same row as [`Projection::build_row`] unless the summary asks about a change neither
+    /// knows (a conflict with an old value, say). Then, or when nothing was kept, `None`.
+    fn row_after(
+        &self,
+        doc: DocumentId,
+        content: &Automerge,
+        (station, village): (String, String),
+        old: &HouseholdRow,
+        batch: &ChangedBatch<'_>,
+    ) -> Result<Option<Built>, StorageError> {
+        let Some(cited) = self.inner.rows.cited(doc)? else {
+            return Ok(None);
+        };
+        let mut known: HashMap<ChangeHash, Option<Author>> =
+            cited.into_iter().map(|c| (c.change, c.author)).collect();
+        // The batch's changes that nobody delivered are the server's own edits: the change
+        // log recorded no author for them.
+        for change in content.get_changes_meta(batch.heads_before) {
+            known.insert(change.hash, None);
+        }
+        let mut updated_at_ms = old.updated_at_ms;
+        for (who, hashes) in batch.delivered {
+            let author =
+                crate::changelog::author(&who.user, who.device.as_ref(), batch.received_at);
+            for hash in hashes {
+                known.insert(*hash, Some(author.clone()));
+                updated_at_ms = updated_at_ms.max(author.received_at_ms);
+            }
+        }
+        let attribution = Attribution::partial(content, known);
+        let summary = summarise(content, &attribution);
+        if attribution.missed() {
+            return Ok(None);
+        }
+        Ok(Some(Built {
+            row: HouseholdRow {
+                id: doc,
+                station,
+                village,
+                updated_at_ms,
+                summary,
+            },
+            cited: attribution.cited(),
         }))
     }
 
-    /// Brings the projection of `doc` up to date with `content`.
-    /// Returns whether the household is quarantined now.
+    /// Brings the projection of `doc` up to date with `content`, after `batch` when the
+    /// caller knows what changed (from the row's kept authors), else from the household's
+    /// provenance history. Returns whether the household is quarantined now.
     pub fn update_blocking(
         &self,
         doc: DocumentId,
         content: &Automerge,
+        batch: Option<&ChangedBatch<'_>>,
     ) -> Result<bool, StorageError> {
-        let Some(row) = self.build_row(doc, content)? else {
-            return Ok(false);
+        let Some(registered) = self.registration(doc) else {
+            return Ok(false); // catalogs, refused uploads
         };
-        let quarantined = row.quarantined();
+        // Only this document's actor writes its row, so it can be read before the lock.
+        let old = self.inner.rows.row(&registered.0, doc)?;
+        let after = match (batch, &old) {
+            (Some(batch), Some(old)) => {
+                self.row_after(doc, content, registered.clone(), old, batch)?
+            }
+            _ => None,
+        };
+        let built = match after {
+            Some(built) => built,
+            None => self.build_row(doc, content, registered)?,
+        };
+        let quarantined = built.row.quarantined();
         // Counters kept apart are read, moved and written back: one writer at a time. A
         // backend that derives them needs no lock (a row is only written by its
         // document's actor).
         let _w = (!self.inner.rows.counts_are_derived()).then(|| lock(&self.inner.write));
-        self.write_row_blocking(row)?;
+        self.write_row_blocking(built, old)?;
         Ok(quarantined)
     }
 
-    /// Replaces a household's row and visit rows and moves its contribution to the counters.
-    /// Call with the write lock held. The writes are ordered, not atomic: they follow the
-    /// document's unsettled mark (written with its chunk), so a crash that keeps only some of
-    /// them leaves the mark too, and [`Projection::catch_up_blocking`] rewrites the row and
-    /// recounts the counters on start-up.
-    fn write_row_blocking(&self, mut row: HouseholdRow) -> Result<(), StorageError> {
+    /// How many re-projections read a household's whole provenance history (the first of
+    /// each household, rebuilds, and changes its kept authors did not cover).
+    pub fn history_reads(&self) -> u64 {
+        self.inner.history_reads.load(Ordering::Relaxed)
+    }
+
+    /// Replaces a household's row (`old`, as stored) and visit rows and moves its
+    /// contribution to the counters. Call with the write lock held. The writes are ordered,
+    /// not atomic: they follow the document's unsettled mark (written with its chunk), so a
+    /// crash that keeps only some of them leaves the mark too, and
+    /// [`Projection::catch_up_blocking`] rewrites the row and recounts the counters on
+    /// start-up.
+    fn write_row_blocking(
+        &self,
+        built: Built,
+        old: Option<HouseholdRow>,
+    ) -> Result<(), StorageError> {
+        let Built { mut row, cited } = built;
         let rows = &self.inner.rows;
-        let old = rows.row(&row.station, row.id)?;
         let visits = std::mem::take(&mut row.summary.visits);
         let mut old_visits: HashMap<String, VisitRow> = HashMap::new();
         rows.for_each_visit(row.id, &mut |v| {
@@ -244,6 +337,7 @@ impl Projection {
                 .into_iter()
                 .map(|((station, village), c)| (station, village, c))
                 .collect(),
+            cited: &cited,
         })
     }
 
@@ -278,8 +372,9 @@ impl Projection {
         let total = docs.len();
         for (i, doc) in docs.into_iter().enumerate() {
             let content = load_content(self.inner.docs.as_ref(), doc)?;
-            if let Some(row) = self.build_row(doc, &content)? {
-                self.write_row_blocking(row)?;
+            if let Some(registered) = self.registration(doc) {
+                let built = self.build_row(doc, &content, registered)?;
+                self.write_row_blocking(built, None)?;
             }
             progress(i + 1, total);
         }
@@ -297,7 +392,7 @@ impl Projection {
         let docs = store.unsettled()?;
         for &doc in &docs {
             let content = load_content(store, doc)?;
-            self.update_blocking(doc, &content)?;
+            self.update_blocking(doc, &content, None)?;
         }
         if !docs.is_empty() {
             self.recount_blocking()?;
@@ -340,6 +435,10 @@ impl Projection {
         for row in households {
             let id = row.id;
             out.push(serde_json::to_string(&row).expect("rows serialise"));
+            out.push(format!(
+                "{id} cites {}",
+                serde_json::to_string(&rows.cited(id)?).expect("authors serialise")
+            ));
             rows.for_each_visit(id, &mut |v| {
                 out.push(format!(
                     "{id} {}",
@@ -394,9 +493,9 @@ impl ChangeObserver for Projection {
         &self,
         doc: DocumentId,
         content: &Automerge,
-        _received_at: Timestamp,
+        batch: &ChangedBatch<'_>,
     ) -> Result<(), StorageError> {
-        if self.update_blocking(doc, content)? {
+        if self.update_blocking(doc, content, Some(batch))? {
             crate::metrics::QUARANTINED_UPDATES.inc();
         }
         Ok(())
@@ -416,7 +515,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::accounts::AccountsConfig;
-    use crate::ids::ManualClock;
+    use crate::ids::{ManualClock, Timestamp};
     use crate::records::samples;
 
     fn household(house_no: &str, visits: usize) -> Automerge {
@@ -458,8 +557,13 @@ mod tests {
         let (doc_a, doc_b) = (household("1", 2), household("2", 1));
         {
             let _w = lock(&projection.inner.write);
-            projection.write_row_blocking(row(a, &doc_a)).unwrap();
-            projection.write_row_blocking(row(b, &doc_b)).unwrap();
+            for (id, doc) in [(a, &doc_a), (b, &doc_b)] {
+                let built = Built {
+                    row: row(id, doc),
+                    cited: Vec::new(),
+                };
+                projection.write_row_blocking(built, None).unwrap();
+            }
         }
         let before = projection.counts_blocking("north", "east").unwrap();
         assert_eq!((before.households, before.visits), (2, 3));

@@ -1,7 +1,8 @@
 //! The staff projection on PostgreSQL: `households` (the row as JSON, with the columns the
 //! staff queries select on: station, village, last change, review state, quarantine,
 //! conflicts, last visit, earliest due follow-up; indexed by each, and the row's matters,
-//! follow-ups and officers by GIN indexes), `visits` and `village_counts`, created by the
+//! follow-ups and officers by GIN indexes), `visits` and `household_authors` (what each
+//! row cites; the village counters are counted from the rows), created by the
 //! store's migrations (`storage::postgres`). A household's re-projection is one
 //! transaction. The staff list and the coverage figures are SQL over those indexes, and
 //! must select exactly what [`Filter::matches`] does (the conformance suite compares
@@ -15,7 +16,7 @@ use super::query::MergedFilter;
 use super::store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
 use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
-use crate::records::VisitRow;
+use crate::records::{Cited, VisitRow};
 use crate::storage::postgres::{database_error as db, PgStore};
 use crate::storage::StorageError;
 
@@ -326,6 +327,21 @@ impl ProjectionStore for PgProjection {
         Ok(())
     }
 
+    fn cited(&self, doc: DocumentId) -> Result<Option<Vec<Cited>>, StorageError> {
+        self.store.with_client(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT cited FROM household_authors WHERE doc = $1",
+                        &[&uuid(doc)],
+                    )
+                    .await
+                    .map_err(db)?;
+                row.map(|r| json(r.get(0), "cited authors")).transpose()
+            })
+        })
+    }
+
     fn for_each_visit(
         &self,
         doc: DocumentId,
@@ -381,6 +397,7 @@ impl ProjectionStore for PgProjection {
             })
             .collect();
         let removed = w.removed_visits.clone();
+        let cited = serde_json::to_value(w.cited).expect("authors serialise");
         // `w.counts` is ignored: the counters are derived from the rows.
         self.store.with_transaction(move |tx| {
             Box::pin(async move {
@@ -394,6 +411,13 @@ impl ProjectionStore for PgProjection {
                     .await
                     .map_err(db)?;
                 }
+                tx.execute(
+                    "INSERT INTO household_authors (doc, cited) VALUES ($1, $2)
+                     ON CONFLICT (doc) DO UPDATE SET cited = excluded.cited",
+                    &[&id, &cited],
+                )
+                .await
+                .map_err(db)?;
                 for visit_id in &removed {
                     tx.execute(
                         "DELETE FROM visits WHERE doc = $1 AND visit_id = $2",
@@ -638,7 +662,7 @@ impl ProjectionStore for PgProjection {
     fn clear(&self) -> Result<(), StorageError> {
         self.store.with_client(|c| {
             Box::pin(async move {
-                c.batch_execute("TRUNCATE households, visits")
+                c.batch_execute("TRUNCATE households, visits, household_authors")
                     .await
                     .map_err(db)
             })
@@ -675,6 +699,7 @@ mod tests {
                     put_visits: Vec::new(),
                     removed_visits: Vec::new(),
                     counts: Vec::new(),
+                    cited: &[],
                 })
                 .unwrap();
             };
@@ -694,6 +719,7 @@ mod tests {
                         put_visits: Vec::new(),
                         removed_visits: Vec::new(),
                         counts: Vec::new(),
+                        cited: &[],
                     })
                     .unwrap();
                     store.end_batch(true).unwrap();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
-use crate::records::VisitRow;
+use crate::records::{Cited, VisitRow};
 use crate::storage::{StorageError, Store, Table, TableWrite};
 
 /// What one household's re-projection writes.
@@ -23,6 +23,9 @@ pub struct RowWrite<'a> {
     pub removed_visits: Vec<String>,
     /// (station, village, counters) to store; empty counters are removed.
     pub counts: Vec<(String, String, VillageCounts)>,
+    /// The authors the row's summary cites (kept apart from the row: the lists never read
+    /// them).
+    pub cited: &'a [Cited],
 }
 
 /// Which households a staff list asks for (see [`ProjectionStore::list`]).
@@ -70,6 +73,10 @@ pub trait ProjectionStore: Send + Sync + 'static {
         station: Option<&str>,
         each: &mut dyn FnMut(HouseholdRow) -> bool,
     ) -> Result<(), StorageError>;
+
+    /// The authors `doc`'s row cites, as the last [`ProjectionStore::write`] stored them
+    /// (`None`: none stored).
+    fn cited(&self, doc: DocumentId) -> Result<Option<Vec<Cited>>, StorageError>;
 
     /// The visit rows of `doc`, by visit id, until `each` returns `false`.
     fn for_each_visit(
@@ -270,10 +277,16 @@ impl SledProjection {
     }
 }
 
-/// Keys: `h` station 0x00 doc(16) -> row; `v` doc(16) visit-id -> visit row; `c` station
-/// 0x00 village -> counters.
+/// Keys: `h` station 0x00 doc(16) -> row; `v` doc(16) visit-id -> visit row; `a` doc(16)
+/// -> the authors its row cites; `c` station 0x00 village -> counters.
 mod keys {
     use crate::ids::DocumentId;
+
+    pub fn cited(doc: DocumentId) -> Vec<u8> {
+        let mut k = vec![b'a'];
+        k.extend_from_slice(doc.as_bytes());
+        k
+    }
 
     pub fn household(station: &str, doc: DocumentId) -> Vec<u8> {
         let mut k = station_prefix(b'h', station);
@@ -364,6 +377,13 @@ impl ProjectionStore for SledProjection {
         for_each_parsed(&self.store, &prefix, "household row", each)
     }
 
+    fn cited(&self, doc: DocumentId) -> Result<Option<Vec<Cited>>, StorageError> {
+        self.store
+            .table_get_blocking(Table::Projection, &keys::cited(doc))?
+            .map(|v| parse(&v, "cited authors"))
+            .transpose()
+    }
+
     fn for_each_visit(
         &self,
         doc: DocumentId,
@@ -409,6 +429,10 @@ impl ProjectionStore for SledProjection {
             let value = (!c.is_empty()).then(|| serde_json::to_vec(c).expect("counts serialise"));
             writes.push((keys::counts(station, village), value));
         }
+        writes.push((
+            keys::cited(id),
+            Some(serde_json::to_vec(w.cited).expect("authors serialise")),
+        ));
         writes.push((
             keys::household(&w.row.station, id),
             Some(serde_json::to_vec(w.row).expect("rows serialise")),
@@ -491,10 +515,30 @@ pub(crate) mod tests {
             put_visits: visits.iter().collect(),
             removed_visits: Vec::new(),
             counts: vec![(r.station.clone(), r.village.clone(), counts)],
+            cited: &cited_by(&r),
         })
         .unwrap();
         r.summary.visits = visits;
         r
+    }
+
+    /// Authors a row could cite (one known, one the server recorded none for).
+    fn cited_by(r: &HouseholdRow) -> Vec<Cited> {
+        let hash = |n: u8| automerge::ChangeHash([n; 32]);
+        vec![
+            Cited {
+                change: hash(r.id.as_bytes()[0]),
+                author: Some(crate::records::Author {
+                    user: "amy".into(),
+                    device: Some("dev-1".into()),
+                    received_at_ms: r.updated_at_ms,
+                }),
+            },
+            Cited {
+                change: hash(1),
+                author: None,
+            },
+        ]
     }
 
     fn without_visits(r: &HouseholdRow) -> HouseholdRow {
@@ -528,6 +572,8 @@ pub(crate) mod tests {
 
         assert_eq!(s.row("north", a.id).unwrap(), Some(without_visits(&a)));
         assert_eq!(s.row("south", a.id).unwrap(), None, "rows are per station");
+        assert_eq!(s.cited(a.id).unwrap(), Some(cited_by(&a)));
+        assert_eq!(s.cited(DocumentId::random()).unwrap(), None);
         let mut north = Vec::new();
         s.for_each_row(Some("north"), &mut |r| {
             north.push(r.id);
@@ -601,9 +647,11 @@ pub(crate) mod tests {
                 ("north".into(), "east".into(), VillageCounts::default()),
                 ("north".into(), "west".into(), some.clone()),
             ],
+            cited: &[],
         })
         .unwrap();
         assert_eq!(s.row("north", a.id).unwrap().unwrap().updated_at_ms, 40);
+        assert_eq!(s.cited(a.id).unwrap(), Some(vec![]), "replaced");
         let mut visits = Vec::new();
         s.for_each_visit(a.id, &mut |v| {
             visits.push(v);
@@ -651,6 +699,7 @@ pub(crate) mod tests {
 
         s.clear().unwrap();
         assert_eq!(s.row("south", c.id).unwrap(), None);
+        assert_eq!(s.cited(b.id).unwrap(), None);
         assert!(s.all_counts().unwrap().is_empty());
         let mut any = false;
         s.for_each_visit(b.id, &mut |_| {

@@ -293,38 +293,45 @@ pub fn history(
 /// Every map key (at any depth) holding more than one concurrent value.
 pub fn conflicts(doc: &Automerge, attribution: &Attribution) -> Vec<Conflict> {
     let mut out = Vec::new();
-    walk_conflicts(doc, attribution, &ROOT, &mut Vec::new(), &mut out);
+    walk_conflicts(doc, &ROOT, &mut Vec::new(), &mut |path, values| {
+        out.push(Conflict {
+            path: path.join("."),
+            values: values
+                .iter()
+                .map(|(v, id)| ConflictValue {
+                    value: value_json(doc, v, id),
+                    author: attribution.author_of(id).cloned(),
+                })
+                .collect(),
+        })
+    });
     out
 }
 
-fn walk_conflicts(
-    doc: &Automerge,
-    attribution: &Attribution,
-    obj: &ObjId,
-    path: &mut Vec<String>,
-    out: &mut Vec<Conflict>,
-) {
+/// How many map keys [`conflicts`] lists, without reading their values or authors.
+pub fn conflict_count(doc: &Automerge) -> usize {
+    let mut n = 0;
+    walk_conflicts(doc, &ROOT, &mut Vec::new(), &mut |_, _| n += 1);
+    n
+}
+
+/// What [`walk_conflicts`] calls with each conflicted key: its path and its values.
+type OnConflict<'a> = dyn FnMut(&[String], &[(Value<'_>, ObjId)]) + 'a;
+
+/// Calls `each` with the path and values of every conflicted map key under `obj`.
+fn walk_conflicts(doc: &Automerge, obj: &ObjId, path: &mut Vec<String>, each: &mut OnConflict<'_>) {
     // One pass over the map; only keys flagged as conflicted are looked up again (a lookup
     // per key made this the most expensive part of projecting a household).
     for item in doc.map_range(obj, ..) {
         path.push(item.key.to_string());
         if item.conflict {
             let values = doc.get_all(obj, item.key.as_ref()).unwrap_or_default();
-            out.push(Conflict {
-                path: path.join("."),
-                values: values
-                    .iter()
-                    .map(|(v, id)| ConflictValue {
-                        value: value_json(doc, v, id),
-                        author: attribution.author_of(id).cloned(),
-                    })
-                    .collect(),
-            });
+            each(path, &values);
             if let Some((Value::Object(ObjType::Map), child)) = values.first() {
-                walk_conflicts(doc, attribution, child, path, out);
+                walk_conflicts(doc, child, path, each);
             }
         } else if matches!(item.value, automerge::ValueRef::Object(ObjType::Map)) {
-            walk_conflicts(doc, attribution, &item.id(), path, out);
+            walk_conflicts(doc, &item.id(), path, each);
         }
         path.pop();
     }

@@ -19,7 +19,7 @@ pub mod schema;
 mod summary;
 mod write;
 
-pub use attribution::{Attribution, Author};
+pub use attribution::{Attribution, Author, Cited};
 pub use catalog::{create_catalog, read_catalog, upsert_catalog_entry, CatalogEntry, CatalogView};
 pub use detail::{
     conflicts, history, household_detail, Conflict, ConflictValue, Entry, HistoryEntry,

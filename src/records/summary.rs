@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use automerge::{Automerge, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 use super::attribution::{Attribution, Author};
-use super::detail::{changed_since, conflicts, review_of};
+use super::detail::{changed_since, conflict_count, review_of};
 use super::merge::{changed_after_merge, field_author, merge_mark, origin_in, MergeMark};
 use super::read::{string_at, strings_at, Fields};
 use super::schema::{scalar_int, validate, FollowUpStatus, MatterStatus};
@@ -263,7 +263,7 @@ pub fn summarise(doc: &Automerge, attribution: &Attribution) -> HouseholdSummary
         follow_ups,
         review_state: review.state,
         changed_since_approval,
-        conflicts: conflicts(doc, attribution).len() as u32,
+        conflicts: conflict_count(doc) as u32,
         quarantine,
         search_text,
         address_key: super::read::address_key(doc),

@@ -16,7 +16,7 @@ use super::{Result, StorageError, StoredDocument};
 use crate::ids::{DocumentId, StorageId};
 
 /// The schema this binary writes. A database at a newer version is refused.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -137,6 +137,10 @@ const MIGRATIONS: &[&str] = &[
              GENERATED ALWAYS AS (coalesce(jsonb_array_length(row->'after_merge'), 0) > 0) STORED;
      CREATE INDEX households_by_survivor ON households (station, (row->'merged_into'->>'into'))
          WHERE merged;",
+    // 8: the authors each household's row cites (`projection`), so a change re-projects
+    // it without reading the household's provenance history. Rows projected before have
+    // none: their next change reads the history once.
+    "CREATE TABLE household_authors (doc uuid PRIMARY KEY, cited jsonb NOT NULL);",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).
