@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::json;
 
-use crate::common::world::{AMY, BEN, SUE, SUE_PASSWORD};
+use crate::common::world::{AMY, BEN, STATION, SUE, SUE_PASSWORD};
 use crate::common::{household, visit, StaffSession, TestServer};
 
 #[derive(Clone, Debug)]
@@ -283,4 +283,126 @@ fn the_projection_equals_a_rebuild_after_random_syncs_and_edits() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// A change can make an older value current that no summary has cited yet: two officers set
+/// a matter's status offline, and the one whose value won then deletes it, uncovering the
+/// other's. The row kept no author for that value, so the server reads the household's
+/// history for that change (once) and the row equals a rebuild: the status is the other
+/// officer's, with the time the server received it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_uncovered_by_a_delete_is_attributed_from_the_history() {
+    use automerge::transaction::Transactable;
+    use automerge::ReadDoc;
+    use records::MatterStatus;
+
+    let mut world = World::new().await;
+    world.run(&Op::Create { who: 0 }).await;
+    let id = world.households[0];
+    world
+        .run(&Op::Matter {
+            who: 0,
+            hh: 0,
+            kind: 0,
+        })
+        .await;
+    world.sync(0).await;
+    world.sync(1).await;
+    let matter: String = world.devices[0]
+        .read(id, |doc| {
+            let (_, matters) = doc.get(automerge::ROOT, "matters").unwrap().unwrap();
+            doc.keys(&matters).next().unwrap()
+        })
+        .await
+        .unwrap();
+    // Ben's status first, then Amy's after a visit: her operation counter is higher, so her
+    // value wins once both are on the server.
+    set_status(&world.devices[1], id, &matter, BEN, MatterStatus::Mediated).await;
+    world
+        .run(&Op::Visit {
+            who: 0,
+            hh: 0,
+            bad: false,
+        })
+        .await;
+    set_status(
+        &world.devices[0],
+        id,
+        &matter,
+        AMY,
+        MatterStatus::InProgress,
+    )
+    .await;
+    world.sync(0).await;
+    world.sync(1).await;
+    let projection = world.server.services.projection.clone();
+    let status_now = |p: fieldsync::projection::Projection| {
+        tokio::task::spawn_blocking(move || {
+            let row = p.household_blocking(STATION, id).unwrap().unwrap();
+            let m = row.summary.matters[0].clone();
+            (m.status, m.status_set_at_ms)
+        })
+    };
+    assert_eq!(
+        status_now(projection.clone()).await.unwrap().0,
+        "in_progress",
+        "Amy's value won"
+    );
+    let reads_before = projection.history_reads();
+
+    // Amy, who never saw Ben's value, deletes hers: Ben's is the only one left.
+    world.devices[0]
+        .change(id, move |tx| {
+            let (_, matters) = tx.get(automerge::ROOT, "matters")?.unwrap();
+            let (_, obj) = tx.get(&matters, matter.as_str())?.unwrap();
+            tx.delete(&obj, "status")?;
+            Ok::<_, records::RecordError>(())
+        })
+        .await
+        .unwrap();
+    world.sync(0).await;
+    let (status, set_at) = status_now(projection.clone()).await.unwrap();
+    assert_eq!(status, "mediated", "Ben's value is current again");
+    assert_eq!(
+        projection.history_reads(),
+        reads_before + 1,
+        "the row had not cited Ben's change: its history was read once"
+    );
+
+    let incremental = {
+        let p = projection.clone();
+        tokio::task::spawn_blocking(move || p.dump_blocking().unwrap())
+            .await
+            .unwrap()
+    };
+    let rebuilt = {
+        let p = projection.clone();
+        tokio::task::spawn_blocking(move || {
+            p.reindex_blocking(|_, _| {}).unwrap();
+            p.dump_blocking().unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(incremental, rebuilt);
+    let (_, rebuilt_set_at) = status_now(projection).await.unwrap();
+    assert!(set_at.is_some());
+    assert_eq!(set_at, rebuilt_set_at, "the time Ben's change was received");
+    world.server.stop().await;
+}
+
+async fn set_status(
+    device: &Device,
+    id: DocumentId,
+    matter: &str,
+    by: &'static str,
+    status: records::MatterStatus,
+) {
+    let matter = matter.to_string();
+    device
+        .change(id, move |tx| {
+            records::update_matter(tx, &matter, status, by, 1_790_000_000_000, "")
+        })
+        .await
+        .unwrap()
 }
