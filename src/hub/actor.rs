@@ -10,7 +10,10 @@
 //!
 //! The new changes are stored as the peers sent them when the batch's messages hold all of
 //! them (otherwise encoded from the document). A batch that changed nothing is answered on
-//! the thread that applied it: there is nothing to wait for.
+//! the thread that applied it: there is nothing to wait for. So is a batch that changed
+//! only its own document when the store can flush on that thread at no extra cost (no other
+//! flush under way to share: `DocumentStore::durable_here`); otherwise it waits for the
+//! shared flush, then is answered on another blocking call.
 //!
 //! Automerge and sled work runs in `spawn_blocking`; the actor's state moves into the
 //! blocking closure and back, so no lock is held across an `.await`.
@@ -358,6 +361,15 @@ impl DocActor {
                 // on this thread, without handing the document back and forth again.
                 let state = state.finish(&hub, applied, taken_up)?;
                 return Ok((state, None));
+            }
+            if applied.derived.is_empty() {
+                // Durable before advertised, made so on this thread when no flush is under
+                // way to share (a change at a time: the common case), and answered here too.
+                if let Some(flushed) = hub.store.durable_here() {
+                    flushed?;
+                    let state = state.finish(&hub, applied, taken_up)?;
+                    return Ok((state, None));
+                }
             }
             Ok((state, Some(applied)))
         })

@@ -70,6 +70,14 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// (sled: group commit).
     fn durable(&self) -> Durable;
 
+    /// Makes everything written before the call durable on the calling (blocking) thread
+    /// when that costs no more than [`DocumentStore::durable`] would: sled, when no flush is
+    /// under way or queued that the caller could share; PostgreSQL, always (a batch is
+    /// durable once its transaction commits). `None`: await `durable` instead.
+    fn durable_here(&self) -> Option<Result<()>> {
+        None
+    }
+
     /// Why this store cannot make writes durable now, as far as it knows without I/O (for
     /// readiness; `None`: nothing known against it). sled: its flusher stopped, or a flush
     /// has run longer than `limit`. PostgreSQL answers through its listener instead.
@@ -130,6 +138,10 @@ impl DocumentStore for super::Store {
 
     fn durable(&self) -> Durable {
         Box::pin(super::Store::flush(self))
+    }
+
+    fn durable_here(&self) -> Option<Result<()>> {
+        self.flush_here()
     }
 
     fn stalled(&self, limit: std::time::Duration) -> Option<String> {

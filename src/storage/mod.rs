@@ -361,6 +361,14 @@ impl Store {
         self.inner.commit.flush()
     }
 
+    /// Makes everything written so far durable on this (blocking) thread when no flush is
+    /// under way or queued to share it with; `None`: wait for [`Store::flush`] instead.
+    pub fn flush_here(&self) -> Option<Result<()>> {
+        let outcome = self.inner.commit.flush_here()?;
+        self.inner.durability_waits.fetch_add(1, Ordering::Relaxed);
+        Some(outcome)
+    }
+
     /// Why writes cannot be made durable now, if that is known without I/O: the flusher
     /// stopped, or a flush has run longer than `limit`.
     pub fn stalled(&self, limit: std::time::Duration) -> Option<String> {
