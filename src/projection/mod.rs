@@ -3,8 +3,11 @@
 //! visit for the export, and counters per village (kept on sled, counted from the rows on
 //! PostgreSQL), kept by a [`ProjectionStore`] and updated on every accepted change of a
 //! household, on the document's actor thread before the flush (or in the transaction)
-//! that makes the change durable. `reindex` rebuilds it from the stored documents and
-//! provenance rows; the two must agree (a property test checks it).
+//! that makes the change durable. A change is attributed from the authors the household's
+//! row cites (kept beside it) and the batch's own, not from the household's provenance
+//! history, which is read only for a household's first row, a rebuild, and a change whose
+//! summary asks about an older change the row did not cite. `reindex` rebuilds it from the
+//! stored documents and provenance rows; the two must agree (a property test checks it).
 //!
 //! Staff queries (`query`) read only this projection, never every document. Must not: decide
 //! access (it is given a [`ReadingScope`](crate::auth::ReadingScope)), write documents, or

@@ -1,5 +1,6 @@
 //! Where the staff projection keeps its rows, behind one interface with a backend per
-//! engine: household rows, visit rows and village counters. The sled layout (one tree,
+//! engine: household rows, visit rows, the authors each household row cites, and village
+//! counters. The sled layout (one tree,
 //! keys by kind) is here; the PostgreSQL one (tables with indexes by station, village and
 //! last change) is in `projection::postgres`. One conformance suite (`tests`) runs against
 //! both. What a row holds and how counters move is `projection`'s; this only keeps them.
