@@ -179,6 +179,9 @@ pub(crate) mod tests {
             heads = doc.get_heads();
         }
         s.flush().unwrap();
+        // With no other flush under way, a blocking caller can make its writes durable in
+        // place (what a document actor does when it is the only one writing).
+        assert!(matches!(s.durable_here(), Some(Ok(()))));
         assert!(s.exists(id).unwrap());
         let stored = s.load(id).unwrap();
         assert_eq!(stored.chunks.len(), 3);
