@@ -32,7 +32,9 @@ use crate::records::{summarise, Attribution, Author, Cited, HouseholdSummary, Vi
 use crate::storage::documents::DocumentStore;
 use crate::storage::{StorageError, Store};
 pub use query::{Coverage, Cursor, Filter, HouseholdPage, MergedFilter, CSV_HEADER};
-pub use store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, SledProjection, TimeCounts};
+pub use store::{
+    Kept, ListAnswer, ListQuery, ProjectionStore, RowWrite, SledProjection, TimeCounts,
+};
 
 /// The projection row of one household (its visits are stored beside it).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -140,6 +142,8 @@ struct Inner {
 struct Built {
     row: HouseholdRow,
     cited: Vec<Cited>,
+    /// The digests of the visit rows as stored, when they were kept (else they are read).
+    visits_written: Option<BTreeMap<String, u64>>,
 }
 
 impl Projection {
@@ -208,6 +212,7 @@ impl Projection {
                 summary,
             },
             cited: attribution.cited(),
+            visits_written: None,
         })
     }
 
@@ -223,11 +228,14 @@ impl Projection {
         old: &HouseholdRow,
         batch: &ChangedBatch<'_>,
     ) -> Result<Option<Built>, StorageError> {
-        let Some(cited) = self.inner.rows.cited(doc)? else {
+        let Some(kept) = self.inner.rows.kept(doc)? else {
             return Ok(None);
         };
-        let mut known: HashMap<ChangeHash, Option<Author>> =
-            cited.into_iter().map(|c| (c.change, c.author)).collect();
+        let mut known: HashMap<ChangeHash, Option<Author>> = kept
+            .cited
+            .into_iter()
+            .map(|c| (c.change, c.author))
+            .collect();
         // The batch's changes that nobody delivered are the server's own edits: the change
         // log recorded no author for them.
         for change in content.get_changes_meta(batch.heads_before) {
@@ -256,6 +264,7 @@ impl Projection {
                 summary,
             },
             cited: attribution.cited(),
+            visits_written: kept.visits,
         }))
     }
 
@@ -309,20 +318,44 @@ impl Projection {
         built: Built,
         old: Option<HouseholdRow>,
     ) -> Result<(), StorageError> {
-        let Built { mut row, cited } = built;
+        let Built {
+            mut row,
+            cited,
+            visits_written,
+        } = built;
         let rows = &self.inner.rows;
         let visits = std::mem::take(&mut row.summary.visits);
-        let mut old_visits: HashMap<String, VisitRow> = HashMap::new();
-        rows.for_each_visit(row.id, &mut |v| {
-            old_visits.insert(v.id.clone(), v);
-            true
-        })?;
-        let mut put_visits = Vec::new();
-        for v in &visits {
-            if old_visits.remove(&v.id).as_ref() != Some(v) {
-                put_visits.push(v);
+        let digests: BTreeMap<String, u64> = visits
+            .iter()
+            .map(|v| (v.id.clone(), visit_digest(v)))
+            .collect();
+        let (put_visits, removed_visits) = match visits_written {
+            // What was written is known by digest: nothing to read back.
+            Some(written) => (
+                visits
+                    .iter()
+                    .filter(|v| written.get(&v.id) != digests.get(&v.id))
+                    .collect(),
+                written
+                    .into_keys()
+                    .filter(|id| !digests.contains_key(id))
+                    .collect(),
+            ),
+            None => {
+                let mut old_visits: HashMap<String, VisitRow> = HashMap::new();
+                rows.for_each_visit(row.id, &mut |v| {
+                    old_visits.insert(v.id.clone(), v);
+                    true
+                })?;
+                let mut put = Vec::new();
+                for v in &visits {
+                    if old_visits.remove(&v.id).as_ref() != Some(v) {
+                        put.push(v);
+                    }
+                }
+                (put, old_visits.into_keys().collect())
             }
-        }
+        };
         let mut counts: BTreeMap<(String, String), VillageCounts> = BTreeMap::new();
         if !rows.counts_are_derived() {
             if let Some(old) = &old {
@@ -335,12 +368,15 @@ impl Projection {
         rows.write(&RowWrite {
             row: &row,
             put_visits,
-            removed_visits: old_visits.into_keys().collect(),
+            removed_visits,
             counts: counts
                 .into_iter()
                 .map(|((station, village), c)| (station, village, c))
                 .collect(),
-            cited: &cited,
+            kept: &Kept {
+                cited,
+                visits: Some(digests),
+            },
         })
     }
 
@@ -439,8 +475,8 @@ impl Projection {
             let id = row.id;
             out.push(serde_json::to_string(&row).expect("rows serialise"));
             out.push(format!(
-                "{id} cites {}",
-                serde_json::to_string(&rows.cited(id)?).expect("authors serialise")
+                "{id} keeps {}",
+                serde_json::to_string(&rows.kept(id)?).expect("kept values serialise")
             ));
             rows.for_each_visit(id, &mut |v| {
                 out.push(format!(
@@ -505,6 +541,16 @@ impl ChangeObserver for Projection {
     }
 }
 
+/// A digest of a visit row as written, to tell whether it changed without reading it back.
+/// (`DefaultHasher::new` is fixed within a build; a build that hashes differently only
+/// rewrites each household's visit rows once.)
+fn visit_digest(v: &VisitRow) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// A stored document, loaded whole.
 fn load_content(store: &dyn DocumentStore, doc: DocumentId) -> Result<Automerge, StorageError> {
     store.load(doc)?.hydrate()
@@ -564,6 +610,7 @@ mod tests {
                 let built = Built {
                     row: row(id, doc),
                     cited: Vec::new(),
+                    visits_written: None,
                 };
                 projection.write_row_blocking(built, None).unwrap();
             }

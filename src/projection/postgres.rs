@@ -1,8 +1,8 @@
 //! The staff projection on PostgreSQL: `households` (the row as JSON, with the columns the
 //! staff queries select on: station, village, last change, review state, quarantine,
 //! conflicts, last visit, earliest due follow-up; indexed by each, and the row's matters,
-//! follow-ups and officers by GIN indexes), `visits` and `household_authors` (what each
-//! row cites; the village counters are counted from the rows), created by the
+//! follow-ups and officers by GIN indexes), `visits` and `household_kept` (what each
+//! row keeps beside it; the village counters are counted from the rows), created by the
 //! store's migrations (`storage::postgres`). A household's re-projection is one
 //! transaction. The staff list and the coverage figures are SQL over those indexes, and
 //! must select exactly what [`Filter::matches`] does (the conformance suite compares
@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::query::MergedFilter;
-use super::store::{ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
+use super::store::{Kept, ListAnswer, ListQuery, ProjectionStore, RowWrite, TimeCounts};
 use super::{Cursor, Filter, HouseholdRow, VillageCounts};
 use crate::ids::DocumentId;
-use crate::records::{Cited, VisitRow};
+use crate::records::VisitRow;
 use crate::storage::postgres::{database_error as db, PgStore};
 use crate::storage::StorageError;
 
@@ -327,17 +327,18 @@ impl ProjectionStore for PgProjection {
         Ok(())
     }
 
-    fn cited(&self, doc: DocumentId) -> Result<Option<Vec<Cited>>, StorageError> {
+    fn kept(&self, doc: DocumentId) -> Result<Option<Kept>, StorageError> {
         self.store.with_client(move |c| {
             Box::pin(async move {
                 let row = c
                     .query_opt(
-                        "SELECT cited FROM household_authors WHERE doc = $1",
+                        "SELECT kept FROM household_kept WHERE doc = $1",
                         &[&uuid(doc)],
                     )
                     .await
                     .map_err(db)?;
-                row.map(|r| json(r.get(0), "cited authors")).transpose()
+                row.map(|r| json(r.get(0), "kept authors and digests"))
+                    .transpose()
             })
         })
     }
@@ -397,7 +398,7 @@ impl ProjectionStore for PgProjection {
             })
             .collect();
         let removed = w.removed_visits.clone();
-        let cited = serde_json::to_value(w.cited).expect("authors serialise");
+        let kept = serde_json::to_value(w.kept).expect("kept values serialise");
         // `w.counts` is ignored: the counters are derived from the rows.
         self.store.with_transaction(move |tx| {
             Box::pin(async move {
@@ -412,9 +413,9 @@ impl ProjectionStore for PgProjection {
                     .map_err(db)?;
                 }
                 tx.execute(
-                    "INSERT INTO household_authors (doc, cited) VALUES ($1, $2)
-                     ON CONFLICT (doc) DO UPDATE SET cited = excluded.cited",
-                    &[&id, &cited],
+                    "INSERT INTO household_kept (doc, kept) VALUES ($1, $2)
+                     ON CONFLICT (doc) DO UPDATE SET kept = excluded.kept",
+                    &[&id, &kept],
                 )
                 .await
                 .map_err(db)?;
@@ -662,7 +663,7 @@ impl ProjectionStore for PgProjection {
     fn clear(&self) -> Result<(), StorageError> {
         self.store.with_client(|c| {
             Box::pin(async move {
-                c.batch_execute("TRUNCATE households, visits, household_authors")
+                c.batch_execute("TRUNCATE households, visits, household_kept")
                     .await
                     .map_err(db)
             })
@@ -699,7 +700,7 @@ mod tests {
                     put_visits: Vec::new(),
                     removed_visits: Vec::new(),
                     counts: Vec::new(),
-                    cited: &[],
+                    kept: &Kept::default(),
                 })
                 .unwrap();
             };
@@ -719,7 +720,7 @@ mod tests {
                         put_visits: Vec::new(),
                         removed_visits: Vec::new(),
                         counts: Vec::new(),
-                        cited: &[],
+                        kept: &Kept::default(),
                     })
                     .unwrap();
                     store.end_batch(true).unwrap();

@@ -24,9 +24,19 @@ pub struct RowWrite<'a> {
     pub removed_visits: Vec<String>,
     /// (station, village, counters) to store; empty counters are removed.
     pub counts: Vec<(String, String, VillageCounts)>,
-    /// The authors the row's summary cites (kept apart from the row: the lists never read
-    /// them).
-    pub cited: &'a [Cited],
+    /// What is kept beside the row (apart from it: the lists never read it).
+    pub kept: &'a Kept,
+}
+
+/// What the projection keeps beside a household's row so that a change can re-project it
+/// alone: the authors its summary cites, and a digest of each visit row, so only the visit
+/// rows that changed are written, without reading the others back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Kept {
+    pub cited: Vec<Cited>,
+    /// Visit id -> digest of its row as written (`None`: not kept; the rows are read).
+    #[serde(default)]
+    pub visits: Option<BTreeMap<String, u64>>,
 }
 
 /// Which households a staff list asks for (see [`ProjectionStore::list`]).
@@ -75,9 +85,9 @@ pub trait ProjectionStore: Send + Sync + 'static {
         each: &mut dyn FnMut(HouseholdRow) -> bool,
     ) -> Result<(), StorageError>;
 
-    /// The authors `doc`'s row cites, as the last [`ProjectionStore::write`] stored them
-    /// (`None`: none stored).
-    fn cited(&self, doc: DocumentId) -> Result<Option<Vec<Cited>>, StorageError>;
+    /// What the last [`ProjectionStore::write`] of `doc` kept beside its row (`None`:
+    /// nothing kept).
+    fn kept(&self, doc: DocumentId) -> Result<Option<Kept>, StorageError>;
 
     /// The visit rows of `doc`, by visit id, until `each` returns `false`.
     fn for_each_visit(
@@ -279,11 +289,11 @@ impl SledProjection {
 }
 
 /// Keys: `h` station 0x00 doc(16) -> row; `v` doc(16) visit-id -> visit row; `a` doc(16)
-/// -> the authors its row cites; `c` station 0x00 village -> counters.
+/// -> what is kept beside its row; `c` station 0x00 village -> counters.
 mod keys {
     use crate::ids::DocumentId;
 
-    pub fn cited(doc: DocumentId) -> Vec<u8> {
+    pub fn kept(doc: DocumentId) -> Vec<u8> {
         let mut k = vec![b'a'];
         k.extend_from_slice(doc.as_bytes());
         k
@@ -378,10 +388,10 @@ impl ProjectionStore for SledProjection {
         for_each_parsed(&self.store, &prefix, "household row", each)
     }
 
-    fn cited(&self, doc: DocumentId) -> Result<Option<Vec<Cited>>, StorageError> {
+    fn kept(&self, doc: DocumentId) -> Result<Option<Kept>, StorageError> {
         self.store
-            .table_get_blocking(Table::Projection, &keys::cited(doc))?
-            .map(|v| parse(&v, "cited authors"))
+            .table_get_blocking(Table::Projection, &keys::kept(doc))?
+            .map(|v| parse(&v, "kept authors and digests"))
             .transpose()
     }
 
@@ -431,8 +441,8 @@ impl ProjectionStore for SledProjection {
             writes.push((keys::counts(station, village), value));
         }
         writes.push((
-            keys::cited(id),
-            Some(serde_json::to_vec(w.cited).expect("authors serialise")),
+            keys::kept(id),
+            Some(serde_json::to_vec(w.kept).expect("kept values serialise")),
         ));
         writes.push((
             keys::household(&w.row.station, id),
@@ -516,17 +526,18 @@ pub(crate) mod tests {
             put_visits: visits.iter().collect(),
             removed_visits: Vec::new(),
             counts: vec![(r.station.clone(), r.village.clone(), counts)],
-            cited: &cited_by(&r),
+            kept: &kept_by(&r),
         })
         .unwrap();
         r.summary.visits = visits;
         r
     }
 
-    /// Authors a row could cite (one known, one the server recorded none for).
-    fn cited_by(r: &HouseholdRow) -> Vec<Cited> {
+    /// What could be kept beside a row: authors it cites (one known, one the server recorded
+    /// none for) and a visit digest.
+    fn kept_by(r: &HouseholdRow) -> Kept {
         let hash = |n: u8| automerge::ChangeHash([n; 32]);
-        vec![
+        let cited = vec![
             Cited {
                 change: hash(r.id.as_bytes()[0]),
                 author: Some(crate::records::Author {
@@ -539,7 +550,11 @@ pub(crate) mod tests {
                 change: hash(1),
                 author: None,
             },
-        ]
+        ];
+        Kept {
+            cited,
+            visits: Some(BTreeMap::from([("visit-1".to_string(), u64::MAX - 1)])),
+        }
     }
 
     fn without_visits(r: &HouseholdRow) -> HouseholdRow {
@@ -573,8 +588,8 @@ pub(crate) mod tests {
 
         assert_eq!(s.row("north", a.id).unwrap(), Some(without_visits(&a)));
         assert_eq!(s.row("south", a.id).unwrap(), None, "rows are per station");
-        assert_eq!(s.cited(a.id).unwrap(), Some(cited_by(&a)));
-        assert_eq!(s.cited(DocumentId::random()).unwrap(), None);
+        assert_eq!(s.kept(a.id).unwrap(), Some(kept_by(&a)));
+        assert_eq!(s.kept(DocumentId::random()).unwrap(), None);
         let mut north = Vec::new();
         s.for_each_row(Some("north"), &mut |r| {
             north.push(r.id);
@@ -648,11 +663,11 @@ pub(crate) mod tests {
                 ("north".into(), "east".into(), VillageCounts::default()),
                 ("north".into(), "west".into(), some.clone()),
             ],
-            cited: &[],
+            kept: &Kept::default(),
         })
         .unwrap();
         assert_eq!(s.row("north", a.id).unwrap().unwrap().updated_at_ms, 40);
-        assert_eq!(s.cited(a.id).unwrap(), Some(vec![]), "replaced");
+        assert_eq!(s.kept(a.id).unwrap(), Some(Kept::default()), "replaced");
         let mut visits = Vec::new();
         s.for_each_visit(a.id, &mut |v| {
             visits.push(v);
@@ -700,7 +715,7 @@ pub(crate) mod tests {
 
         s.clear().unwrap();
         assert_eq!(s.row("south", c.id).unwrap(), None);
-        assert_eq!(s.cited(b.id).unwrap(), None);
+        assert_eq!(s.kept(b.id).unwrap(), None);
         assert!(s.all_counts().unwrap().is_empty());
         let mut any = false;
         s.for_each_visit(b.id, &mut |_| {

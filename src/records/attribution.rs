@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use automerge::{ActorId, Automerge, ChangeHash, ObjId};
 
 /// The author of a change, as the server recorded it when the change arrived.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Author {
     /// The account that delivered the change (the officer, or the staff member the server
     /// made it for).

@@ -16,7 +16,7 @@ use super::read::{string_at, strings_at, Fields};
 use super::schema::{scalar_int, validate, FollowUpStatus, MatterStatus};
 
 /// One visit, flattened for the export and the lists.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct VisitRow {
     pub id: String,
     /// What the device wrote as the officer (self-declared).

@@ -137,10 +137,11 @@ const MIGRATIONS: &[&str] = &[
              GENERATED ALWAYS AS (coalesce(jsonb_array_length(row->'after_merge'), 0) > 0) STORED;
      CREATE INDEX households_by_survivor ON households (station, (row->'merged_into'->>'into'))
          WHERE merged;",
-    // 8: the authors each household's row cites (`projection`), so a change re-projects
-    // it without reading the household's provenance history. Rows projected before have
-    // none: their next change reads the history once.
-    "CREATE TABLE household_authors (doc uuid PRIMARY KEY, cited jsonb NOT NULL);",
+    // 8: what the projection keeps beside each household's row (`projection::store::Kept`:
+    // the authors its summary cites, digests of its visit rows), so a change re-projects it
+    // without reading the household's provenance history or its visit rows. Rows projected
+    // before have none: their next change reads both once.
+    "CREATE TABLE household_kept (doc uuid PRIMARY KEY, kept jsonb NOT NULL);",
 ];
 
 /// Connections kept open at most (each document actor holds one for a call at a time).

@@ -23,6 +23,12 @@ enum Op {
         hh: usize,
         bad: bool,
     },
+    /// Officer `who` corrects the notes and outcome of the household's first visit.
+    EditVisit {
+        who: usize,
+        hh: usize,
+        outcome: usize,
+    },
     Matter {
         who: usize,
         hh: usize,
@@ -56,6 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => who.clone().prop_map(|who| Op::Create { who }),
         4 => (who.clone(), hh.clone(), proptest::bool::weighted(0.1)).prop_map(|(who, hh, bad)| Op::Visit { who, hh, bad }),
         2 => (who.clone(), hh.clone(), 0..7usize).prop_map(|(who, hh, kind)| Op::Matter { who, hh, kind }),
+        2 => (who.clone(), hh.clone(), 0..4usize).prop_map(|(who, hh, outcome)| Op::EditVisit { who, hh, outcome }),
         2 => (who.clone(), hh.clone(), 0..6usize).prop_map(|(who, hh, which)| Op::Premises { who, hh, which }),
         1 => (who.clone(), hh.clone()).prop_map(|(who, hh)| Op::CloseFollowUps { who, hh }),
         3 => who.prop_map(|who| Op::Sync { who }),
@@ -130,6 +137,32 @@ impl World {
                             tx.put(&obj, "outcome", "partyy")?;
                         }
                         Ok(())
+                    })
+                    .await
+                    .unwrap();
+            }
+            Op::EditVisit { who, hh, outcome } => {
+                let Some(id) = self.pick(hh) else { return };
+                let first: Option<String> = self.devices[who]
+                    .read(id, |doc| {
+                        use automerge::ReadDoc;
+                        let (_, visits) = doc.get(automerge::ROOT, "visits").ok()??;
+                        doc.keys(&visits).next()
+                    })
+                    .await
+                    .unwrap();
+                let Some(visit) = first else { return };
+                let name = officer(who);
+                self.devices[who]
+                    .change(id, move |tx| {
+                        records::edit_visit(
+                            tx,
+                            &visit,
+                            &records::VisitEdit {
+                                outcome: Some(records::VisitOutcome::ALL[outcome]),
+                                notes: Some(format!("Corrected by {name}.")),
+                            },
+                        )
                     })
                     .await
                     .unwrap();
