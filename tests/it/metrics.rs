@@ -223,6 +223,22 @@ async fn metrics_are_valid_prometheus_text_on_their_own_port_and_move_as_a_phone
     if station_is_embedded(&server) {
         assert!(moved("fieldsync_store_flushes_total") >= 1.0);
     }
+    // Each new household's first row read its provenance history; a later visit to one of
+    // them is projected from what its row kept, without reading it again.
+    let history_reads = "fieldsync_projection_history_reads_total";
+    assert_eq!(moved(history_reads), 2.0, "{after:#?}");
+    amy.change(id, |tx| {
+        records::add_visit(tx, &visit(AMY, "again")).map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(amy.sync(&server.url).await.unwrap().all_held());
+    let later = scrape(&metrics).await;
+    assert!(
+        get(&later, "fieldsync_changes_accepted_total")
+            > get(&after, "fieldsync_changes_accepted_total")
+    );
+    assert_eq!(get(&later, history_reads), get(&after, history_reads));
     // No label carries an id, a name or a raw path.
     for series in after.keys() {
         assert!(!series.contains(&id.to_string()), "{series}");
