@@ -264,7 +264,8 @@ impl Projection {
                 summary,
             },
             cited: attribution.cited(),
-            visits_written: kept.visits,
+            // Trusted only where no other process writes the rows (see `single_writer`).
+            visits_written: kept.visits.filter(|_| self.inner.rows.single_writer()),
         }))
     }
 

@@ -679,6 +679,7 @@ mod tests {
     async fn the_postgres_projection_conforms() {
         crate::storage::postgres::tests::on_fresh_database(|store| {
             let s = PgProjection::new(store);
+            assert!(!s.single_writer(), "several nodes may share the database");
             crate::projection::store::tests::run_all(&s);
             crate::projection::store::tests::lists_and_coverage_agree_with_the_rows(&s);
         })

@@ -30,7 +30,8 @@ pub struct RowWrite<'a> {
 
 /// What the projection keeps beside a household's row so that a change can re-project it
 /// alone: the authors its summary cites, and a digest of each visit row, so only the visit
-/// rows that changed are written, without reading the others back.
+/// rows that changed are written, without reading the others back (where this process is
+/// the only writer: [`ProjectionStore::single_writer`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Kept {
     pub cited: Vec<Cited>,
@@ -88,6 +89,15 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// What the last [`ProjectionStore::write`] of `doc` kept beside its row (`None`:
     /// nothing kept).
     fn kept(&self, doc: DocumentId) -> Result<Option<Kept>, StorageError>;
+
+    /// Whether this process is the only one that writes the projection (sled: its data
+    /// directory is locked to one process). Then the visit digests a row keeps describe the
+    /// visit rows as stored. Several nodes on one database may re-project one household at
+    /// once, each from its own copy of the document, and one may keep digests of rows the
+    /// other then overwrote: there the visit rows are read and compared instead.
+    fn single_writer(&self) -> bool {
+        false
+    }
 
     /// The visit rows of `doc`, by visit id, until `each` returns `false`.
     fn for_each_visit(
@@ -386,6 +396,10 @@ impl ProjectionStore for SledProjection {
             None => b"h".to_vec(),
         };
         for_each_parsed(&self.store, &prefix, "household row", each)
+    }
+
+    fn single_writer(&self) -> bool {
+        true
     }
 
     fn kept(&self, doc: DocumentId) -> Result<Option<Kept>, StorageError> {
@@ -1011,6 +1025,7 @@ pub(crate) mod tests {
     fn the_sled_projection_conforms() {
         crate::storage::on_temp_store(|store| {
             let s = SledProjection::new(store);
+            assert!(s.single_writer(), "one process holds the data directory");
             run_all(&s);
             lists_and_coverage_agree_with_the_rows(&s);
         });

@@ -139,8 +139,8 @@ const MIGRATIONS: &[&str] = &[
          WHERE merged;",
     // 8: what the projection keeps beside each household's row (`projection::store::Kept`:
     // the authors its summary cites, digests of its visit rows), so a change re-projects it
-    // without reading the household's provenance history or its visit rows. Rows projected
-    // before have none: their next change reads both once.
+    // without reading the household's provenance history. Rows projected before have none:
+    // their next change reads it once.
     "CREATE TABLE household_kept (doc uuid PRIMARY KEY, kept jsonb NOT NULL);",
 ];
 
