@@ -146,6 +146,31 @@ struct Built {
     visits_written: Option<BTreeMap<String, u64>>,
 }
 
+impl Built {
+    /// Summarises `content` with `attribution` into the household's row, keeping what the
+    /// summary asked of the attribution.
+    fn summarised(
+        doc: DocumentId,
+        (station, village): (String, String),
+        updated_at_ms: i64,
+        content: &Automerge,
+        attribution: &Attribution,
+        visits_written: Option<BTreeMap<String, u64>>,
+    ) -> Self {
+        Built {
+            row: HouseholdRow {
+                id: doc,
+                station,
+                village,
+                updated_at_ms,
+                summary: summarise(content, attribution),
+            },
+            cited: attribution.cited(),
+            visits_written,
+        }
+    }
+}
+
 impl Projection {
     /// On the embedded sled store.
     pub fn new(store: Store, accounts: Accounts, changelog: ChangeLog) -> Self {
@@ -202,18 +227,14 @@ impl Projection {
             .map(|r| r.received_at.as_millis() as i64)
             .max()
             .unwrap_or_default();
-        let summary = summarise(content, &attribution);
-        Ok(Built {
-            row: HouseholdRow {
-                id: doc,
-                station,
-                village,
-                updated_at_ms,
-                summary,
-            },
-            cited: attribution.cited(),
-            visits_written: None,
-        })
+        Ok(Built::summarised(
+            doc,
+            (station, village),
+            updated_at_ms,
+            content,
+            &attribution,
+            None,
+        ))
     }
 
     /// The row of a household after `batch`, from the authors its previous row cites and
@@ -251,22 +272,16 @@ impl Projection {
             }
         }
         let attribution = Attribution::partial(content, known);
-        let summary = summarise(content, &attribution);
-        if attribution.missed() {
-            return Ok(None);
-        }
-        Ok(Some(Built {
-            row: HouseholdRow {
-                id: doc,
-                station,
-                village,
-                updated_at_ms,
-                summary,
-            },
-            cited: attribution.cited(),
+        let built = Built::summarised(
+            doc,
+            (station, village),
+            updated_at_ms,
+            content,
+            &attribution,
             // Trusted only where no other process writes the rows (see `single_writer`).
-            visits_written: kept.visits.filter(|_| self.inner.rows.single_writer()),
-        }))
+            kept.visits.filter(|_| self.inner.rows.single_writer()),
+        );
+        Ok((!attribution.missed()).then_some(built))
     }
 
     /// Brings the projection of `doc` up to date with `content`, after `batch` when the
