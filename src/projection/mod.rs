@@ -211,7 +211,8 @@ impl Projection {
     }
 
     /// The row of a household computed from its document and its whole provenance history
-    /// (a rebuild, and the first projection of a household).
+    /// (a rebuild, and the first projection of a household whose document had changes before
+    /// the batch, e.g. one registered after its first upload).
     fn build_row(
         &self,
         doc: DocumentId,
@@ -241,16 +242,23 @@ impl Projection {
     /// the authors of the batch's own changes, without reading its provenance history: the
     /// same row as [`Projection::build_row`] unless the summary asks about a change neither
     /// knows (a conflict with an old value, say). Then, or when nothing was kept, `None`.
+    /// With no previous row, only a batch that is the document's whole history (it started
+    /// from no heads) knows every author.
     fn row_after(
         &self,
         doc: DocumentId,
         content: &Automerge,
         (station, village): (String, String),
-        old: &HouseholdRow,
+        old: Option<&HouseholdRow>,
         batch: &ChangedBatch<'_>,
     ) -> Result<Option<Built>, StorageError> {
-        let Some(kept) = self.inner.rows.kept(doc)? else {
-            return Ok(None);
+        let kept = match old {
+            Some(_) => match self.inner.rows.kept(doc)? {
+                Some(kept) => kept,
+                None => return Ok(None),
+            },
+            None if batch.heads_before.is_empty() => Kept::default(),
+            None => return Ok(None),
         };
         let mut known: HashMap<ChangeHash, Option<Author>> = kept
             .cited
@@ -262,7 +270,8 @@ impl Projection {
         for change in content.get_changes_meta(batch.heads_before) {
             known.insert(change.hash, None);
         }
-        let mut updated_at_ms = old.updated_at_ms;
+        // As a rebuild has it: the latest receive time of a delivered change.
+        let mut updated_at_ms = old.map_or(0, |old| old.updated_at_ms);
         for (who, hashes) in batch.delivered {
             let author =
                 crate::changelog::author(&who.user, who.device.as_ref(), batch.received_at);
@@ -298,11 +307,9 @@ impl Projection {
         };
         // Only this document's actor writes its row, so it can be read before the lock.
         let old = self.inner.rows.row(&registered.0, doc)?;
-        let after = match (batch, &old) {
-            (Some(batch), Some(old)) => {
-                self.row_after(doc, content, registered.clone(), old, batch)?
-            }
-            _ => None,
+        let after = match batch {
+            Some(batch) => self.row_after(doc, content, registered.clone(), old.as_ref(), batch)?,
+            None => None,
         };
         let built = match after {
             Some(built) => built,
