@@ -19,6 +19,7 @@ mod health;
 mod households;
 mod listen;
 mod metrics;
+mod upgrade;
 mod web;
 mod ws;
 

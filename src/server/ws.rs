@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use warp::filters::ws::{Message as WsMessage, WebSocket, Ws};
 use warp::Filter;
 
 use super::errors::ApiError;
+use super::upgrade::{self, Socket, Upgrade};
 use super::Services;
 use crate::accounts::{Authenticated, LiveGuard};
 use crate::auth::Principal;
@@ -33,10 +35,10 @@ pub(super) fn route(
         .and(warp::path("sync"))
         .and(warp::path::end())
         .and(caller)
-        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and(upgrade::upgrade())
         .and(super::listen::peer())
         .and(super::listen::slot())
-        .map(move |who: Result<Authenticated, ApiError>, ws: Option<Ws>, remote: Option<std::net::SocketAddr>, slot: Option<super::listen::ConnSlot>| {
+        .map(move |who: Result<Authenticated, ApiError>, ws: Option<Upgrade>, remote: Option<std::net::SocketAddr>, slot: Option<super::listen::ConnSlot>| {
             let principal = match who {
                 Ok(who) => who.principal().clone(),
                 Err(e) => {
@@ -56,9 +58,7 @@ pub(super) fn route(
             // the session enforces the same limit on what gets through.
             let limit = services.config.max_message_bytes;
             let reply = ws
-                .max_message_size(limit)
-                .max_frame_size(limit)
-                .on_upgrade(move |socket| {
+                .into_response(limit, move |socket| {
                     let slot = slot.and_then(super::listen::ConnSlot::take);
                     let conn = ConnId::next();
                     let span = tracing::info_span!(
@@ -147,7 +147,7 @@ impl Connection {
         }
     }
 
-    async fn pump(mut self, socket: WebSocket) {
+    async fn pump(mut self, socket: Socket) {
         let (mut sink, mut stream) = socket.split();
         let mut session = Session::new(self.services.session.clone(), Timestamp::now());
         let mut ticker = tokio::time::interval(self.services.config.ping_interval);
@@ -194,9 +194,9 @@ impl Connection {
                 // frames are not read (they wait in TCP), so its own burst cannot overflow
                 // its outbox.
                 frame = stream.next(), if !paused => match frame {
-                    Some(Ok(msg)) if msg.is_binary() => session.handle_binary(msg.as_bytes(), Timestamp::now()),
-                    Some(Ok(msg)) if msg.is_text() => session.handle_text(Timestamp::now()),
-                    Some(Ok(msg)) if msg.is_close() => {
+                    Some(Ok(WsMessage::Binary(data))) => session.handle_binary(&data, Timestamp::now()),
+                    Some(Ok(WsMessage::Text(_))) => session.handle_text(Timestamp::now()),
+                    Some(Ok(WsMessage::Close(_))) => {
                         // Complete the close handshake: tungstenite queued our echo of the
                         // peer's close frame; send it before the socket drops.
                         let _ = tokio::time::timeout(write_timeout, sink.close()).await;
@@ -287,14 +287,17 @@ impl Connection {
     async fn execute(
         &mut self,
         effect: Effect,
-        sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+        sink: &mut futures_util::stream::SplitSink<Socket, WsMessage>,
         write_timeout: Duration,
     ) -> Stop {
         match effect {
             Effect::Send(message) => {
                 let frame = codec::encode(&message);
-                match tokio::time::timeout(write_timeout, sink.send(WsMessage::binary(frame))).await
-                {
+                let write = async {
+                    upgrade::feed_binary(sink, frame).await?;
+                    sink.flush().await
+                };
+                match tokio::time::timeout(write_timeout, write).await {
                     Ok(Ok(())) => Stop::Continue,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "write failed");
@@ -307,8 +310,11 @@ impl Connection {
                 }
             }
             Effect::Ping => {
-                match tokio::time::timeout(write_timeout, sink.send(WsMessage::ping(Vec::new())))
-                    .await
+                match tokio::time::timeout(
+                    write_timeout,
+                    sink.send(WsMessage::Ping(Default::default())),
+                )
+                .await
                 {
                     Ok(Ok(())) => Stop::Continue,
                     _ => Stop::Done,
@@ -323,7 +329,10 @@ impl Connection {
                 }
                 let _ = tokio::time::timeout(
                     write_timeout,
-                    sink.send(WsMessage::close_with(code.as_u16(), reason)),
+                    sink.send(WsMessage::Close(Some(CloseFrame {
+                        code: code.as_u16().into(),
+                        reason: reason.into(),
+                    }))),
                 )
                 .await;
                 Stop::Done
@@ -379,13 +388,8 @@ async fn until(deadline: Option<Timestamp>) {
 }
 
 /// Whether a read failed because the peer sent more than `max_message_bytes`.
-fn is_too_big(e: &warp::Error) -> bool {
-    use std::error::Error as _;
-    matches!(
-        e.source()
-            .and_then(|s| s.downcast_ref::<tokio_tungstenite::tungstenite::Error>()),
-        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
-    )
+fn is_too_big(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
 }
 
 /// Resolves when one of `link`'s requests settles; never without a link (before `join`).

@@ -1,7 +1,8 @@
 //! The official JS client (`@automerge/automerge-repo` 2.5.6 with its WebSocket adapter, from
 //! npm, under node) as a real peer, authenticated with a device token in the URL: it creates a
-//! household, a fresh JS client finds it by URL, concurrent offline edits from both merge; a
-//! Rust device then sees the same merged record. Without a token it gets 401 first.
+//! household, a fresh JS client finds it by URL (in a message the server writes as several
+//! WebSocket frames), concurrent offline edits from both merge; a Rust device then sees the
+//! same merged record. Without a token it gets 401 first.
 
 use fieldsync::client::Device;
 use fieldsync::ids::DocumentId;
@@ -23,6 +24,10 @@ async fn the_stock_js_client_syncs_and_merges_offline_edits() {
     // B, a fresh client, found A's household by URL and saw its content.
     assert_eq!(result["seenByB"]["village"], "Linsen");
     assert_eq!(result["seenByB"]["address"]["house_no"], "18");
+    // ... including a 60,000-character landmark, which reached B in a message longer than
+    // the server's largest frame (so written as a fragmented WebSocket message).
+    let landmark = result["seenByB"]["address"]["landmark"].as_str().unwrap();
+    assert_eq!(landmark.len(), 60_000);
     // After the offline edits both JS clients hold both visits and both premises values.
     assert_eq!(result["headsA"], result["headsB"]);
     assert_eq!(result["visitsA"].as_array().unwrap().len(), 2);

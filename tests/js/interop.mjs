@@ -168,6 +168,17 @@ if (proxy) {
   void missing
 }
 
+// A 60,000-character landmark of pseudo-random letters (about 35 KB even deflated): the
+// document then reaches B in one message longer than the server's largest frame, which the
+// server writes as a fragmented WebSocket message and the stock client must reassemble.
+let seed = 7
+const landmark = Array.from({ length: 60_000 }, () => {
+  seed = (seed * 48271) % 2147483647
+  return "abcdefghijklmnopqrstuvwxyz"[seed % 26]
+}).join("")
+handleA.change(d => { d.address.landmark = landmark })
+await whenHeld(repoA, handleA)
+
 const handleB = await repoB.find(handleA.url)
 const seenByB = structuredClone(handleB.doc())
 
