@@ -928,7 +928,7 @@ impl DocState {
                     sender_id: server.clone(),
                     target_id: peer.link.peer_id.clone(),
                     document_id: id,
-                    data: msg.encode(),
+                    data: encoded(msg),
                 })));
             }
             persist_sync_state(store, id, peer);
@@ -946,6 +946,15 @@ impl DocState {
         self.stored_bytes = snapshot.len();
         Ok(())
     }
+}
+
+/// `msg` encoded, in a buffer of its own size: Automerge grows it by doubling, and the
+/// message waits in memory for its socket (counted by its length against the outbound
+/// budget; its spare capacity was up to as much again, uncounted).
+fn encoded(msg: sync::Message) -> Vec<u8> {
+    let mut data = msg.encode();
+    data.shrink_to_fit();
+    data
 }
 
 /// Whether Automerge would generate no message for this peer, known without asking it

@@ -293,6 +293,8 @@ impl Connection {
         match effect {
             Effect::Send(message) => {
                 let frame = codec::encode(&message);
+                // Only the frame waits for the socket, not the message beside it.
+                drop(message);
                 let write = async {
                     upgrade::feed_binary(sink, frame).await?;
                     sink.flush().await
