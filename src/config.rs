@@ -373,11 +373,6 @@ pub struct ServeArgs {
     /// phones downloading at once may hold in memory.
     #[arg(long, env = "FIELDSYNC_OUTBOUND_BUDGET_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub outbound_budget_bytes: usize,
-    /// Documents loaded from storage at once (further loads wait): a load briefly takes many
-    /// times the memory the loaded document keeps, so this bounds the peak when hundreds of
-    /// phones reconnect at once.
-    #[arg(long, env = "FIELDSYNC_LOADS_AT_ONCE", default_value_t = 4)]
-    pub loads_at_once: usize,
     /// Crash tests only.
     #[arg(long, env = "FIELDSYNC_FAILPOINT", hide = true)]
     pub failpoint: Option<crate::hub::Failpoint>,
@@ -410,7 +405,6 @@ impl ServeArgs {
             ("--max-document-bytes", self.max_document_bytes as u64),
             ("--idle-unload-secs", self.idle_unload_secs),
             ("--push-backlog-bytes", self.push_backlog_bytes as u64),
-            ("--loads-at-once", self.loads_at_once as u64),
             ("--outbound-budget-bytes", self.outbound_budget_bytes as u64),
             ("--store-cache-bytes", self.store_cache_bytes),
             (
@@ -445,7 +439,6 @@ impl ServeArgs {
         config.hub.push_hold = Duration::from_millis(self.push_hold_ms);
         config.hub.push_spacing_per_peer = Duration::from_millis(self.push_spacing_ms_per_device);
         config.hub.push_backlog_bytes = self.push_backlog_bytes;
-        config.hub.loads_at_once = self.loads_at_once;
         config.outbound_budget_bytes = self.outbound_budget_bytes;
         if let Some(n) = self.max_concurrent_password_checks {
             config.accounts.max_concurrent_password_checks = n;

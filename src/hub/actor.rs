@@ -316,17 +316,7 @@ impl DocActor {
     async fn load(&self) -> Result<Box<DocState>, String> {
         let store = self.hub.store.clone();
         let id = self.id;
-        // Held until the load is done, on the blocking thread (which outlives this future
-        // if the actor is cancelled meanwhile).
-        let permit = self
-            .hub
-            .loads
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
             let stored = store.load(id).map_err(|e| e.to_string())?;
             let doc = stored.hydrate().map_err(|e| e.to_string())?;
             tracing::debug!(doc = %id, chunks = stored.chunks.len(), actor = %doc.get_actor(), "loaded");

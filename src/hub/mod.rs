@@ -71,12 +71,6 @@ pub struct HubConfig {
     /// requests are never spaced; the answer to a message that only tells what the peer has
     /// is spaced like a push.
     pub push_spacing_per_peer: std::time::Duration,
-    /// Documents loaded from storage at once; further loads wait. Loading replays the
-    /// changes stored since the document's last snapshot, which briefly takes many times the
-    /// memory the loaded document keeps (200 phones reconnecting at once, each load on its
-    /// own blocking thread, held over 100 MB of such replays at the peak, measured with
-    /// heaptrack); two cores gain nothing from more than a few at once.
-    pub loads_at_once: usize,
     /// For crash tests only: a place where the hub stops on purpose.
     pub failpoint: Option<Failpoint>,
 }
@@ -122,7 +116,6 @@ impl Default for HubConfig {
             push_hold: std::time::Duration::from_secs(1),
             push_backlog_bytes: 256 * 1024,
             push_spacing_per_peer: std::time::Duration::from_millis(5),
-            loads_at_once: 4,
             failpoint: None,
         }
     }
@@ -224,8 +217,6 @@ pub(crate) struct HubInner {
     cancel: CancellationToken,
     /// Signalled when an actor exits (its memory is free for the next load).
     room: tokio::sync::Notify,
-    /// Permits for loading documents from storage (`HubConfig::loads_at_once`).
-    loads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Whether starting an actor may wait for memory (see [`cache::Cache::make_room`]).
@@ -249,7 +240,6 @@ impl Hub {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let cache = Cache::new(config.cache_budget_bytes);
-        let loads = Arc::new(tokio::sync::Semaphore::new(config.loads_at_once.max(1)));
         Self {
             inner: Arc::new(HubInner {
                 store,
@@ -263,7 +253,6 @@ impl Hub {
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 room: tokio::sync::Notify::new(),
-                loads,
             }),
         }
     }
