@@ -158,11 +158,13 @@ fn timestamp_at<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Option<i64> {
 
 /// "township village group street No. house_no", skipping empty parts.
 pub fn address_label<R: ReadDoc>(doc: &R) -> String {
-    let address = map_at(doc, &ROOT, "address");
+    // One pass over the address map: a lookup per part seeks through the operations each
+    // time (the label is computed for every accepted change).
+    let address = map_at(doc, &ROOT, "address").map(|a| Fields::of(doc, &a));
     let part = |k: &str| {
         address
             .as_ref()
-            .and_then(|a| string_at(doc, a, k))
+            .and_then(|a| a.string(doc, k))
             .unwrap_or_default()
     };
     let mut label = Vec::new();
@@ -205,11 +207,11 @@ pub fn meeting_marks<R: ReadDoc>(doc: &R) -> Vec<String> {
 /// The address as a key for spotting one address registered twice: street and house
 /// number, normalised (see [`normalise_address`]). Empty when the record has neither.
 pub fn address_key<R: ReadDoc>(doc: &R) -> String {
-    let address = map_at(doc, &ROOT, "address");
+    let address = map_at(doc, &ROOT, "address").map(|a| Fields::of(doc, &a));
     let part = |k: &str| {
         address
             .as_ref()
-            .and_then(|a| string_at(doc, a, k))
+            .and_then(|a| a.string(doc, k))
             .unwrap_or_default()
     };
     normalise_address(&format!("{} {}", part("street"), part("house_no")))
