@@ -79,11 +79,7 @@ impl Upgrade {
         F: FnOnce(Socket) -> U + Send + 'static,
         U: std::future::Future<Output = ()> + Send + 'static,
     {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER_BYTES)
-            .write_buffer_size(FRAGMENT_BYTES)
-            .max_message_size(Some(max_message_bytes))
-            .max_frame_size(Some(max_message_bytes));
+        let config = config(max_message_bytes);
         let on_upgrade = self.on_upgrade;
         tokio::spawn(async move {
             match on_upgrade.await {
@@ -110,6 +106,16 @@ impl Upgrade {
         );
         res
     }
+}
+
+/// A `/sync` socket's configuration: the limit applies to a whole message, however many
+/// frames it came in.
+fn config(max_message_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(FRAGMENT_BYTES)
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
 }
 
 /// Queues `data` as one binary message on `sink`, in frames of at most [`FRAGMENT_BYTES`],
@@ -228,6 +234,27 @@ mod tests {
             match client.next().await.unwrap().unwrap() {
                 Message::Binary(got) => assert_eq!(got.as_ref(), want.as_slice()),
                 other => panic!("expected a binary message, got {other:?}"),
+            }
+        }
+    }
+
+    /// A client's fragmented message is read whole, and the message limit applies to the
+    /// whole message, not to each frame.
+    #[tokio::test]
+    async fn a_clients_fragmented_message_is_read_whole_and_limited_whole() {
+        use futures_util::StreamExt;
+        let message: Vec<u8> = (0..FRAGMENT_BYTES * 3).map(|i| (i % 251) as u8).collect();
+        for (limit, whole) in [(1 << 20, true), (FRAGMENT_BYTES * 2, false)] {
+            let (client, server) = tokio::io::duplex(1 << 20);
+            let mut server =
+                WebSocketStream::from_raw_socket(server, Role::Server, Some(config(limit))).await;
+            let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+            feed_binary(&mut client, message.clone()).await.unwrap();
+            client.flush().await.unwrap();
+            match server.next().await.unwrap() {
+                Ok(Message::Binary(got)) if whole => assert_eq!(got.as_ref(), message.as_slice()),
+                Err(tungstenite::Error::Capacity(_)) if !whole => {}
+                other => panic!("limit {limit}: unexpected {other:?}"),
             }
         }
     }
