@@ -53,9 +53,9 @@ pub static CHANGES_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
-/// Household re-projections that read the household's whole provenance history: its first
-/// projection, a rebuild, or a change whose summary asked about an author its row had not
-/// kept. A steady climb with the accepted changes means the kept authors stopped helping.
+/// Household re-projections that read the household's whole provenance history: a rebuild,
+/// the first projection of a document that had changes before it was registered, or a
+/// change whose summary asked about an author its row had not kept. A steady climb with the accepted changes means the kept authors stopped helping.
 pub static PROJECTION_HISTORY_READS: LazyLock<IntCounter> = LazyLock::new(|| {
     register(
         IntCounter::new(

@@ -383,6 +383,8 @@ async fn a_value_uncovered_by_a_delete_is_attributed_from_the_history() {
         "Amy's value won"
     );
     let reads_before = projection.history_reads();
+    // The exported counter is process-wide (other tests may move it too): at least this one.
+    let metric_before = fieldsync::metrics::PROJECTION_HISTORY_READS.get();
 
     // Amy, who never saw Ben's value, deletes hers: Ben's is the only one left.
     world.devices[0]
@@ -402,6 +404,7 @@ async fn a_value_uncovered_by_a_delete_is_attributed_from_the_history() {
         reads_before + 1,
         "the row had not cited Ben's change: its history was read once"
     );
+    assert!(fieldsync::metrics::PROJECTION_HISTORY_READS.get() > metric_before);
 
     let incremental = {
         let p = projection.clone();
