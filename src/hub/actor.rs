@@ -26,6 +26,7 @@ use automerge::{Automerge, ChangeHash};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::peer_sync::{Heads, PeerSync};
 use super::{AcceptedChanges, DerivedEdit, HubInner, LocalEdit, Outbound, PeerLink};
 use crate::auth::Access;
 use crate::ids::{ConnId, DocumentId};
@@ -77,9 +78,11 @@ pub(crate) enum Cmd {
 
 struct PeerState {
     link: PeerLink,
-    state: sync::State,
-    /// Shared heads as last persisted, to skip writes that would change nothing.
-    persisted: Vec<ChangeHash>,
+    /// Whole during an exchange, parked once the peer is settled (`peer_sync`).
+    sync: PeerSync,
+    /// Shared heads as last persisted, to skip writes that would change nothing (shared with
+    /// the document's heads when they are the same).
+    persisted: Heads,
     /// When we sent this peer a message that calls for its answer, if it has not answered
     /// yet. Until it does (or `HubConfig::push_hold` passes) it is sent nothing new: its
     /// answer gets everything that arrived meanwhile in one message.
@@ -105,6 +108,8 @@ struct DocState {
     peers: HashMap<ConnId, PeerState>,
     /// When the first peer held back by `push_hold` is due its message anyway.
     push_at: Option<Instant>,
+    /// The document's heads as last asked for, held once for the peers parked at them.
+    heads: Heads,
 }
 
 /// What a loaded document with `ops` operations takes in memory (the Automerge document and
@@ -290,8 +295,9 @@ impl DocActor {
         };
         let _ = tokio::task::spawn_blocking(move || {
             state.answer(&hub, targets, &HashSet::new(), None);
+            let heads = state.current_heads();
             for p in state.peers.values_mut() {
-                persist_sync_state(store.as_ref(), state.id, p);
+                persist_sync_state(store.as_ref(), state.id, p, &heads);
             }
         })
         .await;
@@ -340,6 +346,7 @@ impl DocActor {
                 doc,
                 peers: HashMap::new(),
                 push_at: None,
+                heads: Heads::from([]),
             }))
         })
         .await
@@ -580,7 +587,8 @@ impl DocState {
             match cmd {
                 Cmd::Leave { conn } => {
                     if let Some(mut p) = self.peers.remove(&conn) {
-                        persist_sync_state(store, self.id, &mut p);
+                        let heads = self.current_heads();
+                        persist_sync_state(store, self.id, &mut p, &heads);
                     }
                 }
                 Cmd::Sync {
@@ -734,11 +742,11 @@ impl DocState {
         let peer = peer_state(&mut self.peers, store, id, &link);
         peer.link = link.clone();
         peer.awaiting_since = None; // it answered
-        peer.state.set_read_only(!may_create);
+        peer.sync.live().set_read_only(!may_create);
         let before = doc.get_heads();
         let changes_in = message.changes.len();
         let asks = !message.need.is_empty();
-        if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
+        if let Err(e) = doc.receive_sync_message(peer.sync.live(), message) {
             self.peers.remove(&conn);
             out.failed.push((
                 link,
@@ -871,7 +879,7 @@ impl DocState {
             .push_spacing_per_peer
             .saturating_mul(u32::try_from(targets.len()).unwrap_or(u32::MAX))
             .min(MAX_PUSH_SPACING);
-        let heads = self.doc.get_heads();
+        let heads = self.current_heads();
         for link in targets {
             let id = self.id;
             if !matches!(
@@ -884,7 +892,8 @@ impl DocState {
             }
             let doc = &self.doc;
             let peer = peer_state(&mut self.peers, store, id, &link);
-            if has_nothing_to_say(&peer.state, &heads) {
+            if peer.sync.has_nothing_to_say(&heads) {
+                peer.sync.park(&heads);
                 continue;
             }
             if let Some((now, hold)) = hold {
@@ -910,7 +919,7 @@ impl DocState {
                     continue;
                 }
             }
-            let msg = doc.generate_sync_message(&mut peer.state);
+            let msg = doc.generate_sync_message(peer.sync.live());
             tracing::trace!(doc = %id, conn = %link.conn, sent = msg.is_some(), "answering");
             if let Some(msg) = msg {
                 // The peer answers unless the message only confirms what it already knows
@@ -918,7 +927,7 @@ impl DocState {
                 // reply then.
                 let answers = !msg.changes.is_empty()
                     || !msg.need.is_empty()
-                    || peer.state.their_heads.as_ref() != Some(&msg.heads);
+                    || peer.sync.live().their_heads.as_ref() != Some(&msg.heads);
                 peer.awaiting_since = match (answers, hold) {
                     (true, Some((now, _))) => Some(now),
                     _ => None,
@@ -931,9 +940,19 @@ impl DocState {
                     data: encoded(msg),
                 })));
             }
-            persist_sync_state(store, id, peer);
+            peer.sync.park(&heads);
+            persist_sync_state(store, id, peer, &heads);
         }
         push_at
+    }
+
+    /// The document's heads, in the allocation peers parked at them share.
+    fn current_heads(&mut self) -> Heads {
+        let heads = self.doc.get_heads();
+        if self.heads[..] != heads[..] {
+            self.heads = heads.into();
+        }
+        self.heads.clone()
     }
 
     fn compact(&mut self, store: &dyn DocumentStore) -> Result<(), StorageError> {
@@ -955,16 +974,6 @@ fn encoded(msg: sync::Message) -> Vec<u8> {
     let mut data = msg.encode();
     data.shrink_to_fit();
     data
-}
-
-/// Whether Automerge would generate no message for this peer, known without asking it
-/// (which costs a walk of the document's change graph): the peer was already told our
-/// heads and has them, or was told them and has not answered yet. A document 200 phones
-/// share asked this of all 200 each time one of them was due a push.
-fn has_nothing_to_say(state: &sync::State, heads: &[ChangeHash]) -> bool {
-    state.have_responded
-        && state.last_sent_heads == heads
-        && (state.in_flight || state.their_heads.as_deref() == Some(heads))
 }
 
 /// When a push to a peer may go, if not `now`: once the peer has answered the last message
@@ -1069,8 +1078,8 @@ fn peer_state<'a>(
             .unwrap_or_default();
         PeerState {
             link: link.clone(),
-            persisted: state.shared_heads.clone(),
-            state,
+            persisted: state.shared_heads.as_slice().into(),
+            sync: PeerSync::new(state),
             awaiting_since: None,
             last_sent: None,
         }
@@ -1078,16 +1087,29 @@ fn peer_state<'a>(
 }
 
 /// Saves a non-ephemeral peer's shared heads if they moved. Failure costs bandwidth on the
-/// next connection, not data, so it is logged and not fatal.
-fn persist_sync_state(store: &dyn DocumentStore, doc: DocumentId, peer: &mut PeerState) {
+/// next connection, not data, so it is logged and not fatal. `heads` are the document's.
+fn persist_sync_state(
+    store: &dyn DocumentStore,
+    doc: DocumentId,
+    peer: &mut PeerState,
+    heads: &Heads,
+) {
     let Some(storage_id) = &peer.link.storage_id else {
         return;
     };
-    if peer.state.shared_heads == peer.persisted {
+    let shared = peer.sync.shared_heads();
+    if *shared == *peer.persisted {
         return;
     }
-    match store.put_sync_state(doc, storage_id, &peer.state.encode()) {
-        Ok(()) => peer.persisted = peer.state.shared_heads.clone(),
+    match store.put_sync_state(doc, storage_id, &peer.sync.encode()) {
+        Ok(()) => {
+            let shared = peer.sync.shared_heads();
+            peer.persisted = if *shared == **heads {
+                heads.clone()
+            } else {
+                shared.into()
+            };
+        }
         Err(e) => tracing::warn!(doc = %doc, error = %e, "could not persist a sync state"),
     }
 }

@@ -12,6 +12,7 @@ mod actor;
 mod cache;
 mod link;
 pub mod op_count;
+mod peer_sync;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
