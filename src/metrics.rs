@@ -66,6 +66,18 @@ pub static PROJECTION_HISTORY_READS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Merge changes the server added to collapse a document's concurrent heads (many phones'
+/// offline edits of one household): about one per eight such edits.
+pub static HEADS_MERGED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "fieldsync_heads_merged_total",
+            "Merge changes the server added to collapse a document's concurrent heads",
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// Accepted batches that left their household quarantined (kept and stored, but out of the
 /// staff lists until someone fixes it).
 pub static QUARANTINED_UPDATES: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -126,6 +138,7 @@ pub fn init() {
     LazyLock::force(&CHANGES_REFUSED);
     LazyLock::force(&QUARANTINED_UPDATES);
     LazyLock::force(&PROJECTION_HISTORY_READS);
+    LazyLock::force(&HEADS_MERGED);
     LazyLock::force(&ACK_SECONDS);
     LazyLock::force(&HTTP_REQUESTS);
     LazyLock::force(&HTTP_SECONDS);

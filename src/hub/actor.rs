@@ -131,6 +131,15 @@ const MAX_PUSH_SPACING: std::time::Duration = std::time::Duration::from_secs(10)
 /// A peer's sync state (heads, the last have-filter, hashes sent this session).
 const PEER_STATE_BYTES: usize = 1024;
 
+/// A batch of peers' changes that leaves a document with more heads than this is followed
+/// by a merge change of the server's (`DocState::merge_heads`). Eight keeps every copy of
+/// the heads under 300 bytes, and at most one merge per eight concurrent changes.
+pub(super) const MERGE_HEADS_ABOVE: usize = 8;
+
+/// The message of the server's merge changes (what a developer inspecting a document's
+/// history sees).
+pub(crate) const MERGE_MESSAGE: &str = "fieldsync: merge of concurrent edits";
+
 impl DocState {
     /// What the document counts against a cache budget of `budget` bytes.
     fn cost(&self, budget: usize) -> usize {
@@ -632,6 +641,9 @@ impl DocState {
                 }
             }
         }
+        if !out.accepted.is_empty() && self.doc.get_heads().len() > MERGE_HEADS_ABOVE {
+            self.merge_heads(hub.clock.now(), &mut out);
+        }
         if self.doc.get_heads() != heads_at_start {
             let chunk = match out.received.take() {
                 Some(bytes) if !out.received_incomplete => bytes,
@@ -675,6 +687,29 @@ impl DocState {
             }
         }
         Ok(out)
+    }
+
+    /// Adds a merge change: no operations, every current head as a dependency, so the
+    /// document has one head again. A household that many phones edited offline otherwise
+    /// keeps one head per phone until someone edits it again, and every sync message about it
+    /// and every peer's sync state carries them all, several times over (200 phones, 200
+    /// heads: 13 KB per message, about 30 KB per peer's state). Stored with the batch.
+    fn merge_heads(&mut self, now: crate::ids::Timestamp, out: &mut Applied) {
+        let before = self.doc.get_heads();
+        let seconds = i64::try_from(now.as_millis() / 1000).unwrap_or(i64::MAX);
+        self.doc.empty_commit(
+            automerge::transaction::CommitOptions::default()
+                .with_message(MERGE_MESSAGE.to_string())
+                .with_time(seconds),
+        );
+        crate::metrics::HEADS_MERGED.inc();
+        tracing::debug!(doc = %self.id, heads = before.len(), "merged concurrent heads");
+        if let Some(received) = out.received.as_mut() {
+            if !out.received_incomplete {
+                // The chunk stays what the phones sent, with the merge change after it.
+                received.extend_from_slice(&self.doc.save_after(&before));
+            }
+        }
     }
 
     fn apply_one(

@@ -4,7 +4,8 @@
 use fieldsync::client::{Device, DocSyncOutcome};
 use fieldsync::records::{self, Premises};
 
-use crate::common::{household, visit, TestServer};
+use crate::common::world::{SUE, SUE_PASSWORD};
+use crate::common::{household, visit, StaffSession, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_officers_edit_one_household_offline_and_both_records_survive() {
@@ -79,6 +80,83 @@ async fn two_officers_edit_one_household_offline_and_both_records_survive() {
     }
     assert!(a.unsynced().await.unwrap().is_empty());
     assert!(b.unsynced().await.unwrap().is_empty());
+    server.stop().await;
+}
+
+/// Twelve officers record a visit in one household while offline, more than the eight heads
+/// after which the server merges them with a change of its own: every device ends with every
+/// visit and the same few heads, the stored document reloads with the merge, and the staff
+/// history lists the officers' changes only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_offline_edits_of_one_household_are_merged_into_few_heads() {
+    const OFFICERS: usize = 12;
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = Device::open(&dir.path().join("0")).await.unwrap();
+    let id = first.create_household(&household("12")).await.unwrap();
+    assert!(first.sync(&server.url).await.unwrap().all_held());
+    let mut devices = vec![first];
+    for i in 1..OFFICERS {
+        let d = Device::open(&dir.path().join(i.to_string())).await.unwrap();
+        d.track(id).await.unwrap();
+        assert!(d.sync(&server.url).await.unwrap().all_held());
+        devices.push(d);
+    }
+    for (i, d) in devices.iter().enumerate() {
+        d.change(id, move |tx| {
+            records::add_visit(tx, &visit(&format!("officer-{i}"), &format!("visit {i}")))
+        })
+        .await
+        .unwrap();
+    }
+    let merges_before = fieldsync::metrics::HEADS_MERGED.get();
+    // Back in coverage one by one, then once more to pick up the others' visits.
+    for _ in 0..2 {
+        for d in &devices {
+            assert!(d.sync(&server.url).await.unwrap().all_held());
+        }
+    }
+    assert!(fieldsync::metrics::HEADS_MERGED.get() > merges_before);
+
+    let heads = devices[0].heads(id).await.unwrap();
+    assert!(
+        (1..=8).contains(&heads.len()),
+        "twelve concurrent visits, merged after the ninth: {heads:?}"
+    );
+    for d in &devices {
+        assert_eq!(d.heads(id).await.unwrap(), heads);
+        let view = d.household(id).await.unwrap();
+        let mut notes: Vec<String> = view.visits.iter().map(|v| v.notes.clone()).collect();
+        notes.sort();
+        let mut expected: Vec<String> = (0..OFFICERS).map(|i| format!("visit {i}")).collect();
+        expected.sort();
+        assert_eq!(notes, expected);
+    }
+    let store = server.services.documents.clone();
+    let stored = tokio::task::spawn_blocking(move || store.load(id).unwrap().hydrate().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.get_heads(),
+        heads,
+        "the merge change is stored with its batch"
+    );
+
+    let sue = StaffSession::sign_in(&server.http, SUE, SUE_PASSWORD).await;
+    let history = sue
+        .get_ok(&format!("/households/{id}/history?limit=50"))
+        .await;
+    assert_eq!(
+        history["total"],
+        OFFICERS + 1,
+        "registration and twelve visits: {history}"
+    );
+    for change in history["changes"].as_array().unwrap() {
+        assert!(
+            !change["author"].is_null(),
+            "every listed change has its officer: {change}"
+        );
+    }
     server.stop().await;
 }
 
