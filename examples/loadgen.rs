@@ -141,8 +141,9 @@ struct Slot {
     state: sync::State,
     /// Heads the server must be seen to hold, with when they were sent.
     pending: Vec<(Vec<ChangeHash>, Instant)>,
-    /// Shared households: the heads once every device's visit is merged.
-    expected_heads: Vec<ChangeHash>,
+    /// Shared households: every device's visit (each copy's heads before any sync), all of which
+    /// every copy must end with.
+    expected_visits: Vec<ChangeHash>,
     /// Catalogs: the households the village has.
     expected_entries: usize,
     settled: bool,
@@ -436,7 +437,7 @@ fn slot(id: DocumentId, kind: Kind, doc: Automerge) -> Slot {
         doc,
         state: sync::State::new(),
         pending: Vec::new(),
-        expected_heads: Vec::new(),
+        expected_visits: Vec::new(),
         expected_entries: 0,
         settled: false,
         retry_at: None,
@@ -533,7 +534,7 @@ async fn precompute(
     }
     for dev in &mut devices {
         for s in dev.slots.iter_mut().filter(|s| s.kind == Kind::Shared) {
-            s.expected_heads = expected[&s.id].iter().copied().collect();
+            s.expected_visits = expected[&s.id].iter().copied().collect();
         }
     }
     Ok(devices)
@@ -744,7 +745,7 @@ async fn session(
                         if std::env::var_os("LOADGEN_DEBUG").is_some() {
                             let missing: Vec<_> = s.state.their_heads.iter().flatten().filter(|h| s.doc.get_change_meta_by_hash(h).is_none()).collect();
                             eprintln!("DEBUG {}: in_flight {} have_responded {} shared {:?} last_sent {:?} their_need {:?} sent_hashes {} missing {:?} missing_deps {:?} expected {:?}",
-                                s.id, s.state.in_flight, s.state.have_responded, s.state.shared_heads, s.state.last_sent_heads, s.state.their_need, s.state.sent_hashes.len(), missing, s.doc.get_missing_deps(&[]), s.expected_heads);
+                                s.id, s.state.in_flight, s.state.have_responded, s.state.shared_heads, s.state.last_sent_heads, s.state.their_need, s.state.sent_hashes.len(), missing, s.doc.get_missing_deps(&[]), s.expected_visits);
                         }
                     }
                     // Sync states survive the connection as a non-ephemeral client keeps
@@ -959,11 +960,12 @@ fn update_settled(device: usize, s: &mut Slot, shared: &Shared) {
     let settled = s.pending.is_empty()
         && match s.kind {
             Kind::Own => true,
-            Kind::Shared => {
-                let mut heads = s.doc.get_heads();
-                heads.sort();
-                heads == s.expected_heads
-            }
+            // Everyone's visit is here. (Not "our heads are everyone's visits": the server
+            // merges many concurrent heads with a change of its own.)
+            Kind::Shared => s
+                .expected_visits
+                .iter()
+                .all(|h| s.doc.get_change_meta_by_hash(h).is_some()),
             Kind::Catalog => catalog_entries(&s.doc) >= s.expected_entries,
         };
     {
@@ -979,12 +981,12 @@ fn update_settled(device: usize, s: &mut Slot, shared: &Shared) {
                     s.expected_entries
                 ),
                 Kind::Shared => format!(
-                    "{} of {} expected heads",
-                    s.expected_heads
+                    "{} of {} expected visits",
+                    s.expected_visits
                         .iter()
                         .filter(|h| s.doc.get_change_meta_by_hash(h).is_some())
                         .count(),
-                    s.expected_heads.len()
+                    s.expected_visits.len()
                 ),
                 Kind::Own => String::new(),
             };
