@@ -344,6 +344,11 @@ pub struct ServeArgs {
     /// Default: the number of cores.
     #[arg(long, env = "FIELDSYNC_MAX_CONCURRENT_PASSWORD_CHECKS")]
     pub max_concurrent_password_checks: Option<usize>,
+    /// Documents loaded from storage at once (each load of a document with many
+    /// uncompacted chunks briefly needs several times its size in memory). Default: no
+    /// limit beyond the server's blocking threads (24).
+    #[arg(long, env = "FIELDSYNC_MAX_CONCURRENT_LOADS")]
+    pub max_concurrent_loads: Option<usize>,
     /// Seconds after which a loaded document that nobody used is unloaded (it reloads on
     /// the next message).
     #[arg(long, env = "FIELDSYNC_IDLE_UNLOAD_SECS", default_value_t = 15)]
@@ -411,6 +416,10 @@ impl ServeArgs {
                 "--max-concurrent-password-checks",
                 self.max_concurrent_password_checks.unwrap_or(1) as u64,
             ),
+            (
+                "--max-concurrent-loads",
+                self.max_concurrent_loads.unwrap_or(1) as u64,
+            ),
         ] {
             if value == 0 {
                 return Err(crate::Error::Config(format!(
@@ -440,6 +449,9 @@ impl ServeArgs {
         config.hub.push_spacing_per_peer = Duration::from_millis(self.push_spacing_ms_per_device);
         config.hub.push_backlog_bytes = self.push_backlog_bytes;
         config.outbound_budget_bytes = self.outbound_budget_bytes;
+        if let Some(n) = self.max_concurrent_loads {
+            config.hub.max_concurrent_loads = Some(n);
+        }
         if let Some(n) = self.max_concurrent_password_checks {
             config.accounts.max_concurrent_password_checks = n;
         }
@@ -496,6 +508,24 @@ mod tests {
         };
         let err = args.into_config().unwrap_err().to_string();
         assert!(err.contains("--max-message-bytes"), "{err}");
+    }
+
+    #[test]
+    fn concurrent_loads_are_unlimited_unless_asked_and_never_zero() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["fieldsync", "serve"].iter().chain(extra)).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("not serve")
+            };
+            args.into_config()
+        };
+        assert_eq!(parse(&[]).unwrap().1.hub.max_concurrent_loads, None);
+        let (_, config) = parse(&["--max-concurrent-loads", "2"]).unwrap();
+        assert_eq!(config.hub.max_concurrent_loads, Some(2));
+        let err = parse(&["--max-concurrent-loads", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-concurrent-loads"), "{err}");
     }
 
     #[test]

@@ -331,10 +331,21 @@ impl DocActor {
     async fn load(&self) -> Result<Box<DocState>, String> {
         let store = self.hub.store.clone();
         let id = self.id;
+        // Held until the document is in memory; a load waits for no other document, so
+        // waiting for a permit cannot deadlock.
+        let _permit = match &self.hub.loads {
+            Some(loads) => Some(
+                loads
+                    .acquire()
+                    .await
+                    .map_err(|_| "the server is shutting down".to_string())?,
+            ),
+            None => None,
+        };
         tokio::task::spawn_blocking(move || {
             let stored = store.load(id).map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
             let doc = stored.hydrate().map_err(|e| e.to_string())?;
-            tracing::debug!(doc = %id, chunks = stored.chunks.len(), actor = %doc.get_actor(), "loaded");
             let incrementals = stored
                 .chunks
                 .iter()
@@ -345,6 +356,15 @@ impl DocActor {
                 .iter()
                 .map(|(_, bytes)| super::op_count::count_ops(bytes).unwrap_or(0))
                 .fold(0u64, u64::saturating_add);
+            tracing::debug!(
+                doc = %id,
+                chunks = stored.chunks.len(),
+                incrementals,
+                ops,
+                bytes = stored.total_bytes(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "loaded"
+            );
             Ok(Box::new(DocState {
                 id,
                 ops,
