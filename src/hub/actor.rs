@@ -18,7 +18,8 @@
 //! A batch of peers' changes that leaves the document with more than `MERGE_HEADS_ABOVE`
 //! heads is followed by a merge change of the server's (no operations, stored with the
 //! batch), so heads and every message carrying them stay small when many phones edited a
-//! household offline. The actor must not make any other change of its own.
+//! household offline. Beside those and the local edits it is handed (`Cmd::Local`), it
+//! makes no change of its own.
 //!
 //! Automerge and sled work runs in `spawn_blocking`; the actor's state moves into the
 //! blocking closure and back, so no lock is held across an `.await`.
