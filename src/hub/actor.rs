@@ -368,7 +368,7 @@ impl DocActor {
                 incrementals,
                 ops,
                 bytes = stored.total_bytes(),
-                ms = started.elapsed().as_secs_f64() * 1e3,
+                hydrate_ms = started.elapsed().as_secs_f64() * 1e3,
                 "loaded"
             );
             Ok(Box::new(DocState {

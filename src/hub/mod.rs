@@ -1027,8 +1027,8 @@ mod tests {
     }
 
     /// With one load at a time and room for two documents, twelve phones' households are
-    /// uploaded, evicted, and fetched back by a second phone each: every load waits its turn
-    /// (none waits on another document), and each household comes back intact.
+    /// uploaded, evicted, and fetched back by twelve tablets at once: every load waits its
+    /// turn (none waits on another document), and each household comes back intact.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_load_at_a_time_still_serves_every_household_intact() {
         let (hub, _dir) = test_hub(HubConfig {
@@ -1044,10 +1044,18 @@ mod tests {
             phone.sync(&hub, doc).await;
             uploaded.push((phone.doc.get_heads(), doc));
         }
-        for (heads, doc) in uploaded {
-            let mut other = Device::new("station-tablet");
-            other.sync(&hub, doc).await;
-            assert_eq!(other.doc.get_heads(), heads, "{doc}");
+        // Twelve tablets fetch them at once: their loads queue for the one permit.
+        let fetches = uploaded.iter().map(|(_, doc)| {
+            let hub = &hub;
+            async move {
+                let mut tablet = Device::new("station-tablet");
+                tablet.sync(hub, *doc).await;
+                tablet.doc.get_heads()
+            }
+        });
+        let fetched = futures_util::future::join_all(fetches).await;
+        for ((heads, doc), got) in uploaded.iter().zip(fetched) {
+            assert_eq!(&got, heads, "{doc}");
         }
         let stats = hub.cache_stats();
         // Only two fit: all but the last two were evicted and loaded again.
