@@ -9,10 +9,9 @@
 use std::collections::HashMap;
 
 use lru::LruCache;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::actor::Cmd;
+use super::actor::ActorTx;
 use crate::ids::DocumentId;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -32,7 +31,7 @@ pub struct CacheStats {
 }
 
 struct Slot {
-    tx: mpsc::Sender<Cmd>,
+    tx: ActorTx,
     bytes: usize,
     generation: u64,
     done: CancellationToken,
@@ -46,7 +45,7 @@ struct Closing {
 }
 
 pub(super) enum Lookup {
-    Loaded(mpsc::Sender<Cmd>),
+    Loaded(ActorTx),
     Closing(CancellationToken),
     Absent,
 }
@@ -91,7 +90,7 @@ impl Cache {
     }
 
     /// The sender of a loaded document, without touching its recency.
-    pub(super) fn loaded(&self, doc: DocumentId) -> Option<mpsc::Sender<Cmd>> {
+    pub(super) fn loaded(&self, doc: DocumentId) -> Option<ActorTx> {
         self.lru.peek(&doc).map(|s| s.tx.clone())
     }
 
@@ -123,12 +122,7 @@ impl Cache {
     /// Registers a new actor, counted at `bytes` until its first [`Cache::set_cost`], and
     /// returns its generation; `None` if the document is already loaded or closing. Its
     /// `done` token is cancelled by [`Cache::exited`].
-    pub(super) fn insert(
-        &mut self,
-        doc: DocumentId,
-        tx: mpsc::Sender<Cmd>,
-        bytes: usize,
-    ) -> Option<u64> {
+    pub(super) fn insert(&mut self, doc: DocumentId, tx: ActorTx, bytes: usize) -> Option<u64> {
         if self.lru.contains(&doc) || self.closing.contains_key(&doc) {
             return None;
         }
@@ -247,8 +241,8 @@ mod tests {
         DocumentId::from_bytes([n; 16])
     }
 
-    fn sender() -> mpsc::Sender<Cmd> {
-        mpsc::channel(1).0
+    fn sender() -> ActorTx {
+        ActorTx::channel(1).0
     }
 
     #[test]

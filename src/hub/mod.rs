@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use automerge::{Automerge, ChangeHash};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,10 +26,10 @@ use crate::auth::{Access, Authorizer};
 use crate::ids::{Clock, ConnId, DocumentId, PeerId, Timestamp};
 use crate::protocol::{DocMessage, Ephemeral, Message, SyncKind};
 use crate::storage::documents::DocumentStore;
-use actor::{Cmd, DocActor};
+use actor::{ActorTx, Cmd, DocActor};
 pub use cache::CacheStats;
 use cache::{Cache, Lookup};
-pub use link::{InFlight, KillSwitch, Outbound, OutboundBudget, Outbox, PeerLink};
+pub use link::{InFlight, KillSwitch, Outbound, OutboundBudget, Outbox, OutboxRx, PeerLink};
 
 /// Tuning for the hub; every field has a unit in its name.
 #[derive(Clone, Debug)]
@@ -371,11 +371,11 @@ impl Hub {
                 }
                 // The actor stopped between lookup and send (evicted and drained, or failed):
                 // look it up again, which waits for it to finish and reloads.
-                Err(mpsc::error::SendError(Cmd::Sync {
+                Err(Cmd::Sync {
                     data: d,
                     in_flight: f,
                     ..
-                })) => {
+                }) => {
                     data = d;
                     in_flight = f;
                 }
@@ -586,7 +586,7 @@ impl HubInner {
         doc: DocumentId,
         kind: SyncKind,
         admission: Admission,
-    ) -> Result<Option<mpsc::Sender<Cmd>>, crate::storage::StorageError> {
+    ) -> Result<Option<ActorTx>, crate::storage::StorageError> {
         let mut checked_exists = false;
         loop {
             let lookup = lock(&self.cache).lookup(doc);
@@ -614,7 +614,7 @@ impl HubInner {
                             continue;
                         }
                     }
-                    let (tx, rx) = mpsc::channel(self.config.actor_queue_len);
+                    let (tx, rx) = ActorTx::channel(self.config.actor_queue_len);
                     let Some(generation) = lock(&self.cache).insert(doc, tx.clone(), bytes) else {
                         continue; // someone else started it first
                     };
@@ -848,7 +848,7 @@ mod tests {
     /// copy of the document and its sync state.
     struct Device {
         link: PeerLink,
-        outbox: mpsc::Receiver<Outbound>,
+        outbox: OutboxRx,
         /// The sending side's byte count: what the socket task marks written.
         sent: Outbox,
         doc: Automerge,
@@ -857,8 +857,7 @@ mod tests {
 
     impl Device {
         fn new(name: &str) -> Self {
-            let (tx, outbox) = mpsc::channel(64);
-            let sent = Outbox::new(tx, 1 << 20, OutboundBudget::new(usize::MAX));
+            let (sent, outbox) = Outbox::new(64, 1 << 20, OutboundBudget::new(usize::MAX));
             let link = PeerLink::new(
                 ConnId::next(),
                 PeerId::new(name).unwrap(),

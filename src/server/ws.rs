@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +20,7 @@ use super::upgrade::{self, Socket, Upgrade};
 use super::Services;
 use crate::accounts::{Authenticated, LiveGuard};
 use crate::auth::Principal;
-use crate::hub::{KillSwitch, Outbound, Outbox, PeerLink};
+use crate::hub::{KillSwitch, Outbound, Outbox, OutboxRx, PeerLink};
 use crate::ids::{ConnId, Timestamp};
 use crate::protocol::{codec, CloseCode, Effect, Session};
 
@@ -97,7 +96,7 @@ struct Connection {
     closing: CancellationToken,
     kill: Arc<KillSwitch>,
     outbox: Outbox,
-    outbox_rx: mpsc::Receiver<Outbound>,
+    outbox_rx: OutboxRx,
     link: Option<PeerLink>,
     principal: Principal,
     /// Keeps the connection in the accounts' live registry while it runs.
@@ -117,9 +116,8 @@ impl Connection {
         closing: CancellationToken,
         principal: Principal,
     ) -> Self {
-        let (outbox_tx, outbox_rx) = mpsc::channel(services.config.outbox_len);
-        let outbox = Outbox::new(
-            outbox_tx,
+        let (outbox, outbox_rx) = Outbox::new(
+            services.config.outbox_len,
             services.config.outbox_bytes,
             services.outbound.clone(),
         );
