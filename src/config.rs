@@ -345,8 +345,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FIELDSYNC_MAX_CONCURRENT_PASSWORD_CHECKS")]
     pub max_concurrent_password_checks: Option<usize>,
     /// Documents loaded from storage at once (each load of a document with many
-    /// uncompacted chunks briefly needs several times its size in memory). Default: no
-    /// limit beyond the server's blocking threads (24).
+    /// uncompacted chunks briefly needs several times its size in memory, and loads are
+    /// CPU-bound). Default: the number of cores.
     #[arg(long, env = "FIELDSYNC_MAX_CONCURRENT_LOADS")]
     pub max_concurrent_loads: Option<usize>,
     /// Seconds after which a loaded document that nobody used is unloaded (it reloads on
@@ -511,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_loads_are_unlimited_unless_asked_and_never_zero() {
+    fn concurrent_loads_default_to_the_cores_and_are_never_zero() {
         let parse = |extra: &[&str]| {
             let cli = Cli::try_parse_from(["fieldsync", "serve"].iter().chain(extra)).unwrap();
             let Command::Serve(args) = cli.command else {
@@ -519,7 +519,10 @@ mod tests {
             };
             args.into_config()
         };
-        assert_eq!(parse(&[]).unwrap().1.hub.max_concurrent_loads, None);
+        assert_eq!(
+            parse(&[]).unwrap().1.hub.max_concurrent_loads,
+            Some(crate::cores())
+        );
         let (_, config) = parse(&["--max-concurrent-loads", "2"]).unwrap();
         assert_eq!(config.hub.max_concurrent_loads, Some(2));
         let err = parse(&["--max-concurrent-loads", "0"])

@@ -74,6 +74,15 @@ pub mod server;
 pub mod staff;
 pub mod storage;
 
+/// The machine's cores (2 if unknown): the default for work that is CPU-bound and costs
+/// memory while it runs (password checks, document loads), where more at once only add
+/// memory and contention.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
 /// The crate's error: one variant per layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

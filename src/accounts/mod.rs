@@ -71,9 +71,7 @@ impl Default for AccountsConfig {
                 free_failures: 10,
                 ..ThrottleConfig::default()
             },
-            max_concurrent_password_checks: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            max_concurrent_password_checks: crate::cores(),
         }
     }
 }

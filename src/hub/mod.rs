@@ -72,14 +72,15 @@ pub struct HubConfig {
     /// requests are never spaced; the answer to a message that only tells what the peer has
     /// is spaced like a push.
     pub push_spacing_per_peer: std::time::Duration,
-    /// Documents loaded from the store at once, if limited (at least one). Loading a
-    /// document with many uncompacted chunks applies all their changes in one batch, which
-    /// briefly holds a copy of every operation several times the document's own size. By
-    /// heaptrack at 200 phones, such loads side by side were a quarter of the peak heap, and
-    /// a limit of two removed them from it; but the process's peak memory and CPU did not
-    /// move beyond the run-to-run noise, and at 20 phones the peak rose by a few MB
-    /// (messages wait behind the loads), so the default is no limit beyond the blocking
-    /// threads.
+    /// Documents loaded from the store at once, if limited (at least one; by default the
+    /// machine's cores). Loading a document with many uncompacted chunks applies all their
+    /// changes in one batch, which briefly holds a copy of every operation several times the
+    /// document's own size, and loads are CPU-bound: more at once than there are cores only
+    /// add memory and contention. By heaptrack at 200 phones, unlimited loads side by side
+    /// were a quarter of the peak heap. With jemalloc, two at a time on the 2-core machine
+    /// (8 December) cut the 200-phone run's server CPU by a fifth (150–152 s against
+    /// 187–189 s) and its push from 165–171 s to 150 s, for the same peak memory; at 20
+    /// phones 2.5–2.9 s against 3.0–3.1 s, and a peak 2–3 MB higher.
     pub max_concurrent_loads: Option<usize>,
     /// For crash tests only: a place where the hub stops on purpose.
     pub failpoint: Option<Failpoint>,
@@ -126,7 +127,7 @@ impl Default for HubConfig {
             push_hold: std::time::Duration::from_secs(1),
             push_backlog_bytes: 256 * 1024,
             push_spacing_per_peer: std::time::Duration::from_millis(5),
-            max_concurrent_loads: None,
+            max_concurrent_loads: Some(crate::cores()),
             failpoint: None,
         }
     }
