@@ -7,6 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if ! command -v cc >/dev/null || ! command -v make >/dev/null; then
+  echo "==> installing a C compiler and make (the build compiles jemalloc, the server's allocator)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential
+  else
+    echo "error: cc or make is missing; install them (Debian: sudo apt-get install build-essential) and re-run" >&2
+    exit 1
+  fi
+fi
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   echo "==> installing Node.js (needed to run the official JS client as a test peer)"
   if [ "$(id -u)" = 0 ]; then
